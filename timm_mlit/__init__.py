@@ -1,0 +1,7 @@
+"""timm-mlit: the mLiT / mmLiT tiny mixture-of-experts vision transformers (arXiv 2407.17783) as timm models.
+
+`import timm_mlit` registers `mlit_s`, `mlit_xs` and `mlit_xxs` with timm.
+"""
+from .mlit import MLiT, checkpoint_filter_fn, mlit_s, mlit_xs, mlit_xxs
+
+__version__ = '0.1.0'

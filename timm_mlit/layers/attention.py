@@ -1,0 +1,66 @@
+""" Grouped-query attention (Ainslie et al., arXiv 2305.13245), as used by mLiT (arXiv 2407.17783, §2.1.1)
+
+H query heads share G key/value heads (head h reads key/value head h // (H / G)), with biases on all four
+projections (the paper's encoder layers have biases on every linear layer).
+
+Not timm's `AttentionRope(num_kv_heads=...)`: that option only exists in recent timm releases, and it keeps
+separate q/k/v projections. Here q, k and v come from one fused projection (one matmul instead of three, which
+matters at these tiny widths), and the module works with every timm version we support.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import use_fused_attn
+
+__all__ = ['GroupedQueryAttention']
+
+
+class GroupedQueryAttention(nn.Module):
+    fused_attn: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            num_kv_heads: int = 4,
+            qkv_bias: bool = True,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(f'num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})')
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
+        kv_dim = self.head_dim * num_kv_heads
+        self.qkv = nn.Linear(dim, dim + 2 * kv_dim, bias=qkv_bias)  # [q | k | v]
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        kv_dim = self.head_dim * self.num_kv_heads
+        q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=-1)
+        q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, hd]
+        k = k.reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, N, hd]
+        v = v.reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # [B, H, N, hd]
+            v = v.repeat_interleave(groups, dim=1)
+
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
