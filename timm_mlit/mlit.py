@@ -13,8 +13,6 @@ order is immaterial to a transformer (attention is permutation-equivariant), and
 prefix tokens (`num_prefix_tokens`), so `resample_abs_pos_embed`, `forward_intermediates` and the MAE's masking
 treat it like any class token.
 """
-import math
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -26,6 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv, checkpoint, checkpoint_seq
 
+from ._weights import weights_source  # noqa: F401  (the source of every published weight's cfg, see below)
 from .layers import GroupedQueryAttention, MoE
 
 __all__ = ['MLiT', 'MLiTBlock', 'depthwise_hidden_dims', 'experts_per_layer']
@@ -207,7 +206,8 @@ class MLiT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {'pos_embed'}
+        # the per-expert biases are stacked [t, d]: 2-D, so timm's "no decay on 1-D params" rule misses them
+        return {'pos_embed'} | {n for n, _ in self.named_parameters() if n.endswith('.bias')}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -353,11 +353,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MLiT) -> Di
     out = {}
     for k, v in state_dict.items():
         if k == 'patch_embed.proj.weight':
-            O, I, H, W = model.patch_embed.proj.weight.shape
+            _, in_chans, H, W = model.patch_embed.proj.weight.shape
             if v.shape[-2:] != (H, W):
                 v = resample_patch_embed(v, [H, W], verbose=False)
-            if v.shape[1] != I:
-                v = adapt_input_conv(I, v)
+            if v.shape[1] != in_chans:
+                v = adapt_input_conv(in_chans, v)
         elif k == 'pos_embed' and v.shape != model.pos_embed.shape:
             v = resample_abs_pos_embed(
                 v, new_size=model.patch_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens, verbose=False)
@@ -385,6 +385,10 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# One entry per published weight, and none for weights that do not exist. An entry with weights becomes its arch's
+# default tag (timm's generate_default_cfgs), ahead of '.untrained'. How to add one: timm_mlit/hub.py's docstring.
+# e.g. 'mlit_xxs.mae_ft_cifar100': _cfg(**weights_source('mlit_xxs.mae_ft_cifar100'), num_classes=100,
+#                                      label_names=CIFAR100_LABELS),
 default_cfgs = generate_default_cfgs({
     'mlit_s.untrained': _cfg(),
     'mlit_xs.untrained': _cfg(),

@@ -1,0 +1,189 @@
+"""The MoE layer against the paper's equations and its own reference implementation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_mlit.layers.moe import (
+    EXPERT_SHARING,
+    MoE,
+    NoisyTopKGate,
+    cv_squared,
+    moe_balance_loss,
+    prob_in_top_k,
+    softmax_k,
+    top_k_thresholds,
+)
+
+# the matrix H of eq. 4 and eq. 7
+H_PAPER = torch.tensor([
+    [4.4742, -5.6365, 6.8226, 0.9960],
+    [3.5298, 2.3049, 1.2113, -1.3946],
+    [-2.2414, 0.3925, 1.6676, -1.9253],
+])
+
+
+def test_softmax_k_reproduces_eq4():
+    expected = torch.tensor([
+        [0.0872, 0.0000, 0.9128, 0.0000],
+        [0.7729, 0.2271, 0.0000, 0.0000],
+        [0.0000, 0.2184, 0.7816, 0.0000],
+    ])
+    out = softmax_k(H_PAPER, k=2)
+    assert torch.allclose(out.round(decimals=4), expected, atol=1e-6)
+
+
+def test_top_k_thresholds_reproduces_eq9():
+    expected = torch.tensor([
+        [0.9960, 4.4742, 0.9960, 4.4742],
+        [1.2113, 1.2113, 2.3049, 2.3049],
+        [0.3925, -1.9253, -1.9253, 0.3925],
+    ])
+    assert torch.equal(top_k_thresholds(H_PAPER, k=2), expected)
+
+
+def test_top_k_thresholds_needs_a_k_plus_first_expert():
+    with pytest.raises(ValueError, match='k < number of experts'):
+        top_k_thresholds(torch.randn(3, 2), k=2)
+
+
+def test_prob_in_top_k_matches_monte_carlo():
+    """P(x)_c is the chance that expert c lands in its row's top k when only its own noise is drawn anew."""
+    torch.manual_seed(0)
+    n, t, k = 4, 5, 2
+    clean = torch.randn(n, t)
+    std = F.softplus(torch.randn(n, t))
+    noisy = clean + torch.randn(n, t) * std
+    p = prob_in_top_k(clean, noisy, std, k)
+
+    draws = 20000
+    mc = torch.zeros(n, t)
+    for c in range(t):
+        resampled = noisy.unsqueeze(0).repeat(draws, 1, 1)  # [D, n, t]
+        resampled[:, :, c] = clean[:, c] + torch.randn(draws, n) * std[:, c]
+        kth = resampled.topk(k, dim=-1).values[..., -1]
+        mc[:, c] = (resampled[:, :, c] >= kth).float().mean(0)
+    assert torch.allclose(p, mc, atol=0.02)
+
+
+def test_cv_squared():
+    x = torch.tensor([1., 2., 3., 6.])
+    assert torch.allclose(cv_squared(x), x.var() / x.mean() ** 2)
+    assert cv_squared(torch.full((5,), 3.)) == 0
+    assert cv_squared(torch.tensor([4.])) == 0
+
+
+def test_balance_loss_is_zero_when_balanced_and_grows_with_imbalance():
+    even = torch.full((4,), 10.)
+    assert moe_balance_loss(even, even) == 0
+    skewed = torch.tensor([37., 1., 1., 1.])
+    assert moe_balance_loss(skewed, even) > moe_balance_loss(torch.tensor([12., 10., 9., 9.]), even) > 0
+
+
+def test_gate_adds_noise_only_in_training():
+    gate = NoisyTopKGate(16, 4, 2)
+    x = torch.randn(50, 16)
+    gate.eval()
+    g1, g2 = gate(x)[0], gate(x)[0]
+    assert torch.equal(g1, g2)
+    assert torch.allclose(g1, softmax_k(x @ gate.weight[:4].t(), 2))
+    gate.train()
+    assert not torch.equal(gate(x)[0], gate(x)[0])
+
+
+def test_gate_outputs_k_weights_summing_to_one():
+    gates, top_idx, importance, load = NoisyTopKGate(16, 5, 2).train()(torch.randn(30, 16))
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert torch.allclose(gates.sum(-1), torch.ones(30))
+    assert torch.equal(gates.gather(1, top_idx) > 0, torch.ones(30, 2, dtype=torch.bool))
+    assert torch.allclose(importance, gates.sum(0))
+    assert load.shape == (5,) and (load > 0).all()
+
+
+def _run(layer: MoE, x: torch.Tensor, seed: int):
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)  # same gate noise for every implementation
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize('shared', EXPERT_SHARING)
+@pytest.mark.parametrize('impl', ['dense', 'sparse', 'auto'])
+@pytest.mark.parametrize('training', [True, False])
+def test_fast_paths_equal_the_loop_reference(shared, impl, training):
+    torch.manual_seed(0)
+    ref = MoE(16, 12, 4, 2, shared=shared, drop=0., impl='loop')
+    fast = MoE(16, 12, 4, 2, shared=shared, drop=0., impl=impl)
+    fast.load_state_dict(ref.state_dict())
+    ref.train(training)
+    fast.train(training)
+    x = torch.randn(3, 11, 16)
+    y0, gx0, g0 = _run(ref, x, seed=1)
+    y1, gx1, g1 = _run(fast, x, seed=1)
+    assert torch.allclose(y0, y1, atol=1e-5)
+    assert torch.allclose(gx0, gx1, atol=1e-5)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5), name
+
+
+def test_loop_reference_is_the_literal_sum_of_experts():
+    """y = Σ_i G_i E_i(x) with E_i computed for every token (eq. 1, 13), no sharing tricks."""
+    torch.manual_seed(0)
+    layer = MoE(16, 12, 4, 2, drop=0., impl='loop').eval()
+    x = torch.randn(20, 16)
+    gates = layer.gate(x)[0]
+    expected = sum(gates[:, i:i + 1] * layer.experts.forward_expert(x, i) for i in range(4))
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_shared_matrices_are_shared():
+    layer = MoE(16, 12, 4, 2)
+    names = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    assert names['experts.w.weight'] == (4, 12, 16)  # one W per expert
+    assert names['experts.v.weight'] == (12, 16)  # one V for the layer
+    assert names['experts.w2.weight'] == (16, 12)
+
+
+def test_aux_loss_reaches_gate_through_a_loop_that_only_backprops_its_own_loss():
+    torch.manual_seed(0)
+    layer = MoE(16, 12, 4, 2, drop=0.).train()
+    x = torch.randn(64, 16)
+    torch.manual_seed(3)
+    y = layer(x)
+    # a criterion that does not depend on the gate at all: the gate gradient can only come from the hook
+    (y * 0).sum().backward()
+    got = layer.gate.weight.grad.clone()
+    layer.zero_grad()
+    torch.manual_seed(3)
+    layer(x)
+    expected = torch.autograd.grad(layer.aux_loss, layer.gate.weight)[0]
+    assert got.abs().sum() > 0
+    assert torch.allclose(got, expected, atol=1e-7)
+
+
+def test_aux_loss_weight_zero_turns_the_hook_off_but_keeps_the_loss():
+    layer = MoE(16, 12, 4, 2, drop=0., aux_loss_weight=0.).train()
+    (layer(torch.randn(64, 16)) * 0).sum().backward()
+    assert layer.gate.weight.grad is None or layer.gate.weight.grad.abs().sum() == 0
+    assert layer.aux_loss is not None and layer.aux_loss > 0
+
+
+def test_eval_computes_no_aux_loss_and_is_deterministic():
+    layer = MoE(16, 12, 4, 2).eval()
+    x = torch.randn(10, 16)
+    assert torch.equal(layer(x), layer(x))
+    assert layer.aux_loss is None
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(top_k=5), 'larger than the number of experts'),
+    (dict(impl='fastest'), 'unknown moe_impl'),
+    (dict(shared=('w', 'v', 'w2')), 'expert_shared'),
+])
+def test_bad_arguments_name_the_problem(kwargs, match):
+    args = dict(dim=16, hidden_dim=12, num_experts=4, top_k=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MoE(**args)
