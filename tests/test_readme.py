@@ -1,0 +1,36 @@
+"""The README stays true: its set-up commands are what CI runs, and every Python snippet in it runs."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / 'README.md').read_text()
+
+
+def blocks(lang: str):
+    return re.findall(rf'```{lang}\n(.*?)```', README, flags=re.S)
+
+
+def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second():
+    first, second = [b.strip() for b in blocks('bash')[:2]]
+    assert README.index(first) < README.index('## ')  # both come before the first section
+    assert first.startswith('pip install .') and 'python -m timm_mlit' in first
+    assert 'pytest' in second
+    ci = (ROOT / '.ci' / 'run').read_text()
+    assert second in ci.splitlines()
+
+
+def test_main_job_prints_every_model():
+    out = subprocess.run([sys.executable, '-m', 'timm_mlit'], capture_output=True, text=True, check=True).stdout
+    for name in ('mlit_s', 'mlit_xs', 'mlit_xxs'):
+        assert re.search(rf'^{name}\s+params=', out, flags=re.M), out
+
+
+@pytest.mark.parametrize('index', range(len(blocks('python'))))
+def test_python_snippet_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = blocks('python')[index]
+    exec(compile(code, f'README.md python block {index}', 'exec'), {'__name__': '__readme__'})
