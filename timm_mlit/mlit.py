@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv, checkpoint, checkpoint_seq
 
-from ._weights import weights_source  # noqa: F401  (the source of every published weight's cfg, see below)
+from ._weights import LABEL_NAMES, weights_source  # noqa: F401  (for the cfgs of published weights, see below)
 from .layers import GroupedQueryAttention, MoE
 
 __all__ = ['MLiT', 'MLiTBlock', 'depthwise_hidden_dims', 'experts_per_layer']
@@ -388,7 +388,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 # One entry per published weight, and none for weights that do not exist. An entry with weights becomes its arch's
 # default tag (timm's generate_default_cfgs), ahead of '.untrained'. How to add one: timm_mlit/hub.py's docstring.
 # e.g. 'mlit_xxs.mae_ft_cifar100': _cfg(**weights_source('mlit_xxs.mae_ft_cifar100'), num_classes=100,
-#                                      label_names=CIFAR100_LABELS),
+#                                      label_names=LABEL_NAMES['cifar100']),
 default_cfgs = generate_default_cfgs({
     'mlit_s.untrained': _cfg(),
     'mlit_xs.untrained': _cfg(),
