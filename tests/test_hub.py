@@ -1,0 +1,526 @@
+"""Publishing (timm_mlit/hub.py) and every way of loading mLiT weights, with no network.
+
+The Hugging Face Hub is never reached: Hub loads read a cache the tests build in the hub's own layout
+(models--org--name/{blobs,snapshots/<commit>,refs/main}) with HF_HUB_OFFLINE=1 and HF_HOME / HF_HUB_CACHE in tmp.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import huggingface_hub.constants
+import pytest
+import safetensors.torch
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models import _registry
+from timm.models._pretrained import PretrainedCfg
+
+import timm_mlit  # noqa: F401
+from timm_mlit import _weights, hub
+from timm_mlit.mlit import _cfg
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HUB_ID = 'timm-mlit/mlit_xxs.mae_ft_cifar100'
+
+# README snippets: each is executed verbatim below (test_readme_snippet_*).
+SNIPPET_PRETRAINED = """\
+import timm
+import timm_mlit  # noqa: F401  registers mlit_s, mlit_xs and mlit_xxs with timm
+
+model = timm.create_model('mlit_xxs', pretrained=True).eval()  # the weights inside the package: no download
+"""
+
+SNIPPET_HF_HUB = """\
+import timm
+import torch
+import timm_mlit  # noqa: F401  registers mlit_s, mlit_xs and mlit_xxs with timm
+
+model = timm.create_model('hf-hub:timm-mlit/mlit_xxs.mae_ft_cifar100', pretrained=True).eval()
+data_config = timm.data.resolve_data_config({}, model=model)  # 36x36, mean = std = 0.5
+transform = timm.data.create_transform(**data_config)  # PIL image -> normalised tensor
+with torch.no_grad():
+    probs = model(torch.rand(1, *data_config['input_size'])).softmax(dim=-1)  # or transform(img).unsqueeze(0)
+label_names = model.pretrained_cfg['label_names']
+print([label_names[i] for i in probs.topk(5).indices[0].tolist()])
+"""
+
+SNIPPET_TORCH_HUB = """\
+import torch
+
+# in a clone of the repository; from GitHub: torch.hub.load('<owner>/timm-mlit', 'mlit_xxs', pretrained=True)
+model = torch.hub.load('.', 'mlit_xxs', source='local', pretrained=True).eval()
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+def _model(num_classes: int = 100, seed: int = 0, name: str = 'mlit_xxs', **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=num_classes, **kwargs).eval()
+
+
+def _x(in_chans: int = 3, size: int = 36) -> torch.Tensor:
+    return torch.rand(2, in_chans, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _same_weights(model: torch.nn.Module, state_dict) -> bool:
+    sd = model.state_dict()
+    return sd.keys() == state_dict.keys() and all(torch.equal(sd[k], state_dict[k]) for k in sd)
+
+
+def _publish(tmp: Path, checkpoint: Path, out: Path, *extra: str) -> int:
+    return hub.main([str(checkpoint), '--model', 'mlit_xxs', '--output-dir', str(out), *extra])
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
+
+
+def put_in_hf_cache(folder: Path, cache: Path, repo_id: str) -> Path:
+    """Place `folder` in a Hugging Face cache as the hub's downloads do: blobs named by their etag (sha256 for LFS
+    files, git sha1 for others), snapshots/<commit>/<file> symlinks to them, refs/main naming the commit."""
+    repo = cache / f'models--{repo_id.replace("/", "--")}'
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / 'blobs').mkdir(parents=True)
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        etag = hashlib.sha256(data).hexdigest() if f.suffix == '.safetensors' else _git_blob_sha1(data)
+        (repo / 'blobs' / etag).write_bytes(data)
+        (snapshot / f.name).symlink_to(Path('..') / '..' / 'blobs' / etag)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(commit)
+    return snapshot
+
+
+@contextlib.contextmanager
+def registered_cfg(model_name_tag: str, cfg: dict, default: bool = False):
+    """Register a pretrained cfg for an mLiT tag (optionally the arch's default) as mlit.py's default_cfgs would,
+    and take it out again afterwards."""
+    arch, tag = model_name_tag.split('.')
+    saved_cfgs = {k: _registry._model_pretrained_cfgs.get(k) for k in (arch, model_name_tag)}
+    saved_pretrained = set(_registry._model_has_pretrained)
+    saved_tags = list(_registry._model_with_tags[arch])
+    pretrained_cfg = PretrainedCfg(**dict(cfg, architecture=arch, tag=tag))
+    _registry._model_pretrained_cfgs[model_name_tag] = pretrained_cfg
+    _registry._model_with_tags[arch].append(model_name_tag)
+    if pretrained_cfg.has_weights:
+        _registry._model_has_pretrained.add(model_name_tag)
+    if default:
+        _registry._model_pretrained_cfgs[arch] = pretrained_cfg
+        if pretrained_cfg.has_weights:
+            _registry._model_has_pretrained.add(arch)
+    try:
+        yield
+    finally:
+        for k, v in saved_cfgs.items():
+            if v is None:
+                _registry._model_pretrained_cfgs.pop(k, None)
+            else:
+                _registry._model_pretrained_cfgs[k] = v
+        _registry._model_has_pretrained.clear()
+        _registry._model_has_pretrained.update(saved_pretrained)
+        _registry._model_with_tags[arch] = saved_tags
+
+
+# --------------------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope='module')
+def published(tmp_path_factory):
+    """A trained-looking mlit_xxs classifier (CIFAR-100 head), its train.py checkpoint and its published folder."""
+    tmp = tmp_path_factory.mktemp('published')
+    model = _model(100, seed=0)
+    checkpoint = tmp / 'last.pth.tar'
+    torch.save({'state_dict': model.state_dict(), 'arch': 'mlit_xxs', 'epoch': 299,
+                'args': argparse.Namespace(model='mlit_xxs', lr=5e-3)}, checkpoint)
+    out = tmp / 'mlit_xxs.mae_ft_cifar100'
+    rc = _publish(tmp, checkpoint, out, '--tag', 'mae_ft_cifar100', '--dataset', 'cifar100',
+                  '--pretrain-dataset', 'cifar100', '--metric', 'top1=74.95', '--metric', 'top5=93.1')
+    assert rc == 0
+    return dict(model=model, folder=out, expected=_out(model, _x()))
+
+
+@pytest.fixture
+def offline_hf(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache in tmp (env for subprocesses, constants for this one)."""
+    home = tmp_path / 'hf_home'
+    cache = home / 'hub'
+    cache.mkdir(parents=True)
+    for k, v in (('HF_HUB_OFFLINE', '1'), ('HF_HOME', str(home)), ('HF_HUB_CACHE', str(cache)),
+                 ('TORCH_HOME', str(tmp_path / 'torch_home'))):
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HOME', str(home))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    return cache
+
+
+@pytest.fixture
+def embedded(published, tmp_path, monkeypatch):
+    """The published weights embedded as timm_mlit/weights/mlit_xxs.embedtest.safetensors (a tmp weights folder),
+    registered the way mlit.py registers a weight, as mlit_xxs's default tag."""
+    weights_dir = tmp_path / 'weights'
+    weights_dir.mkdir()
+    monkeypatch.setattr(_weights, 'WEIGHTS_DIR', weights_dir)
+    (weights_dir / 'mlit_xxs.embedtest.safetensors').write_bytes(
+        (published['folder'] / 'model.safetensors').read_bytes())
+    cfg = _cfg(**_weights.weights_source('mlit_xxs.embedtest'), num_classes=100,
+               label_names=_weights.LABEL_NAMES['cifar100'])
+    with registered_cfg('mlit_xxs.embedtest', cfg, default=True):
+        yield cfg
+
+
+# ------------------------------------------------------------------------------------------------------- publishing
+
+def test_publish_writes_safetensors_timm_config_and_model_card(published):
+    folder = published['folder']
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert _same_weights(published['model'], safetensors.torch.load_file(folder / 'model.safetensors'))
+
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == 'mlit_xxs'
+    assert config['num_classes'] == 100
+    assert config['label_names'] == list(_weights.LABEL_NAMES['cifar100'])
+    assert config['model_args']['img_size'] == [36, 36] and config['model_args']['in_chans'] == 3
+    assert config['pretrained_cfg']['tag'] == 'mae_ft_cifar100'
+    assert config['pretrained_cfg']['mean'] == [0.5, 0.5, 0.5] and config['pretrained_cfg']['input_size'] == [3, 36, 36]
+    assert not {'file', 'hf_hub_id', 'url', 'source'} & set(config['pretrained_cfg'])
+
+    card = huggingface_hub.ModelCard.load(folder / 'README.md')
+    assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
+    assert 'timm' in card.data.tags and card.data.datasets == ['cifar100']
+    metrics = {r.metric_name: (r.metric_type, r.metric_value, r.dataset_type) for r in card.data.eval_results}
+    assert metrics == {'top1': ('accuracy', 74.95, 'cifar100'), 'top5': ('top5', 93.1, 'cifar100')}
+    assert "import timm_mlit" in card.text and f"'hf-hub:{HUB_ID}'" in card.text
+
+
+def test_local_dir_round_trip_gives_bit_identical_outputs(published):
+    model = timm.create_model(f'local-dir:{published["folder"]}', pretrained=True)
+    assert torch.equal(_out(model, _x()), published['expected'])
+    assert model.pretrained_cfg['label_names'][:2] == ['apple', 'aquarium_fish']
+
+
+def _encoder_safetensors(tmp: Path, model) -> Path:
+    path = tmp / 'encoder.safetensors'
+    safetensors.torch.save_file({k: v for k, v in model.state_dict().items() if not k.startswith('head.')}, path)
+    return path
+
+
+@pytest.mark.parametrize('kind', ['encoder_safetensors', 'mae_state_dict', 'train_ema', 'train_no_ema', 'plain_pth'])
+def test_publish_takes_every_checkpoint_kind(kind, tmp_path):
+    model, ema = _model(10, seed=2), _model(10, seed=3)
+    extra = []
+    if kind == 'encoder_safetensors':  # our pre-training export: the encoder without head
+        expected = _model(0, seed=2)
+        checkpoint = _encoder_safetensors(tmp_path, expected)
+    elif kind == 'mae_state_dict':  # a whole MAE: encoder.* is kept, decoder.* dropped
+        checkpoint, expected = tmp_path / 'mae.pth', _model(0, seed=2)
+        sd = {f'encoder.{k}': v for k, v in expected.state_dict().items()}
+        sd['decoder.pred.weight'] = torch.zeros(27, 108)
+        torch.save(sd, checkpoint)
+    elif kind in ('train_ema', 'train_no_ema'):
+        checkpoint = tmp_path / 'model_best.pth.tar'
+        torch.save({'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()},
+                    'state_dict_ema': ema.state_dict(), 'arch': 'mlit_xxs', 'epoch': 9,
+                    'args': argparse.Namespace(model='mlit_xxs')}, checkpoint)
+        expected = ema if kind == 'train_ema' else model
+        extra = ['--ema'] if kind == 'train_ema' else []
+    else:
+        checkpoint, expected = tmp_path / 'weights.pth', model
+        torch.save(model.state_dict(), checkpoint)
+
+    out = tmp_path / 'out'
+    assert _publish(tmp_path, checkpoint, out, *extra) == 0
+    assert _same_weights(expected, safetensors.torch.load_file(out / 'model.safetensors'))
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert loaded.num_classes == expected.num_classes
+    assert torch.equal(_out(loaded, _x()), _out(expected, _x()))
+
+
+def test_publish_keeps_the_input_size_and_channels_of_the_checkpoint(tmp_path):
+    model = _model(10, seed=4, img_size=48, in_chans=1)
+    checkpoint = tmp_path / 'gray48.safetensors'
+    safetensors.torch.save_file(model.state_dict(), checkpoint)
+    assert _publish(tmp_path, checkpoint, tmp_path / 'out') == 0
+    loaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
+    assert loaded.pretrained_cfg['input_size'] == (1, 48, 48)
+    assert torch.equal(_out(loaded, _x(1, 48)), _out(model, _x(1, 48)))
+
+
+def _bad_checkpoint(kind: str, tmp: Path) -> Path:
+    if kind == 'other_size':
+        path = tmp / 'xs.pth'
+        torch.save(timm.create_model('mlit_xs', num_classes=10).state_dict(), path)
+    elif kind == 'other_arch':
+        path = tmp / 'resnet.pth.tar'
+        torch.save({'state_dict': _model(10).state_dict(), 'arch': 'resnet18', 'epoch': 1}, path)
+    elif kind == 'not_mlit':
+        path = tmp / 'resnet.safetensors'
+        safetensors.torch.save_file({'conv1.weight': torch.zeros(8, 3, 3, 3), 'fc.weight': torch.zeros(10, 8)}, path)
+    elif kind == 'corrupt_pth':
+        path = tmp / 'corrupt.pth'
+        path.write_bytes(os.urandom(4096))
+    elif kind == 'truncated_safetensors':
+        good = _encoder_safetensors(tmp, _model(10))
+        path = tmp / 'truncated.safetensors'
+        path.write_bytes(good.read_bytes()[:5000])
+    elif kind == 'ema_missing':
+        path = tmp / 'no_ema.pth.tar'
+        torch.save({'state_dict': _model(10).state_dict(), 'arch': 'mlit_xxs'}, path)
+    else:
+        path = tmp / 'missing.pth'
+    return path
+
+
+@pytest.mark.parametrize('kind,message', [
+    ('other_size', 'does not fit mlit_xxs'),
+    ('other_arch', "trained as 'resnet18'"),
+    ('not_mlit', 'not an mLiT checkpoint'),
+    ('corrupt_pth', 'corrupt'),
+    ('truncated_safetensors', 'corrupt'),
+    ('ema_missing', 'no EMA weights'),
+    ('missing_file', 'does not exist'),
+])
+def test_bad_checkpoint_is_a_clear_error_and_writes_nothing(kind, message, tmp_path, capsys):
+    checkpoint = _bad_checkpoint(kind, tmp_path)
+    out_parent = tmp_path / 'outputs'
+    rc = _publish(tmp_path, checkpoint, out_parent / 'out', *(['--ema'] if kind == 'ema_missing' else []))
+    assert rc == 1
+    assert message in capsys.readouterr().err
+    assert not out_parent.exists() or list(out_parent.iterdir()) == []  # no folder, no half-built temp folder
+
+
+def test_existing_output_is_an_error_unless_overwrite(published, tmp_path, capsys):
+    checkpoint = tmp_path / 'w.safetensors'
+    model = _model(100, seed=5)
+    safetensors.torch.save_file(model.state_dict(), checkpoint)
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'keep.txt').write_text('mine')
+    assert _publish(tmp_path, checkpoint, out) == 1
+    assert 'exists' in capsys.readouterr().err and (out / 'keep.txt').read_text() == 'mine'
+
+    assert _publish(tmp_path, checkpoint, out, '--overwrite') == 0
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'w.safetensors']  # no temp or old folder left
+    assert _same_weights(model, safetensors.torch.load_file(out / 'model.safetensors'))
+
+
+def test_unknown_model_and_bad_flags_are_clear_errors(tmp_path, capsys):
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    assert hub.main([str(checkpoint), '--model', 'resnet18', '--output-dir', str(tmp_path / 'a')]) == 1
+    assert 'not an mLiT model' in capsys.readouterr().err
+    assert _publish(tmp_path, checkpoint, tmp_path / 'b', '--tag', 'Bad Tag') == 1
+    assert '--tag' in capsys.readouterr().err
+    assert _publish(tmp_path, checkpoint, tmp_path / 'c', '--metric', 'top1=80') == 1
+    assert '--metric needs --dataset' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _publish(tmp_path, checkpoint, tmp_path / 'd', '--metric', 'top1')
+    assert not any(p.name != 'encoder.safetensors' for p in tmp_path.iterdir())
+
+
+# -------------------------------------------------------------------------------------------------------- pushing
+
+def test_repo_id_pushes_the_published_folder(tmp_path, monkeypatch):
+    calls = {}
+
+    class Repo:
+        repo_id = 'me/mlit_xxs.test'
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, **kw):
+        calls['create_repo'] = dict(repo_id=repo_id, private=private, exist_ok=exist_ok)
+        return Repo()
+
+    def create_branch(self, repo_id, branch, exist_ok=False, **kw):
+        calls['create_branch'] = dict(repo_id=repo_id, branch=branch)
+
+    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None, **kw):
+        calls['upload_folder'] = dict(repo_id=repo_id, folder_path=folder_path, revision=revision,
+                                      commit_message=commit_message, files=sorted(os.listdir(folder_path)))
+
+    for name, fn in (('create_repo', create_repo), ('create_branch', create_branch), ('upload_folder', upload_folder)):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, fn)
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    out = tmp_path / 'out'
+    assert _publish(tmp_path, checkpoint, out, '--repo-id', 'me/mlit_xxs.test', '--private', '--revision', 'v1',
+                    '--commit-message', 'XXS encoder') == 0
+    assert calls['create_repo'] == dict(repo_id='me/mlit_xxs.test', private=True, exist_ok=True)
+    assert calls['create_branch'] == dict(repo_id='me/mlit_xxs.test', branch='v1')
+    assert calls['upload_folder'] == dict(repo_id='me/mlit_xxs.test', folder_path=str(out), revision='v1',
+                                          commit_message='XXS encoder',
+                                          files=['README.md', 'config.json', 'model.safetensors'])
+    assert "hf-hub:me/mlit_xxs.test" in (out / 'README.md').read_text()  # the card's snippet names the repo
+
+
+def test_push_to_unreachable_hub_is_a_clear_error_naming_the_repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, 'ENDPOINT', 'http://127.0.0.1:9')  # nothing listens there
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    with pytest.raises(hub.PublishError, match=r"could not push .* repository 'me/mlit_xxs.test'.*Connect"):
+        hub.push_folder(folder, 'me/mlit_xxs.test', token='hf_not_a_token')
+
+
+@pytest.mark.slow
+def test_push_offline_from_the_command_line_is_a_clear_error(published, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'), HF_HUB_CACHE=str(tmp_path / 'hf' / 'hub'))
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    out = tmp_path / 'out'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_mlit.hub', str(checkpoint), '--model', 'mlit_xxs', '--output-dir', str(out),
+         '--repo-id', 'me/mlit_xxs.test'], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "could not push" in proc.stderr and "'me/mlit_xxs.test'" in proc.stderr and 'offline' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+
+
+# -------------------------------------------------------------------------------------------------------- loading
+
+def test_hf_hub_cache_round_trip_offline(published, offline_hf):
+    put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
+    model = timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True)
+    assert torch.equal(_out(model, _x()), published['expected'])
+
+    # a registered tag whose cfg names the same Hub repo (as mlit.py's cfgs will, once the weights exist)
+    with registered_cfg('mlit_xxs.hubtest', _cfg(hf_hub_id=HUB_ID, num_classes=100)):
+        model = timm.create_model('mlit_xxs.hubtest', pretrained=True)
+    assert torch.equal(_out(model, _x()), published['expected'])
+
+    # and the loads above really came from that cache: offline, a repo that is not there fails
+    with pytest.raises(Exception, match='offline|cache|local'):
+        timm.create_model('hf-hub:timm-mlit/mlit_xxs.not_cached', pretrained=True)
+
+
+def test_embedded_default_weights_load_without_network_or_cache(embedded, published, offline_hf):
+    assert embedded['file'] == str(_weights.WEIGHTS_DIR / 'mlit_xxs.embedtest.safetensors')
+    assert embedded['hf_hub_id'] == 'timm-mlit/mlit_xxs.embedtest'  # not in the (empty) cache: the file must win
+    model = timm.create_model('mlit_xxs', pretrained=True)
+    assert torch.equal(_out(model, _x()), published['expected'])
+    assert model.pretrained_cfg['tag'] == 'embedtest'
+    assert list(offline_hf.iterdir()) == []  # nothing was cached or downloaded
+
+
+def test_an_entry_with_weights_becomes_the_default_tag_ahead_of_untrained(embedded):
+    from timm.models import generate_default_cfgs
+    cfgs = generate_default_cfgs({'mlit_xxs.untrained': _cfg(), 'mlit_xxs.embedtest': embedded})
+    assert cfgs['mlit_xxs'].tags[0] == 'embedtest'
+
+
+def test_weights_source_gives_no_file_for_weights_that_are_not_there(tmp_path, monkeypatch):
+    monkeypatch.setattr(_weights, 'WEIGHTS_DIR', tmp_path)
+    assert _weights.weights_source('mlit_xxs.nothing') == dict(hf_hub_id='timm-mlit/mlit_xxs.nothing')
+
+
+def test_every_registered_tag_points_at_weights_that_exist():
+    files = {}
+    for arch in ('mlit_s', 'mlit_xs', 'mlit_xxs'):
+        for name, cfg in timm.models.get_arch_pretrained_cfgs(arch).items():
+            if name.endswith('.untrained'):
+                assert not cfg.has_weights, name
+                continue
+            assert cfg.hf_hub_id == f'{_weights.HF_HUB_ORG}/{name}', name
+            if cfg.file:
+                assert Path(cfg.file) == _weights.embedded_weights(name) and Path(cfg.file).is_file(), name
+                files[Path(cfg.file).name] = name
+    on_disk = {p.name for p in _weights.WEIGHTS_DIR.glob('*.safetensors')}
+    assert on_disk == set(files), f'embedded weights without a cfg entry: {on_disk - set(files)}'
+
+
+def test_a_tag_that_does_not_exist_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r'Invalid pretrained tag \(no_such_tag\) for mlit_xxs'):
+        timm.create_model('mlit_xxs.no_such_tag', pretrained=True)
+    with pytest.raises(RuntimeError, match='No pretrained weights exist for mlit_xxs'):
+        timm.create_model('mlit_xxs.untrained', pretrained=True)
+
+
+def test_pretrained_weights_adapt_to_another_image_size(embedded, published):
+    model = timm.create_model('mlit_xxs.embedtest', pretrained=True, img_size=48)
+    source = published['model'].state_dict()
+    expected = resample_abs_pos_embed(source['pos_embed'], new_size=(16, 16), num_prefix_tokens=1, verbose=False)
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 108)
+    assert torch.equal(model.pos_embed.data, expected)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.items() if k.startswith(('blocks.', 'norm.', 'head.')))
+    assert _out(model, _x(3, 48)).shape == (2, 100)
+
+
+def test_pretrained_weights_adapt_to_one_input_channel(embedded, published):
+    model = timm.create_model('mlit_xxs.embedtest', pretrained=True, in_chans=1)
+    source = published['model'].state_dict()['patch_embed.proj.weight']
+    assert model.patch_embed.proj.weight.shape == (108, 1, 3, 3)
+    # timm's adapt_input_conv: a grey image gives the same patch embedding as the RGB image with that value in R=G=B
+    assert torch.allclose(model.patch_embed.proj.weight, source.sum(dim=1, keepdim=True))
+    grey = _x(1)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(grey), published['model'](grey.expand(-1, 3, -1, -1)), atol=1e-5)
+
+
+def test_torch_hub_local_loads_our_models_only_with_kwargs_passed_through(embedded, published, offline_hf):
+    hubconf = torch.hub._import_module('hubconf', str(REPO_ROOT / 'hubconf.py'))
+    assert sorted(f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith('_')) == [
+        'mlit_s', 'mlit_xs', 'mlit_xxs']
+    model = torch.hub.load(str(REPO_ROOT), 'mlit_xxs', source='local', pretrained=True)
+    assert torch.equal(_out(model, _x()), published['expected'])
+    model = torch.hub.load(str(REPO_ROOT), 'mlit_xxs', source='local', pretrained=True, num_classes=7, img_size=48)
+    assert model.num_classes == 7 and _out(model, _x(3, 48)).shape == (2, 7)
+    assert torch.equal(model.blocks[0].norm1.weight, published['model'].blocks[0].norm1.weight)
+
+
+# ------------------------------------------------------------------------------------------- README snippets, verbatim
+
+def test_readme_snippet_pretrained(embedded, published, offline_hf):
+    namespace = {}
+    exec(SNIPPET_PRETRAINED, namespace)
+    assert torch.equal(_out(namespace['model'], _x()), published['expected'])
+
+
+def test_readme_snippet_torch_hub(embedded, published, offline_hf, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    namespace = {}
+    exec(SNIPPET_TORCH_HUB, namespace)
+    assert torch.equal(_out(namespace['model'], _x()), published['expected'])
+
+
+def test_readme_snippet_hf_hub(published, offline_hf, capsys):
+    put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
+    namespace = {}
+    exec(SNIPPET_HF_HUB, namespace)
+    assert torch.equal(_out(namespace['model'], _x()), published['expected'])
+    assert all(name in _weights.LABEL_NAMES['cifar100'] for name in eval(capsys.readouterr().out.strip()))
+
+
+@pytest.mark.slow
+def test_readme_snippet_hf_hub_in_a_fresh_offline_process(published, offline_hf, tmp_path):
+    put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
+    check = (
+        '\nimport safetensors.torch\n'
+        f'saved = safetensors.torch.load_file({str(published["folder"] / "model.safetensors")!r})\n'
+        'assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())\n'
+    )
+    proc = subprocess.run([sys.executable, '-c', SNIPPET_HF_HUB + check], cwd=tmp_path, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(name in _weights.LABEL_NAMES['cifar100'] for name in eval(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_model_card_usage_snippet_runs(published, offline_hf):
+    put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
+    text = (published['folder'] / 'README.md').read_text()
+    code = text.split('```python\n', 1)[1].split('```', 1)[0]
+    namespace = {}
+    exec(code, namespace)
+    assert torch.equal(_out(namespace['model'], _x()), published['expected'])
+    assert namespace['output'].shape == (1, 100)
