@@ -524,3 +524,38 @@ def test_model_card_usage_snippet_runs(published, offline_hf):
     exec(code, namespace)
     assert torch.equal(_out(namespace['model'], _x()), published['expected'])
     assert namespace['output'].shape == (1, 100)
+
+
+@pytest.mark.slow
+def test_embedded_weights_ship_in_the_wheel_and_load_offline_from_the_install(published, tmp_path):
+    """A fresh install of a wheel holding weights in timm_mlit/weights/ loads them with no network and no cache."""
+    import shutil
+    src = tmp_path / 'src'
+    shutil.copytree(REPO_ROOT / 'timm_mlit', src / 'timm_mlit', ignore=shutil.ignore_patterns('__pycache__'))
+    for name in ('pyproject.toml', 'README.md'):
+        shutil.copy(REPO_ROOT / name, src / name)
+    shutil.copy(published['folder'] / 'model.safetensors', src / 'timm_mlit/weights/mlit_xxs.embedtest.safetensors')
+    pip = [sys.executable, '-m', 'pip', '-q', '--disable-pip-version-check']
+    subprocess.run(pip + ['wheel', '--no-deps', '--no-build-isolation', '--no-index', '-w', str(tmp_path / 'dist'),
+                          str(src)], check=True, capture_output=True, timeout=300)
+    target = tmp_path / 'site'
+    subprocess.run(pip + ['install', '--no-deps', '--no-index', '--target', str(target),
+                          *map(str, (tmp_path / 'dist').glob('*.whl'))], check=True, capture_output=True, timeout=300)
+    script = f"""
+import safetensors.torch, timm, torch
+import timm_mlit
+from timm_mlit import _weights
+from timm_mlit.mlit import _cfg
+assert _weights.WEIGHTS_DIR.is_relative_to({str(target)!r}), _weights.WEIGHTS_DIR
+cfg = _cfg(**_weights.weights_source('mlit_xxs.embedtest'), num_classes=100)
+assert cfg['file'].startswith({str(target)!r}), cfg
+model = timm.create_model('mlit_xxs', pretrained=True, pretrained_cfg=cfg)
+saved = safetensors.torch.load_file({str(published['folder'] / 'model.safetensors')!r})
+assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+"""
+    env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'),
+               HF_HUB_CACHE=str(tmp_path / 'hf' / 'hub'))
+    proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / 'hf' / 'hub').exists() or not any((tmp_path / 'hf' / 'hub').iterdir())
