@@ -1,0 +1,205 @@
+""" Datasets and the pre-training input pipeline that timm does not already give
+
+1. MNIST-family datasets (MNIST, KMNIST, Fashion-MNIST) that open their idx files where they are, gzipped or not:
+   torchvision's layout `root/<Name>/raw/train-images-idx3-ubyte` or a flat folder such as the one of Debian's
+   `dataset-fashion-mnist` package (`/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz`), which
+   torchvision cannot read. Their grey images are returned as RGB by default, the 3 channels every mLiT (and
+   timm's default transforms) expect.
+
+   Importing this module puts them in the table behind timm's `create_dataset('torch/<name>')`, so timm's own
+   train.py uses them through its plugin hook::
+
+       python train.py --device-modules timm_mlit.data --dataset torch/fashion_mnist \
+           --data-dir /usr/share/datasets/fashion-mnist --model mlit_xxs ...
+
+2. `MAEPretrainDataset`: the pre-training view of any dataset - the augmented image and the masking noise of each
+   sample, both drawn from a generator seeded by (seed, epoch, sample index). Nothing about a sample then depends
+   on which process or worker loads it or on what ran before, which is what makes a resumed run equal an
+   uninterrupted one and a multi-process run equal a single-process one.
+"""
+import gzip
+import os
+import random
+import struct
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.utils.data
+from PIL import Image
+from torchvision.datasets import KMNIST, MNIST, FashionMNIST
+
+__all__ = [
+    'DEBIAN_FASHION_MNIST', 'read_idx', 'IdxMNIST', 'IdxKMNIST', 'IdxFashionMNIST', 'register_timm_datasets',
+    'MAEPretrainDataset',
+]
+
+DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'  # apt-get install dataset-fashion-mnist
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
+               0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """Read an idx file (http://yann.lecun.com/exdb/mnist/), plain or gzipped, into a tensor."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f'{path} is not an idx file (bad magic number {data[:4]!r})')
+    ndim = data[3]
+    shape = struct.unpack(f'>{ndim}i', data[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    count = int(np.prod(shape))
+    offset = 4 + 4 * ndim
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f'{path} is truncated: header says {shape}, file holds {len(data) - offset} bytes of data')
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return torch.from_numpy(arr.astype(dtype.newbyteorder('='), copy=True))
+
+
+class _IdxMixin:
+    """Find and read the idx files of a torchvision MNIST-family dataset in either layout, return RGB by default.
+
+    Args (beyond torchvision's): img_mode: PIL mode of the returned images ('RGB' or 'L').
+    """
+    default_root: Optional[str] = None
+    _install_hint = ''
+
+    def __init__(self, root: Optional[str] = None, train: bool = True, transform: Optional[Callable] = None,
+                 target_transform: Optional[Callable] = None, download: bool = False, img_mode: str = 'RGB'):
+        root = root if root is not None else self.default_root
+        if root is None:
+            raise ValueError(f'{type(self).__name__} needs a root folder (--data-dir)')
+        if img_mode not in ('RGB', 'L'):
+            raise ValueError(f"img_mode must be 'RGB' or 'L', got {img_mode!r}")
+        self.img_mode = img_mode
+        if not os.path.isdir(root) and not download:
+            raise FileNotFoundError(f'{type(self).__name__}: data folder {root} does not exist')
+        try:
+            super().__init__(root, train=train, transform=transform, target_transform=target_transform,
+                             download=download)
+        except RuntimeError as e:
+            if self._check_exists():
+                raise
+            images = self._files()[0]
+            raise FileNotFoundError(
+                f'{type(self).__name__}: no idx files in {root}; looked for {", ".join(self._candidates(images))}'
+                f'{self._install_hint}') from e
+
+    def _candidates(self, name: str):
+        for folder in (self.raw_folder, self.root):
+            for ext in ('', '.gz'):
+                yield os.path.join(folder, name + ext)
+
+    def _find(self, name: str) -> Optional[str]:
+        return next((p for p in self._candidates(name) if os.path.isfile(p)), None)
+
+    def _files(self) -> Tuple[str, str]:
+        split = 'train' if self.train else 't10k'
+        return f'{split}-images-idx3-ubyte', f'{split}-labels-idx1-ubyte'
+
+    def _check_exists(self) -> bool:
+        return all(self._find(n) is not None for n in self._files())
+
+    def _load_data(self):
+        found = [self._find(n) for n in self._files()]
+        if None in found:
+            looked = ', '.join(self._candidates(self._files()[found.index(None)]))
+            raise RuntimeError(f'{type(self).__name__}: idx file not found; looked for {looked}')
+        images, labels = (read_idx(p) for p in found)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise RuntimeError(f'{found}: expected images [N, H, W] and labels [N], got {tuple(images.shape)} '
+                               f'and {tuple(labels.shape)}')
+        return images, labels.long()
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index].numpy(), mode='L')
+        if self.img_mode != 'L':
+            img = img.convert(self.img_mode)
+        target = int(self.targets[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+
+class IdxMNIST(_IdxMixin, MNIST):
+    """MNIST from idx files in either layout (see module docstring)."""
+
+    @property
+    def raw_folder(self) -> str:
+        return os.path.join(self.root, 'MNIST', 'raw')
+
+
+class IdxKMNIST(_IdxMixin, KMNIST):
+    """KMNIST from idx files in either layout (see module docstring)."""
+
+    @property
+    def raw_folder(self) -> str:
+        return os.path.join(self.root, 'KMNIST', 'raw')
+
+
+class IdxFashionMNIST(_IdxMixin, FashionMNIST):
+    """Fashion-MNIST from idx files in either layout; by default from Debian's `dataset-fashion-mnist`."""
+    default_root = DEBIAN_FASHION_MNIST
+    _install_hint = ' (on Debian: apt-get install dataset-fashion-mnist)'
+
+    @property
+    def raw_folder(self) -> str:
+        return os.path.join(self.root, 'FashionMNIST', 'raw')
+
+
+def register_timm_datasets():
+    """Make timm's `create_dataset('torch/mnist' | 'torch/kmnist' | 'torch/fashion_mnist')` use the classes above.
+
+    timm keeps its torchvision datasets in a module-level table and has no registration API; train.py loads
+    plugins only by importing them (`--device-modules`), so the entries are replaced on import.
+    """
+    from timm.data import dataset_factory
+    dataset_factory._TORCH_BASIC_DS.update(mnist=IdxMNIST, kmnist=IdxKMNIST, fashion_mnist=IdxFashionMNIST)
+
+
+register_timm_datasets()
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class MAEPretrainDataset(torch.utils.data.Dataset):
+    """(augmented image, masking noise [num_patches]) of each sample of `dataset`; labels are dropped.
+
+    The augmentation (which may use torch's and Python's global RNGs, as torchvision and timm transforms do) and
+    the noise run under a private RNG state seeded by (seed, epoch, index); the caller's RNG state is untouched.
+    Call `set_epoch` before each epoch (with non-persistent workers, so they receive the new epoch).
+    """
+
+    def __init__(self, dataset, transform: Optional[Callable], num_patches: int, seed: int = 0):
+        self.dataset = dataset
+        self.transform = transform
+        self.num_patches = num_patches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        img = self.dataset[index][0]
+        s = _sample_seed(self.seed, self.epoch, index)
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                if self.transform is not None:
+                    img = self.transform(img)
+                noise = torch.rand(self.num_patches)
+        finally:
+            random.setstate(py_state)
+        return img, noise
