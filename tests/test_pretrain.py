@@ -1,0 +1,253 @@
+"""End-to-end tests of the pre-training program (timm_mlit.pretrain), on tiny synthetic image folders."""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import timm_mlit  # noqa: F401
+from timm_mlit.pretrain import PretrainError, main, write_loss_plot
+
+# a 3-layer encoder, no gate noise / MoE dropout: small, fast and deterministic up to the data pipeline
+TINY = ['--model', 'mlit_xxs', '--model-kwargs', 'depth=3', '--workers', '0', '--warmup-epochs', '1',
+        '--log-interval', '1']
+NOISE_FREE = ['--model-kwargs', 'depth=3', 'noisy_gating=False', 'moe_drop_rate=0',
+              '--mae-kwargs', 'decoder_noisy_gating=False', 'decoder_moe_drop_rate=0', '--beta', '0']
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('imgs')
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(root / 'train' / f'c{c}')
+        for i in range(12):
+            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / 'train' / f'c{c}' / f'{i}.png')
+    return str(root)
+
+
+def run(tmp_path, image_folder, name, *extra):
+    argv = ['--data-dir', image_folder, '--output', str(tmp_path), '--experiment', name, *TINY, *extra]
+    assert main(argv) == 0
+    return tmp_path / name
+
+
+def summary(run_dir):
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def state(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_run_writes_logs_checkpoints_plot_and_encoder(tmp_path, image_folder, caplog):
+    caplog.set_level('INFO')
+    out = run(tmp_path, image_folder, 'a', '--epochs', '3', '-b', '8', '--checkpoint-hist', '2')
+    rows = summary(out)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2']
+    for key in ('train_loss', 'train_loss_masked', 'train_loss_unmasked', 'train_loss_moe', 'lr',
+                'train_img_per_sec', 'train_min_expert_share'):
+        assert key in rows[0]
+    assert sorted(p for p in os.listdir(out) if p.startswith('checkpoint')) == [
+        'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']  # only the last 2 kept
+    assert os.path.samefile(out / 'last.pth.tar', out / 'checkpoint-2.pth.tar')
+    assert not [p for p in os.listdir(out) if '.tmp' in p]
+    with open(out / 'expert_load.csv') as f:
+        load = list(csv.DictReader(f))
+    layers = {r['layer'] for r in load}
+    assert len(layers) == 3 + 4  # every encoder and decoder MoE layer
+    per_layer = {}
+    for r in load:
+        if r['epoch'] == '2':
+            per_layer[r['layer']] = per_layer.get(r['layer'], 0.) + float(r['share'])
+    assert all(abs(s - 1) < 1e-4 for s in per_layer.values())
+    assert (out / 'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Train: 1 [')]
+    assert logs and all(w in logs[0] for w in ('loss', 'masked', 'unmasked', 'moe', 'lr', 'img/s'))
+    # the exported encoder is head-less and loads into timm
+    enc = load_file(out / 'encoder.safetensors')
+    assert not any(k.startswith('head') for k in enc)
+    ckpt = state(out / 'last.pth.tar')
+    for k, v in enc.items():
+        assert torch.equal(v, ckpt['encoder.' + k])
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path, image_folder):
+    args = ['--epochs', '3', '-b', '8', '--model-kwargs', 'depth=3']  # gate noise and dropout on: RNG state matters
+    full = run(tmp_path, image_folder, 'full', *args)
+    # the run "stopped" after epoch 0: its checkpoint is all that is left of it
+    os.makedirs(tmp_path / 'stopped')
+    shutil.copy(full / 'checkpoint-0.pth.tar', tmp_path / 'stopped' / 'last.pth.tar')
+    assert main(['--data-dir', image_folder, *TINY, *args, '--resume', str(tmp_path / 'stopped' / 'last.pth.tar')]) == 0
+    resumed = summary(tmp_path / 'stopped')
+    assert [r['epoch'] for r in resumed] == ['1', '2']
+    for a, b in zip(summary(full)[1:], resumed):
+        for k in ('train_loss', 'train_loss_masked', 'train_loss_unmasked', 'train_loss_moe', 'lr'):
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-6, abs=1e-9), k
+    assert_same_weights(state(full / 'last.pth.tar'), state(tmp_path / 'stopped' / 'last.pth.tar'))
+
+
+@pytest.mark.slow
+def test_grad_accumulation_equals_the_large_batch(tmp_path, image_folder):
+    common = ['--epochs', '1', '--opt', 'sgd', '--lr', '0.05', *NOISE_FREE]
+    big = run(tmp_path, image_folder, 'big', *common, '-b', '8')
+    acc = run(tmp_path, image_folder, 'acc', *common, '-b', '4', '--grad-accum-steps', '2')
+    assert_same_weights(state(big / 'last.pth.tar'), state(acc / 'last.pth.tar'), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_equals_one_process(tmp_path, image_folder):
+    """2 ranks x batch 4 == 1 process x batch 8. Gate noise, MoE dropout and the balance loss (a CV² over each
+    rank's own tokens) are per-rank quantities, so they are switched off; masks and augmentation are keyed on the
+    sample index (data.MAEPretrainDataset) and the sampler splits one permutation, so both runs see the same
+    images with the same masks at every step. SGD keeps the comparison at float tolerance (Adam's first steps
+    amplify rounding in near-zero gradients)."""
+    common = ['--data-dir', image_folder, *TINY, '--epochs', '2', '--opt', 'sgd', '--lr', '0.05', *NOISE_FREE,
+              '--device', 'cpu', '--output', str(tmp_path)]
+    one = run(tmp_path, image_folder, 'one', *common[common.index('--epochs'):-4], '-b', '8')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           '-m', 'timm_mlit.pretrain', *common, '-b', '4', '--experiment', 'two']
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '2 process(es), global batch 8' in proc.stderr + proc.stdout
+    for a, b in zip(summary(one), summary(tmp_path / 'two')):
+        assert float(a['train_loss']) == pytest.approx(float(b['train_loss']), rel=1e-5)
+    assert_same_weights(state(one / 'last.pth.tar'), state(tmp_path / 'two' / 'last.pth.tar'), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_exported_encoder_loads_for_fine_tuning(tmp_path, image_folder):
+    out = run(tmp_path, image_folder, 'e', '--epochs', '1', '-b', '8')
+    path = str(out / 'encoder.safetensors')
+    enc = load_file(path)
+    # as timm's train.py --pretrained-path does it (num_classes=-1 forces head adaptation)
+    m = timm.create_model('mlit_xxs', depth=3, pretrained=True, num_classes=10,
+                          pretrained_cfg_overlay=dict(file=path, num_classes=-1))
+    assert m.head.out_features == 10
+    for k, v in enc.items():
+        assert torch.equal(m.state_dict()[k], v), k
+    # head-less, as a feature extractor
+    m = timm.create_model('mlit_xxs', depth=3, pretrained=True, num_classes=0,
+                          pretrained_cfg_overlay=dict(file=path, num_classes=0))
+    assert torch.equal(m.pos_embed, enc['pos_embed'])
+    # --export-only writes the same file from any checkpoint
+    again = tmp_path / 'again.safetensors'
+    assert main(['--export-only', str(out / 'checkpoint-0.pth.tar'), '--export-path', str(again)]) == 0
+    assert load_file(again).keys() == enc.keys()
+
+
+def test_exported_encoder_loads_with_the_default_class_count(tmp_path):
+    """timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)): the cfg and the model
+    both say 100 classes, so timm loads strictly and needs the model's filter to tolerate the missing head."""
+    from timm_mlit.pretrain import export_encoder
+    enc = timm.create_model('mlit_xxs', depth=3, num_classes=0)
+    path = export_encoder({'encoder.' + k: v for k, v in enc.state_dict().items()}, str(tmp_path / 'e.safetensors'))
+    try:
+        m = timm.create_model('mlit_xxs', depth=3, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    except RuntimeError as e:
+        pytest.xfail(f'mlit.checkpoint_filter_fn does not yet keep the fresh head of a head-less checkpoint: {e}')
+    assert torch.equal(m.pos_embed, enc.pos_embed)
+
+
+# ---------------------------------------------------------------- bad input gives a clear error
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(SystemExit, match='data dir .* does not exist'):
+        main(['--data-dir', str(tmp_path / 'missing'), '--output', str(tmp_path)])
+    assert not os.listdir(tmp_path)
+
+
+def test_unknown_model(tmp_path, image_folder):
+    with pytest.raises(SystemExit, match="unknown model 'mlit_huge'"):
+        main(['--data-dir', image_folder, '--model', 'mlit_huge', '--output', str(tmp_path)])
+    with pytest.raises(SystemExit, match='not an mLiT model'):
+        main(['--data-dir', image_folder, '--model', 'resnet18', '--output', str(tmp_path)])
+
+
+def test_config_key_that_is_not_an_argument(tmp_path, capsys):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model: mlit_xxs\nlearning_rate: 0.1\n')
+    with pytest.raises(SystemExit):
+        main(['-c', str(cfg)])
+    assert 'learning_rate is not an argument' in capsys.readouterr().err
+
+
+def test_config_values_are_read_and_the_command_line_wins(tmp_path, image_folder):
+    from timm_mlit.pretrain import _parse_args
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model: mlit_xs\nbatch_size: 33\nepochs: 7\n')
+    args = _parse_args(['-c', str(cfg), '--epochs', '9'])
+    assert (args.model, args.batch_size, args.epochs) == ('mlit_xs', 33, 9)
+    assert _parse_args([]).batch_size == 256  # an earlier config does not leak
+
+
+@pytest.mark.parametrize('name', ['mmlit_s_cifar100', 'mmlit_xs_cifar100', 'mmlit_xxs_cifar100'])
+def test_cifar100_configs_are_table_3(name):
+    from timm_mlit.pretrain import _parse_args
+    cfg = os.path.join(os.path.dirname(__file__), '..', 'train_configs', 'pretrain', f'{name}.yaml')
+    a = _parse_args(['-c', cfg])
+    size = name.split('_')[1]
+    assert (a.epochs, a.warmup_epochs, a.batch_size) == {
+        's': (4000, 200, 840), 'xs': (6000, 300, 1280), 'xxs': (8000, 400, 1280)}[size]
+    assert (a.model, a.dataset, a.opt, a.weight_decay, a.lr_base, a.lr_base_size, a.sched) == (
+        f'mlit_{size}', 'torch/cifar100', 'adamw', 0.05, 3e-4, 256, 'cosine')
+    assert (a.scale, a.hflip, a.mean, a.std, a.alpha, a.beta, a.mask_ratio) == (
+        [0.6, 1.0], 0.5, [0.5] * 3, [0.5] * 3, 0.1, 0.5, 0.75)
+    assert a.amp and a.amp_dtype == 'float16'
+
+
+@pytest.mark.slow
+def test_bad_resume_file_is_refused_and_nothing_is_lost(tmp_path, image_folder):
+    out = run(tmp_path, image_folder, 'r', '--epochs', '1', '-b', '8')
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    broken = out / 'broken.pth.tar'
+    broken.write_bytes((out / 'last.pth.tar').read_bytes()[:1000])
+    with pytest.raises(SystemExit, match='unreadable'):
+        main(['--data-dir', image_folder, *TINY, '--resume', str(broken)])
+    with pytest.raises(SystemExit, match='belongs to model mlit_xxs'):
+        main(['--data-dir', image_folder, *TINY[:2], '--model-kwargs', 'depth=6', '--workers', '0',
+              '--resume', str(out / 'last.pth.tar')])
+    with pytest.raises(SystemExit, match='not a timm-mlit pre-training checkpoint'):
+        torch.save({'state_dict': {}}, tmp_path / 'other.pth')
+        main(['--data-dir', image_folder, *TINY, '--resume', str(tmp_path / 'other.pth')])
+    broken.unlink()
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, image_folder):
+    with pytest.raises(PretrainError, match='bfloat16'):
+        main(['--data-dir', image_folder, '--amp', '--amp-dtype', 'float16', '--device', 'cpu',
+              '--output', str(tmp_path)])
+
+
+def test_loss_plot_is_a_valid_png(tmp_path):
+    import zlib
+    path = tmp_path / 'p.png'
+    write_loss_plot(str(path), [1, 2, 5, 10, 100], [1.0, 0.5, 0.2, 0.1, 0.03])
+    data = path.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    w, h = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    idat = data.index(b'IDAT')
+    n = int.from_bytes(data[idat - 4:idat], 'big')
+    raw = zlib.decompress(data[idat + 4:idat + 4 + n])
+    assert len(raw) == h * (1 + 3 * w)
+    pix = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)[:, 1:].reshape(h, w, 3)
+    assert ((pix == (31, 119, 180)).all(-1)).sum() > 100  # the curve is drawn
