@@ -114,17 +114,22 @@ class NoisyTopKGate(nn.Module):
             importance: column sums of G (eq. 11), [t].
             load: column sums of P (eq. 5, 10) in training with noise, else the count of tokens per expert, [t].
         """
-        t = self.num_experts
+        t, k = self.num_experts, self.top_k
         if self.training and self.noisy:
             logits = F.linear(x, self.weight)  # [N, 2t], one matmul for both projections
             clean, raw_noise = logits[:, :t], logits[:, t:]
             noise_std = F.softplus(raw_noise)
             noisy = clean + torch.randn_like(clean) * noise_std  # eq. 3
-            load = prob_in_top_k(clean, noisy, noise_std, self.top_k).sum(0)
+            # one top-(k+1) serves both the gate (first k) and Ψ (eq. 6): same as top_k_thresholds()
+            top_vals, top_idx = noisy.topk(k + 1, dim=-1)
+            kth, k1th = top_vals[:, k - 1:k], top_vals[:, k:k + 1]
+            psi = torch.where(noisy >= kth, k1th, kth)
+            load = torch.special.ndtr((clean - psi) / noise_std.clamp_min(1e-6)).sum(0)  # eq. 5, 10
+            top_vals, top_idx = top_vals[:, :k], top_idx[:, :k]
         else:
             noisy = F.linear(x, self.weight[:t])  # [N, t]
+            top_vals, top_idx = noisy.topk(k, dim=-1)
             load = None
-        top_vals, top_idx = noisy.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(noisy).scatter(-1, top_idx, top_vals.softmax(dim=-1))  # softmax_k, eq. 2
         if load is None:
             load = (gates > 0).sum(0).to(gates.dtype)
@@ -279,23 +284,33 @@ class MoE(nn.Module):
             y = y.index_add(0, token_idx, out * gates[token_idx, i, None])  # eq. 1
         return y
 
+    def _input_projections(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Both input-side projections of eq. 13 in one matmul: (x·W, x·V) with the per-expert one for every
+        expert, [N, t, d], and the shared one [N, d]; or both shared, [N, d] each, when W2 is per expert."""
+        e = self.experts
+        n, d = x.shape[0], e.hidden_dim
+        first, second = (e.w, e.v) if e.private != 'v' else (e.v, e.w)  # the per-expert one first
+        weight = torch.cat([first.weight.reshape(-1, e.dim), second.weight])
+        bias = torch.cat([first.bias.reshape(-1), second.bias])
+        z = F.linear(x, weight, bias)  # [N, (t+1)·d] or [N, 2d]
+        if e.private == 'w2':
+            return z[:, :d], z[:, d:]
+        return z[:, :-d].reshape(n, -1, d), z[:, -d:]
+
     def _forward_dense(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         e = self.experts
-        t = e.num_experts
         if e.private == 'w2':
-            h = F.silu(e.w(x)) * e.v(x)  # [N, d], shared by all experts
+            w, v = self._input_projections(x)
+            h = F.silu(w) * v  # [N, d], shared by all experts
             # Σ_i G_i (h·W2_i + b2_i) = [G_i·h]_i · [W2_i]_i + G·b2
             mixed = (gates[:, :, None] * h[:, None, :]).reshape(x.shape[0], -1)  # [N, t·d]
             w2 = e.w2.weight.permute(1, 0, 2).reshape(e.dim, -1)  # [m, t·d]
             return F.linear(mixed, w2) + gates @ e.w2.bias
-        # the private matrix is on the input side: x·W_i (or x·V_i) for every expert in one matmul
-        private = e.w if e.private == 'w' else e.v
-        z = F.linear(x, private.weight.reshape(-1, e.dim), private.bias.reshape(-1))  # [N, t·d]
-        z = z.reshape(x.shape[0], t, e.hidden_dim)
+        z, shared = self._input_projections(x)  # [N, t, d], [N, d]
         if e.private == 'w':
-            h = (gates[:, :, None] * F.silu(z)).sum(1) * e.v(x)  # (Σ_i G_i silu(x·W_i+b_i)) ⊙ (x·V+b_V)
+            h = (gates[:, :, None] * F.silu(z)).sum(1) * shared  # (Σ_i G_i silu(x·W_i+b_i)) ⊙ (x·V+b_V)
         else:
-            h = F.silu(e.w(x)) * (gates[:, :, None] * z).sum(1)  # silu(x·W+b) ⊙ Σ_i G_i (x·V_i+b_i)
+            h = F.silu(shared) * (gates[:, :, None] * z).sum(1)  # silu(x·W+b) ⊙ Σ_i G_i (x·V_i+b_i)
         return e.w2(h)
 
     def _forward_sparse(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:

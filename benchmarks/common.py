@@ -1,0 +1,57 @@
+"""Shared helpers for the benchmarks: interleaved timing with medians, JSON + markdown output."""
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+
+
+def sync(device: str):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2, device: str = 'cpu') \
+        -> Dict[str, float]:
+    """Median seconds per call of each fn, the fns run round-robin so that load on a shared machine hits them
+    alike (compare the ratios between them, not lone times)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def write_results(out_dir: str, stem: str, meta: dict, rows: List[dict], columns: List[str]):
+    """Write `stem.json` (meta + rows) and `stem.md` (a markdown table of `columns`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{stem}.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    lines = [f"<!-- {json.dumps(meta)} -->", '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+    for row in rows:
+        lines.append('| ' + ' | '.join(_fmt(row.get(c, '')) for c in columns) + ' |')
+    text = '\n'.join(lines) + '\n'
+    (out / f'{stem}.md').write_text(text)
+    print(text)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f'{v:.3g}' if abs(v) < 100 else f'{v:,.0f}'
+    return str(v)

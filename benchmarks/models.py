@@ -1,0 +1,168 @@
+"""Whole-model speed at 36×36: mLiT vs its dense twin vs timm peers of similar size, in one run.
+
+For each model: batch-1 latency (eval), batch-256 throughput (eval), training-step images/s (forward, cross-entropy,
+backward, AdamW step) and the peak memory of a training step. Models:
+  * mlit_xxs / mlit_xs / mlit_s, and the 'loop' reference MoE of mlit_xxs
+  * each one made dense: num_experts=(1, 1, 1), top_k=1 (one SwiGLU expert of the same hidden size per layer)
+  * a dense ViT of the same width and depth from timm's VisionTransformer (patch 3, MLP ratio 2)
+  * small timm CNNs: resnet10t, mobilenetv3_small_050
+Timings are medians of interleaved repeats (all models take turns, so load on a shared machine hits them alike);
+compare the ratios. Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the growth of the process's peak
+RSS over the live RSS during three training steps (Linux /proc), in a fresh subprocess per model.
+
+    python benchmarks/models.py --out benchmarks/results
+    python benchmarks/models.py --device cuda --amp-dtype bfloat16 --out benchmarks/results
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timm_mlit  # noqa: E402,F401
+from common import machine, time_interleaved, write_results  # noqa: E402
+
+VIT_TWINS = dict(mlit_xxs=(108, 9, 6), mlit_xs=(128, 12, 8), mlit_s=(144, 15, 8))
+
+
+def build(spec: str, num_classes: int = 100):
+    """`name`, `name@dense` (one expert per layer), `name@loop` (reference MoE) or `vit_twin@name`."""
+    if spec.startswith('vit_twin@'):
+        dim, depth, heads = VIT_TWINS[spec.split('@')[1]]
+        return timm.create_model(
+            'vit_tiny_patch16_224', img_size=36, patch_size=3, embed_dim=dim, depth=depth, num_heads=heads,
+            mlp_ratio=2.0, num_classes=num_classes)
+    name, _, variant = spec.partition('@')
+    kwargs = {}
+    if variant == 'dense':
+        kwargs = dict(num_experts=(1, 1, 1), top_k=1)
+    elif variant == 'loop':
+        kwargs = dict(moe_impl='loop')
+    return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def default_specs(models):
+    specs = []
+    for name in models:
+        specs += [name, f'{name}@dense', f'vit_twin@{name}']
+    specs.insert(1, f'{models[0]}@loop')
+    return specs + ['resnet10t', 'mobilenetv3_small_050']
+
+
+def train_step_fn(model, x, target, opt, amp_dtype, device):
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def worker_peak_memory(spec: str, batch: int, amp: str):
+    """Run in a subprocess: peak-RSS growth (MiB) over a few CPU training steps of one model."""
+    torch.set_num_threads(torch.get_num_threads())
+    device = torch.device('cpu')
+    model = build(spec).train()
+    x, target = torch.randn(batch, 3, 36, 36), torch.randint(0, 100, (batch,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp_dtype = getattr(torch, amp) if amp else None
+    step = train_step_fn(model, x, target, opt, amp_dtype, device)
+    step()  # optimizer state and allocator pools exist from here on
+    before = _rss_kib('VmRSS')
+    Path('/proc/self/clear_refs').write_text('5')  # reset the peak-RSS mark (VmHWM) to the current RSS
+    for _ in range(3):
+        step()
+    print(json.dumps(dict(peak_mib=(_rss_kib('VmHWM') - before) / 1024)))
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1])
+    raise RuntimeError(f'{field} not in /proc/self/status (Linux only)')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
+    parser.add_argument('--specs', nargs='+', default=None, help='override the model list entirely')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--amp-dtype', default='', help="'' for fp32, or bfloat16 / float16 autocast")
+    parser.add_argument('--batch', type=int, default=256)
+    parser.add_argument('--train-batch', type=int, default=128)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        return worker_peak_memory(args._worker, args.train_batch, args.amp_dtype)
+
+    device = torch.device(args.device)
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
+    specs = args.specs or default_specs(args.models)
+    models = {s: build(s).to(device) for s in specs}
+    x1 = torch.randn(1, 3, 36, 36, device=device)
+    xb = torch.randn(args.batch, 3, 36, 36, device=device)
+    xt = torch.randn(args.train_batch, 3, 36, 36, device=device)
+    target = torch.randint(0, 100, (args.train_batch,), device=device)
+
+    def infer(model, x):
+        def fn():
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                model(x)
+        return fn
+
+    for m in models.values():
+        m.eval()
+    lat = time_interleaved({s: infer(m, x1) for s, m in models.items()}, args.repeats * 4, device=args.device)
+    thr = time_interleaved({s: infer(m, xb) for s, m in models.items()}, args.repeats, device=args.device)
+    for m in models.values():
+        m.train()
+    opts = {s: torch.optim.AdamW(m.parameters(), lr=1e-4) for s, m in models.items()}
+    train = time_interleaved(
+        {s: train_step_fn(m, xt, target, opts[s], amp_dtype, device) for s, m in models.items()},
+        args.repeats, device=args.device)
+
+    rows = []
+    for s, m in models.items():
+        row = dict(model=s, params=sum(p.numel() for p in m.parameters()),
+                   latency_b1_ms=lat[s] * 1e3, eval_img_s=args.batch / thr[s], train_img_s=args.train_batch / train[s])
+        if not args.no_memory:
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats()
+                train_step_fn(m, xt, target, opts[s], amp_dtype, device)()
+                torch.cuda.synchronize()
+                row['train_peak_mib'] = torch.cuda.max_memory_allocated() / 2 ** 20
+            else:
+                out = subprocess.run(
+                    [sys.executable, __file__, '--_worker', s, '--train-batch', str(args.train_batch),
+                     '--amp-dtype', args.amp_dtype], capture_output=True, text=True, check=True).stdout
+                row['train_peak_mib'] = json.loads(out.strip().splitlines()[-1])['peak_mib']
+        rows.append(row)
+        print(row, flush=True)
+    base = {r['model']: r for r in rows}
+    for r in rows:
+        twin = base.get(r['model'] + '@dense') if '@' not in r['model'] else None
+        if twin:
+            r['eval_vs_dense_twin'] = r['eval_img_s'] / twin['eval_img_s']
+            r['train_vs_dense_twin'] = r['train_img_s'] / twin['train_img_s']
+        ref = base.get(r['model'] + '@loop')
+        if ref:
+            r['eval_vs_loop'] = r['eval_img_s'] / ref['eval_img_s']
+    columns = ['model', 'params', 'latency_b1_ms', 'eval_img_s', 'train_img_s', 'train_peak_mib',
+               'eval_vs_dense_twin', 'train_vs_dense_twin', 'eval_vs_loop']
+    meta = dict(machine=machine(), device=args.device, amp_dtype=args.amp_dtype or 'float32', batch=args.batch,
+                train_batch=args.train_batch, torch=torch.__version__, timm=timm.__version__,
+                command='python benchmarks/models.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
+    write_results(args.out, f'models_{args.device}_{args.amp_dtype or "float32"}', meta, rows, columns)
+
+
+if __name__ == '__main__':
+    main()

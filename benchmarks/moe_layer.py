@@ -1,0 +1,95 @@
+"""MoE layer speed at every layer shape of mlit_s/xs/xxs: each moe_impl vs the 'loop' reference vs a dense SwiGLU
+of the same active FLOPs.
+
+"Same active FLOPs": a token runs k experts, each a SwiGLU of hidden d with m -> d -> m (eq. 13 as written), so the
+dense twin is one SwiGLU of hidden k·d (timm.layers.SwiGLU, with the same dropout). Timings are medians of
+interleaved repeats; the ratios (impl / dense SwiGLU) are what to read.
+
+    python benchmarks/moe_layer.py --out benchmarks/results            # CPU, fp32, 64 images x 145 tokens
+    python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --batch 256
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import SwiGLU
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timm_mlit  # noqa: E402,F401
+from common import machine, time_interleaved, write_results  # noqa: E402
+
+from timm_mlit.layers.moe import MoE  # noqa: E402
+
+
+def layer_shapes(name: str):
+    model = timm.create_model(name)
+    seen = []
+    for blk in model.blocks:
+        shape = (blk.mlp.experts.dim, blk.mlp.experts.hidden_dim, blk.mlp.gate.num_experts, blk.mlp.gate.top_k)
+        if shape not in seen:
+            seen.append(shape)
+    return seen
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
+    parser.add_argument('--impls', nargs='+', default=['dense', 'sparse', 'auto', 'loop'])
+    parser.add_argument('--batch', type=int, default=64, help='images; tokens = batch x 145')
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dtype', default='float32')
+    parser.add_argument('--every-layer', action='store_true', help='every layer, not every third one')
+    parser.add_argument('--out', default='benchmarks/results')
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    tokens = args.batch * 145
+    rows = []
+    for name in args.models:
+        shapes = layer_shapes(name)
+        if not args.every_layer:
+            shapes = shapes[::3] + ([shapes[-1]] if (len(shapes) - 1) % 3 else [])
+        for dim, hidden, experts, k in shapes:
+            x = torch.randn(tokens, dim, device=device, dtype=dtype)
+            layers = {impl: MoE(dim, hidden, experts, k, impl=impl) for impl in args.impls}
+            ref_state = next(iter(layers.values())).state_dict()
+            for layer in layers.values():
+                layer.load_state_dict(ref_state)
+            layers['swiglu'] = SwiGLU(dim, k * hidden, norm_layer=None, drop=0.1)
+            for layer in layers.values():
+                layer.to(device=device, dtype=dtype)
+
+            for mode in ('eval', 'train'):
+                fns = {}
+                for impl, layer in layers.items():
+                    layer.train(mode == 'train')
+                    if mode == 'eval':
+                        def fn(layer=layer):
+                            with torch.no_grad():
+                                layer(x)
+                    else:
+                        xg = x.clone().requires_grad_()
+
+                        def fn(layer=layer, xg=xg):
+                            layer(xg).float().sum().backward()
+                    fns[impl] = fn
+                times = time_interleaved(fns, args.repeats, device=args.device)
+                row = dict(model=name, dim=dim, hidden=hidden, experts=experts, mode=mode,
+                           swiglu_ms=times['swiglu'] * 1e3)
+                for impl in args.impls:
+                    row[f'{impl}_ms'] = times[impl] * 1e3
+                    row[f'{impl}/swiglu'] = times[impl] / times['swiglu']
+                rows.append(row)
+                print(row, flush=True)
+    columns = ['model', 'dim', 'hidden', 'experts', 'mode', 'swiglu_ms'] + \
+        [f'{i}/swiglu' for i in args.impls]
+    meta = dict(machine=machine(), device=args.device, dtype=args.dtype, tokens=tokens, torch=torch.__version__,
+                command='python benchmarks/moe_layer.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
+    write_results(args.out, f'moe_layer_{args.device}_{args.dtype}', meta, rows, columns)
+
+
+if __name__ == '__main__':
+    main()
