@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import timm_mlit  # noqa: E402,F401
 from common import machine, time_interleaved, write_results  # noqa: E402
+
+import timm_mlit  # noqa: E402,F401
 
 VIT_TWINS = dict(mlit_xxs=(108, 9, 6), mlit_xs=(128, 12, 8), mlit_s=(144, 15, 8))
 

@@ -17,9 +17,9 @@ import torch
 from timm.layers import SwiGLU
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import timm_mlit  # noqa: E402,F401
 from common import machine, time_interleaved, write_results  # noqa: E402
 
+import timm_mlit  # noqa: E402,F401
 from timm_mlit.layers.moe import MoE  # noqa: E402
 
 
