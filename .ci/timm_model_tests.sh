@@ -7,7 +7,7 @@
 # `-p timm_mlit` so the models are registered before pytest collects the parametrized tests.
 #
 # Usage: [PYTHON=python] .ci/timm_model_tests.sh [extra pytest args...]
-#   e.g. .ci/timm_model_tests.sh -x -n 2
+#   e.g. .ci/timm_model_tests.sh -x -n 2      (a -k EXPR given here is combined as: mlit and (EXPR))
 # Environment:
 #   PYTHON            interpreter with timm, timm_mlit and pytest installed (default: python)
 #   TIMM_SDIST_CACHE  where downloaded sdists are kept (default: ${TMPDIR:-/tmp}/timm-sdist-cache)
@@ -108,9 +108,20 @@ markers =
     timeout: per-test timeout (pytest-timeout)
 INI
 
+# pytest keeps only the last -k, so fold any -k given by the caller into ours instead of letting it replace it
+KEXPR="mlit"
+ARGS=()
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        -k) [ "$#" -ge 2 ] || die "-k needs an expression"; KEXPR="$KEXPR and ($2)"; shift 2 ;;
+        -k*) KEXPR="$KEXPR and (${1#-k})"; shift ;;
+        *) ARGS+=("$1"); shift ;;
+    esac
+done
+
 set +e
 "$PYTHON" -m pytest -p timm_mlit -p no:cacheprovider --rootdir "$WORK" -c "$WORK/pytest.ini" \
-    "$WORK/tests/test_models.py" -k mlit -q "$@"
+    "$WORK/tests/test_models.py" -k "$KEXPR" -q ${ARGS[@]+"${ARGS[@]}"}
 rc=$?
 set -e
 # pytest exit code 5: nothing collected, i.e. no mlit_* model was registered
