@@ -87,10 +87,10 @@ class MLiTBlock(nn.Module):
         return x
 
 
-@register_notrace_function
-def _check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]):
+@register_notrace_function  # torch.fx: a leaf (fx only wraps public names), its checks are not traced
+def check_input_image(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]):
     if x.ndim != 4:
-        raise ValueError(f'mLiT expects images [B, C, H, W], got a tensor of shape {tuple(x.shape)}')
+        raise ValueError(f'mLiT expects images [B, C, H, W], got a tensor of shape {x.shape}')
     if x.shape[1] != in_chans:
         raise ValueError(f'mLiT was built for {in_chans} input channels, got an image with {x.shape[1]} channels')
     if (x.shape[2], x.shape[3]) != img_size:
@@ -129,6 +129,8 @@ class MLiT(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_layer: Optional[Type[nn.Module]] = None,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
@@ -157,6 +159,8 @@ class MLiT(nn.Module):
             attn_drop_rate: attention dropout.
             drop_path_rate: stochastic depth, rising linearly to this rate.
             norm_layer: normalization layer (default nn.LayerNorm with PyTorch defaults, as in the paper).
+            device: where to put the parameters (timm's create_model passes it).
+            dtype: parameter dtype.
         """
         super().__init__()
         if global_pool not in ('', 'token', 'avg'):
@@ -187,7 +191,7 @@ class MLiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # python floats: works on 'meta' too
         self.blocks = nn.Sequential(*[
             MLiTBlock(
                 embed_dim, num_heads, num_kv_heads, hidden[i], experts[i], top_k=top_k, expert_shared=expert_shared,
@@ -203,6 +207,8 @@ class MLiT(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         trunc_normal_(self.pos_embed, std=.02)  # every nn layer keeps PyTorch's default init (paper §3)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -230,7 +236,10 @@ class MLiT(nn.Module):
             if global_pool not in ('', 'token', 'avg'):
                 raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.pos_embed  # the new head lives where the model lives, in its dtype and train/eval mode
+        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     @torch.jit.ignore
     def moe_layers(self) -> List[MoE]:
@@ -245,7 +254,7 @@ class MLiT(nn.Module):
         return torch.stack(losses).sum()
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_chans, self.img_size)
+        check_input_image(x, self.in_chans, self.img_size)
         x = self.patch_embed(x)  # [B, 144, C]
         dummy = x.new_zeros(x.shape[0], 1, x.shape[2])  # embedding of the all-zero dummy patch
         x = torch.cat([dummy, x], dim=1) + self.pos_embed  # [B, 145, C]

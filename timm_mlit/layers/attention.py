@@ -47,7 +47,8 @@ class GroupedQueryAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         kv_dim = self.head_dim * self.num_kv_heads
-        q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=-1)
+        qkv = self.qkv(x).split([C, kv_dim, kv_dim], dim=-1)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, hd]
         k = k.reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, N, hd]
         v = v.reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers._fx import register_notrace_function
 
 __all__ = [
     'softmax_k', 'top_k_thresholds', 'prob_in_top_k', 'cv_squared', 'moe_balance_loss',
@@ -32,12 +33,14 @@ MOE_IMPLS = ('auto', 'loop', 'dense', 'sparse')
 EXPERT_SHARING = (('v', 'w2'), ('v', 'w'), ('w', 'w2'))
 
 
+@register_notrace_function  # torch.fx: a leaf, its shape checks are not traced
 def softmax_k(h: torch.Tensor, k: int) -> torch.Tensor:
     """Softmax over the k largest entries of each row, zero elsewhere (eq. 2, 4)."""
     top_vals, top_idx = h.topk(k, dim=-1)
     return torch.zeros_like(h).scatter(-1, top_idx, top_vals.softmax(dim=-1))
 
 
+@register_notrace_function
 def top_k_thresholds(h: torch.Tensor, k: int) -> torch.Tensor:
     """Ψ of eq. 6: per element, the threshold its clean logit had to beat to be (or stay) in the top k.
 
@@ -51,6 +54,7 @@ def top_k_thresholds(h: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(h >= kth, k1th, kth)
 
 
+@register_notrace_function
 def prob_in_top_k(
         clean_logits: torch.Tensor,
         noisy_logits: torch.Tensor,
@@ -70,6 +74,7 @@ def prob_in_top_k(
     return torch.special.ndtr((clean_logits - psi) / noise_std.clamp_min(1e-6))
 
 
+@register_notrace_function
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation, var / mean², of a 1-D tensor; 0 for a single element."""
     x = x.float()
@@ -78,6 +83,7 @@ def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + eps)
 
 
+@register_notrace_function
 def moe_balance_loss(importance: torch.Tensor, load: torch.Tensor, weight: float = 1e-2) -> torch.Tensor:
     """L_moe = w · (CV²(importance) + CV²(load)) (eq. 10-12, see the module docstring for the CV² decision)."""
     return weight * (cv_squared(importance) + cv_squared(load))
@@ -150,7 +156,11 @@ class ExpertLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, i: Optional[int] = None) -> torch.Tensor:
+        """Expert `i` on x [N, in] -> [N, out], or every expert -> [N, t, out] when i is None."""
+        if i is None:
+            out = F.linear(x, self.weight.reshape(-1, self.in_features), self.bias.reshape(-1))
+            return out.reshape(x.shape[0], -1, self.out_features)
         return F.linear(x, self.weight[i], self.bias[i])
 
 
@@ -268,7 +278,7 @@ class MoE(nn.Module):
             y = self._forward_dense(x, gates)
         y = self.drop(y).reshape(shape)
 
-        if self.training:
+        if self.training and not torch.jit.is_scripting():
             aux_loss = moe_balance_loss(importance, load, self.aux_loss_coef)
             self.aux_loss = aux_loss
             self.last_load = load.detach()
@@ -276,6 +286,7 @@ class MoE(nn.Module):
                 y = AddAuxiliaryLoss.apply(y, aux_loss * self.aux_loss_weight)
         return y
 
+    @torch.jit.unused
     def _forward_loop(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x)
         for i in range(self.experts.num_experts):
@@ -289,9 +300,12 @@ class MoE(nn.Module):
         expert, [N, t, d], and the shared one [N, d]; or both shared, [N, d] each, when W2 is per expert."""
         e = self.experts
         n, d = x.shape[0], e.hidden_dim
-        first, second = (e.w, e.v) if e.private != 'v' else (e.v, e.w)  # the per-expert one first
-        weight = torch.cat([first.weight.reshape(-1, e.dim), second.weight])
-        bias = torch.cat([first.bias.reshape(-1), second.bias])
+        if e.private == 'v':  # the per-expert one first
+            weight = torch.cat([e.v.weight.reshape(-1, e.dim), e.w.weight])
+            bias = torch.cat([e.v.bias.reshape(-1), e.w.bias])
+        else:
+            weight = torch.cat([e.w.weight.reshape(-1, e.dim), e.v.weight])
+            bias = torch.cat([e.w.bias.reshape(-1), e.v.bias])
         z = F.linear(x, weight, bias)  # [N, (t+1)·d] or [N, 2d]
         if e.private == 'w2':
             return z[:, :d], z[:, d:]
@@ -313,6 +327,7 @@ class MoE(nn.Module):
             h = F.silu(shared) * (gates[:, :, None] * z).sum(1)  # silu(x·W+b) ⊙ Σ_i G_i (x·V_i+b_i)
         return e.w2(h)
 
+    @torch.jit.unused
     def _forward_sparse(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         e = self.experts
         n, k = top_idx.shape
