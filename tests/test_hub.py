@@ -26,37 +26,15 @@ import timm_mlit  # noqa: F401
 from timm_mlit import _weights, hub
 from timm_mlit.mlit import _cfg
 
+from readme import snippet
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = 'timm-mlit/mlit_xxs.mae_ft_cifar100'
 
-# README snippets: each is executed verbatim below (test_readme_snippet_*).
-SNIPPET_PRETRAINED = """\
-import timm
-import timm_mlit  # noqa: F401  registers mlit_s, mlit_xs and mlit_xxs with timm
-
-model = timm.create_model('mlit_xxs', pretrained=True).eval()  # the weights inside the package: no download
-"""
-
-SNIPPET_HF_HUB = """\
-import timm
-import torch
-import timm_mlit  # noqa: F401  registers mlit_s, mlit_xs and mlit_xxs with timm
-
-model = timm.create_model('hf-hub:timm-mlit/mlit_xxs.mae_ft_cifar100', pretrained=True).eval()
-data_config = timm.data.resolve_data_config({}, model=model)  # 36x36, mean = std = 0.5
-transform = timm.data.create_transform(**data_config)  # PIL image -> normalised tensor
-with torch.no_grad():
-    probs = model(torch.rand(1, *data_config['input_size'])).softmax(dim=-1)  # or transform(img).unsqueeze(0)
-label_names = model.pretrained_cfg['label_names']
-print([label_names[i] for i in probs.topk(5).indices[0].tolist()])
-"""
-
-SNIPPET_TORCH_HUB = """\
-import torch
-
-# in a clone of the repository; from GitHub: torch.hub.load('<owner>/timm-mlit', 'mlit_xxs', pretrained=True)
-model = torch.hub.load('.', 'mlit_xxs', source='local', pretrained=True).eval()
-"""
+# README snippets, read from README.md and executed verbatim below (test_readme_snippet_*).
+SNIPPET_PRETRAINED = snippet('hub-pretrained')
+SNIPPET_HF_HUB = snippet('hub-hf-hub')
+SNIPPET_TORCH_HUB = snippet('hub-torch-hub')
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers

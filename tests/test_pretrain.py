@@ -156,15 +156,13 @@ def test_exported_encoder_loads_for_fine_tuning(tmp_path, image_folder):
 
 def test_exported_encoder_loads_with_the_default_class_count(tmp_path):
     """timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)): the cfg and the model
-    both say 100 classes, so timm loads strictly and needs the model's filter to tolerate the missing head."""
+    both say 100 classes, so timm loads strictly: the model's filter keeps the model's fresh head."""
     from timm_mlit.pretrain import export_encoder
     enc = timm.create_model('mlit_xxs', depth=3, num_classes=0)
     path = export_encoder({'encoder.' + k: v for k, v in enc.state_dict().items()}, str(tmp_path / 'e.safetensors'))
-    try:
-        m = timm.create_model('mlit_xxs', depth=3, pretrained=True, pretrained_cfg_overlay=dict(file=path))
-    except RuntimeError as e:
-        pytest.xfail(f'mlit.checkpoint_filter_fn does not yet keep the fresh head of a head-less checkpoint: {e}')
+    m = timm.create_model('mlit_xxs', depth=3, pretrained=True, pretrained_cfg_overlay=dict(file=path))
     assert torch.equal(m.pos_embed, enc.pos_embed)
+    assert m.head.out_features == 100
 
 
 # ---------------------------------------------------------------- bad input gives a clear error

@@ -5,17 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from readme import README, blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / 'README.md').read_text()
-
-
-def blocks(lang: str):
-    return re.findall(rf'```{lang}\n(.*?)```', README, flags=re.S)
+UNNAMED_PYTHON = [code for name, code in blocks('python') if name is None]
 
 
 def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second():
-    first, second = [b.strip() for b in blocks('bash')[:2]]
+    first, second = [code.strip() for _, code in blocks('bash')[:2]]
     assert README.index(first) < README.index('## ')  # both come before the first section
     assert first.startswith('pip install .') and 'python -m timm_mlit' in first
     assert 'pytest' in second
@@ -29,8 +26,8 @@ def test_main_job_prints_every_model():
         assert re.search(rf'^{name}\s+params=', out, flags=re.M), out
 
 
-@pytest.mark.parametrize('index', range(len(blocks('python'))))
+@pytest.mark.parametrize('index', range(len(UNNAMED_PYTHON)))
 def test_python_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = blocks('python')[index]
+    code = UNNAMED_PYTHON[index]
     exec(compile(code, f'README.md python block {index}', 'exec'), {'__name__': '__readme__'})

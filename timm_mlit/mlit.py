@@ -352,7 +352,8 @@ class MLiT(nn.Module):
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MLiT) -> Dict[str, torch.Tensor]:
     """Adapt a state dict to `model`: unwrap train.py / MAE containers, resample the positional embedding to the
-    model's grid, resample the patch projection to its patch size and adapt it to its channel count."""
+    model's grid, resample the patch projection to its patch size and adapt it to its channel count, and give a
+    head-less encoder the model's own fresh head."""
     state_dict = state_dict.get('model', state_dict)
     state_dict = state_dict.get('state_dict', state_dict)
     if any(k.startswith('encoder.') for k in state_dict):  # a whole MAE (mae.py): keep the encoder
@@ -371,6 +372,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MLiT) -> Di
             v = resample_abs_pos_embed(
                 v, new_size=model.patch_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens, verbose=False)
         out[k] = v
+    if not any(k.startswith('head.') for k in out) and isinstance(model.head, nn.Linear):
+        # a head-less encoder (the MAE export): keep the model's freshly initialised head, so strict loading of
+        # `pretrained=True` works whatever the class count
+        out.update({f'head.{k}': v for k, v in model.head.state_dict().items()})
     return out
 
 
