@@ -321,10 +321,18 @@ class MoE(nn.Module):
             w2 = e.w2.weight.permute(1, 0, 2).reshape(e.dim, -1)  # [m, t·d]
             return F.linear(mixed, w2) + gates @ e.w2.bias
         z, shared = self._input_projections(x)  # [N, t, d], [N, d]
-        if e.private == 'w':
-            h = (gates[:, :, None] * F.silu(z)).sum(1) * shared  # (Σ_i G_i silu(x·W_i+b_i)) ⊙ (x·V+b_V)
+        if torch.is_grad_enabled():
+            # the broadcast product + sum is the fastest to differentiate (benchmarks/moe_layer.py)
+            if e.private == 'w':
+                h = (gates[:, :, None] * F.silu(z)).sum(1) * shared  # (Σ_i G_i silu(x·W_i+b_i)) ⊙ (x·V+b_V)
+            else:
+                h = F.silu(shared) * (gates[:, :, None] * z).sum(1)  # silu(x·W+b) ⊙ Σ_i G_i (x·V_i+b_i)
         else:
-            h = F.silu(shared) * (gates[:, :, None] * z).sum(1)  # silu(x·W+b) ⊙ Σ_i G_i (x·V_i+b_i)
+            # inference: in place, and the mix over experts as one batched [1, t] @ [t, d] product per token
+            if e.private == 'w':
+                h = torch.bmm(gates.unsqueeze(1), F.silu(z, inplace=True)).squeeze(1).mul_(shared)
+            else:
+                h = torch.bmm(gates.unsqueeze(1), z).squeeze(1).mul_(F.silu(shared, inplace=True))
         return e.w2(h)
 
     @torch.jit.unused
