@@ -2,7 +2,8 @@
 of the same active FLOPs.
 
 "Same active FLOPs": a token runs k experts, each a SwiGLU of hidden d with m -> d -> m (eq. 13 as written), so the
-dense twin is one SwiGLU of hidden k·d (timm.layers.SwiGLU, with the same dropout). Timings are medians of
+dense twin is one SwiGLU of hidden k·d (timm.layers.SwiGLU) with the same single dropout (p=0.1) on its output, as
+the MoE layer has (timm's SwiGLU(drop=...) would drop twice, inside and after, and be slower than a fair twin). Timings are medians of
 interleaved repeats; the ratios (impl / dense SwiGLU) are what to read.
 
     python benchmarks/moe_layer.py --out benchmarks/results            # CPU, fp32, 64 images x 145 tokens
@@ -58,7 +59,7 @@ def main(argv=None):
             ref_state = next(iter(layers.values())).state_dict()
             for layer in layers.values():
                 layer.load_state_dict(ref_state)
-            layers['swiglu'] = SwiGLU(dim, k * hidden, norm_layer=None, drop=0.1)
+            layers['swiglu'] = torch.nn.Sequential(SwiGLU(dim, k * hidden, norm_layer=None), torch.nn.Dropout(0.1))
             for layer in layers.values():
                 layer.to(device=device, dtype=dtype)
 
