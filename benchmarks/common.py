@@ -1,5 +1,6 @@
 """Shared helpers for the benchmarks: interleaved timing with medians, JSON + markdown output."""
 import json
+import os
 import platform
 import statistics
 import time
@@ -40,6 +41,7 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: i
 
 def write_results(out_dir: str, stem: str, meta: dict, rows: List[dict], columns: List[str]):
     """Write `stem.json` (meta + rows) and `stem.md` (a markdown table of `columns`)."""
+    meta = dict(meta, load_average_at_end=[round(v, 2) for v in os.getloadavg()])  # how shared the machine was
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f'{stem}.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
