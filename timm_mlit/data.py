@@ -7,7 +7,8 @@
    timm's default transforms) expect.
 
    Importing this module puts them in the table behind timm's `create_dataset('torch/<name>')`, so timm's own
-   train.py uses them through its plugin hook::
+   train.py uses them through its plugin hook. It also adds `torch/svhn` and `torch/flowers102`, which timm's table
+   lacks (torchvision's SVHN and Flowers102 behind timm's `train=` call: the train split, else the test split)::
 
        python train.py --device-modules timm_mlit.data --dataset torch/fashion_mnist \
            --data-dir /usr/share/datasets/fashion-mnist --model mlit_xxs ...
@@ -27,11 +28,11 @@ import numpy as np
 import torch
 import torch.utils.data
 from PIL import Image
-from torchvision.datasets import KMNIST, MNIST, FashionMNIST
+from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST, Flowers102
 
 __all__ = [
-    'DEBIAN_FASHION_MNIST', 'read_idx', 'IdxMNIST', 'IdxKMNIST', 'IdxFashionMNIST', 'register_timm_datasets',
-    'MAEPretrainDataset',
+    'DEBIAN_FASHION_MNIST', 'read_idx', 'IdxMNIST', 'IdxKMNIST', 'IdxFashionMNIST', 'TrainTestSVHN',
+    'TrainTestFlowers102', 'register_timm_datasets', 'MAEPretrainDataset',
 ]
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'  # apt-get install dataset-fashion-mnist
@@ -151,14 +152,32 @@ class IdxFashionMNIST(_IdxMixin, FashionMNIST):
         return os.path.join(self.root, 'FashionMNIST', 'raw')
 
 
+class TrainTestSVHN(SVHN):
+    """torchvision's SVHN as timm's torch/ table calls its datasets: train=True is 'train', else 'test'."""
+
+    def __init__(self, root: str, train: bool = True, **kwargs):
+        super().__init__(root, split='train' if train else 'test', **kwargs)
+
+
+class TrainTestFlowers102(Flowers102):
+    """torchvision's Flowers102 as timm's torch/ table calls its datasets: train=True is 'train' (1,020 images),
+    else 'test' (6,149); the 'val' split is unused."""
+
+    def __init__(self, root: str, train: bool = True, **kwargs):
+        super().__init__(root, split='train' if train else 'test', **kwargs)
+
+
 def register_timm_datasets():
-    """Make timm's `create_dataset('torch/mnist' | 'torch/kmnist' | 'torch/fashion_mnist')` use the classes above.
+    """Make timm's `create_dataset('torch/mnist' | 'torch/kmnist' | 'torch/fashion_mnist')` use the classes above,
+    and add 'torch/svhn' and 'torch/flowers102'.
 
     timm keeps its torchvision datasets in a module-level table and has no registration API; train.py loads
     plugins only by importing them (`--device-modules`), so the entries are replaced on import.
     """
     from timm.data import dataset_factory
-    dataset_factory._TORCH_BASIC_DS.update(mnist=IdxMNIST, kmnist=IdxKMNIST, fashion_mnist=IdxFashionMNIST)
+    dataset_factory._TORCH_BASIC_DS.update(
+        mnist=IdxMNIST, kmnist=IdxKMNIST, fashion_mnist=IdxFashionMNIST, svhn=TrainTestSVHN,
+        flowers102=TrainTestFlowers102)
 
 
 register_timm_datasets()
