@@ -18,6 +18,7 @@ import timm
 import torch
 import yaml
 from PIL import Image
+from readme import snippet
 from safetensors.torch import load_file
 
 import timm_mlit  # noqa: F401
@@ -79,11 +80,9 @@ def _own_top1(checkpoint, data_dir) -> float:
 
 
 # --- the README commands (README: "Fine-tuning and evaluating with timm's train.py and validate.py") ---
-TRAIN_SCRATCH = 'timm-mlit-run train.py -c train_configs/scratch/mlit_xxs_cifar10.yaml --data-dir data/cifar10'
-FINETUNE = ('timm-mlit-run train.py -c train_configs/finetune/mmlit_xxs_cifar100.yaml --data-dir data/cifar100 '
-            '--pretrained-path output/pretrain/RUN/encoder.safetensors')
-VALIDATE = ('timm-mlit-run validate.py --dataset torch/cifar100 --data-dir data/cifar100 --split test '
-            '--model mlit_xxs --num-classes 100 --checkpoint output/train/RUN/model_best.pth.tar')
+TRAIN_SCRATCH = snippet('train-scratch').strip()
+FINETUNE = snippet('train-finetune').strip()
+VALIDATE = snippet('validate').strip()
 
 
 def _with(command, **replace):
