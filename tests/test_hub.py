@@ -18,6 +18,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from readme import snippet
 from timm.layers import resample_abs_pos_embed
 from timm.models import _registry
 from timm.models._pretrained import PretrainedCfg
@@ -25,8 +26,6 @@ from timm.models._pretrained import PretrainedCfg
 import timm_mlit  # noqa: F401
 from timm_mlit import _weights, hub
 from timm_mlit.mlit import _cfg
-
-from readme import snippet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = 'timm-mlit/mlit_xxs.mae_ft_cifar100'
