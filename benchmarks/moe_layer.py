@@ -3,8 +3,8 @@ of the same active FLOPs.
 
 "Same active FLOPs": a token runs k experts, each a SwiGLU of hidden d with m -> d -> m (eq. 13 as written), so the
 dense twin is one SwiGLU of hidden k·d (timm.layers.SwiGLU) with the same single dropout (p=0.1) on its output, as
-the MoE layer has (timm's SwiGLU(drop=...) would drop twice, inside and after, and be slower than a fair twin). Timings are medians of
-interleaved repeats; the ratios (impl / dense SwiGLU) are what to read.
+the MoE layer has (timm's SwiGLU(drop=...) would drop twice, inside and after, and be slower than a fair twin).
+Timings are medians of interleaved repeats; the ratios (impl / dense SwiGLU) are what to read.
 
     python benchmarks/moe_layer.py --out benchmarks/results            # CPU, fp32, 64 images x 145 tokens
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --batch 256
