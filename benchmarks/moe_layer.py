@@ -43,6 +43,8 @@ def main(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='float32')
     parser.add_argument('--every-layer', action='store_true', help='every layer, not every third one')
+    parser.add_argument('--extra-experts', type=int, nargs='*', default=[8, 12],
+                        help="also time mlit_xxs's first layer shape with these expert counts (where 'auto' switches)")
     parser.add_argument('--out', default='benchmarks/results')
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -53,6 +55,8 @@ def main(argv=None):
         shapes = layer_shapes(name)
         if not args.every_layer:
             shapes = shapes[::3] + ([shapes[-1]] if (len(shapes) - 1) % 3 else [])
+        if name == args.models[0]:
+            shapes += [(shapes[0][0], shapes[0][1], t, shapes[0][3]) for t in args.extra_experts]
         for dim, hidden, experts, k in shapes:
             x = torch.randn(tokens, dim, device=device, dtype=dtype)
             layers = {impl: MoE(dim, hidden, experts, k, impl=impl) for impl in args.impls}

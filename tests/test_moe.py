@@ -187,3 +187,10 @@ def test_bad_arguments_name_the_problem(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         MoE(**args)
+
+
+def test_auto_picks_dense_for_mlit_shapes_and_sparse_for_many_experts():
+    x = torch.randn(10, 16)
+    assert MoE(16, 12, 5, 2)._auto_impl(x) == 'dense'
+    assert MoE(16, 12, 8, 2)._auto_impl(x) == 'sparse'
+    assert MoE(16, 12, 8, 2)._auto_impl(x.to('meta')) == 'dense'  # not a CPU: no host synchronisation

@@ -232,7 +232,7 @@ class MoE(nn.Module):
         token. No data-dependent shapes: good for small t, torch.compile and export.
       * 'sparse': the same identity, but the private matrix only for the k chosen experts of each token
         (tokens sorted by expert, one matmul each).
-      * 'auto': chooses among them (currently 'dense'; see benchmarks/).
+      * 'auto' (default): 'sparse' on a CPU when t >= 4k, else 'dense' (see `_auto_impl`).
 
     After each training forward `self.aux_loss` holds the unweighted balance loss (eq. 12) for the caller to
     read; if `aux_loss_weight > 0` it also reaches the gradients through `AddAuxiliaryLoss`.
@@ -269,7 +269,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [B·N, m]
         gates, top_idx, importance, load = self.gate(x)
-        impl = 'dense' if self.impl == 'auto' else self.impl
+        impl = self.impl
+        if impl == 'auto':
+            impl = 'dense'
+            if not torch.jit.is_scripting():
+                impl = self._auto_impl(x)
         if impl == 'loop':
             y = self._forward_loop(x, gates)
         elif impl == 'sparse':
@@ -285,6 +289,17 @@ class MoE(nn.Module):
             if self.aux_loss_weight > 0 and torch.is_grad_enabled():
                 y = AddAuxiliaryLoss.apply(y, aux_loss * self.aux_loss_weight)
         return y
+
+    @torch.jit.unused
+    def _auto_impl(self, x: torch.Tensor) -> str:
+        """What 'auto' runs, from measurements (benchmarks/moe_layer.py, README "Performance"): on a CPU the sorted
+        dispatch wins once the dense path would compute 4x more expert products than the k needed (t >= 4k); at
+        mLiT's t = 3..5, k = 2 the dense path wins. On CUDA the dense path needs no host synchronisation (the
+        sparse one reads the tokens-per-expert counts back), and compiled / exported graphs need fixed shapes."""
+        exporting = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if x.device.type == 'cpu' and not exporting and self.gate.num_experts >= 4 * self.gate.top_k:
+            return 'sparse'
+        return 'dense'
 
     @torch.jit.unused
     def _forward_loop(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
