@@ -42,7 +42,7 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='float32')
-    parser.add_argument('--every-layer', action='store_true', help='every layer, not every third one')
+    parser.add_argument('--layer-stride', type=int, default=1, help='time every n-th layer shape (1: all)')
     parser.add_argument('--extra-experts', type=int, nargs='*', default=[8, 12],
                         help="also time mlit_xxs's first layer shape with these expert counts (where 'auto' switches)")
     parser.add_argument('--out', default='benchmarks/results')
@@ -53,8 +53,7 @@ def main(argv=None):
     rows = []
     for name in args.models:
         shapes = layer_shapes(name)
-        if not args.every_layer:
-            shapes = shapes[::3] + ([shapes[-1]] if (len(shapes) - 1) % 3 else [])
+        shapes = shapes[::args.layer_stride]
         if name == args.models[0]:
             shapes += [(shapes[0][0], shapes[0][1], t, shapes[0][3]) for t in args.extra_experts]
         for dim, hidden, experts, k in shapes:
