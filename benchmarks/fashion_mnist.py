@@ -510,8 +510,8 @@ class Orchestrator:
                 left = (1 - f) * stage.nominal_s * self.slowdown()
             elapsed = now - t0
             factor = self.slowdown()
-            if f > 0.05:
-                factor = (self.slowdown_done[0] + elapsed) / (self.slowdown_done[1] + f * stage.nominal_s)
+            if f > 0.05:  # this stage's projected length against its nominal one, with the stages before it
+                factor = (self.slowdown_done[0] + elapsed + left) / (self.slowdown_done[1] + stage.nominal_s)
             total = left + self.remaining_nominal(index + 1) * factor
             self.log(f'    {stage.name}: {100 * f:.0f}% after {fmt_s(elapsed)}, ~{fmt_s(left)} left in this stage; '
                      f'~{fmt_s(total)} left overall (ETA {datetime.now() + timedelta(seconds=total):%H:%M}, '
