@@ -29,7 +29,10 @@ Each stage writes into OUT/<stage>/ (train.py/pretrain outputs, stage.log, done.
 after a kill skips the stages with a done.json and continues an interrupted one from its newest checkpoint
 (--resume). OUT/benchmark.log holds the orchestration log with time-left estimates. The results table goes to
 RESULTS_DIR/fashion_mnist_<budget>.md and .json (rewritten after every row, marked incomplete until the end); the
-JSON also names the mmLiT-XXS fine-tuned checkpoint and its pre-trained encoder.
+JSON also names the mmLiT-XXS fine-tuned checkpoint and its pre-trained encoder, and the commit of the code.
+
+The stages run with this checkout as working directory, so they import its timm_mlit; for a long run in a repository
+others are editing, run the script from a clean clone (with PYTHONPATH=CLONE) so that every stage runs the same code.
 """
 import argparse
 import dataclasses
@@ -601,6 +604,22 @@ def hardware(device: str) -> str:
     return f'{model}, {cores} CPU cores, {mem:.0f} GiB RAM, no GPU; torch {torch.get_num_threads()} threads'
 
 
+def code_version() -> dict:
+    """Which timm_mlit the stages imported (they run with cwd = this checkout) and its git commit, if any."""
+    import timm_mlit
+    info = dict(checkout=REPO, timm_mlit=os.path.dirname(os.path.abspath(timm_mlit.__file__)), commit=None,
+                modified=None)
+    try:
+        git = ['git', '-C', REPO]
+        info['commit'] = subprocess.run(git + ['rev-parse', 'HEAD'], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        info['modified'] = subprocess.run(git + ['status', '--porcelain', '--untracked-files=no'],
+                                          capture_output=True, text=True, check=True).stdout.split('\n')[:-1]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
 def collect(plan: Plan) -> List[dict]:
     rows = []
     for row in plan.rows:
@@ -636,7 +655,7 @@ def write_table(plan: Plan, results_dir: str, complete: bool) -> Dict[str, str]:
             'cuda') else 'fp32', torch=torch.__version__, timm=timm.__version__, timm_mlit=timm_mlit.__version__,
         python=platform.python_version(), epochs=plan.epochs, pretrain_epochs=plan.pretrain_epochs,
         labelled_train_images=plan.n_train, pretrain_images=plan.n_pretrain, test_images=plan.n_test,
-        written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
+        written=datetime.now().isoformat(timespec='seconds'), out=plan.out, code=code_version(),
         like_for_like=('every supervised row trains for the same epochs on the same labelled images with the same '
                        'augmentation, batch, optimizer (AdamW, wd 0.05), cosine schedule and warm-up: the scratch '
                        'recipe (lr_base 1e-3) for mLiT and the timm peers, the fine-tuning recipe (lr_base 2.5e-3, '
@@ -659,7 +678,8 @@ def write_table(plan: Plan, results_dir: str, complete: bool) -> Dict[str, str]:
     lines = [f'# Fashion-MNIST: mLiT vs mmLiT vs timm peers ({b.name} budget)', '',
              f'{b.description}.', '',
              f'Hardware: {meta["hardware"]}; {meta["precision"]}; torch {meta["torch"]}, timm {meta["timm"]}, '
-             f'timm-mlit {meta["timm_mlit"]}.', '',
+             f'timm-mlit {meta["timm_mlit"]} (commit {meta["code"]["commit"]}'
+             f'{", with local changes" if meta["code"]["modified"] else ""}).', '',
              f'Like for like: {meta["like_for_like"]}.', '']
     if not meta['complete']:
         lines += [f'**Incomplete: {len(rows)} of {len(plan.rows)} rows so far.**', '']

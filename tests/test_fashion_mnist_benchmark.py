@@ -207,6 +207,7 @@ def test_full_run_writes_the_table_from_the_evaluations(bench):
     res = json.loads((tmp / 'res' / 'fashion_mnist_cpu.json').read_text())
     assert res['meta']['complete'] is True and res['meta']['budget'] == 'cpu'
     assert res['meta']['epochs'] == 5 and res['meta']['pretrain_epochs'] == {'mlit_xxs': 2}
+    assert res['meta']['code']['checkout'] == ROOT and res['meta']['code']['timm_mlit'].endswith('timm_mlit')
     rows = {r['key']: r for r in res['rows']}
     assert list(rows) == ['mmlit_xxs', 'mlit_xxs', 'vit_dense', 'resnet10t']
     assert rows['mmlit_xxs']['top1'] == 87.125 and rows['mlit_xxs']['top1'] == 84.5
