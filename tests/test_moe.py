@@ -193,4 +193,4 @@ def test_auto_picks_dense_for_mlit_shapes_and_sparse_for_many_experts():
     x = torch.randn(10, 16)
     assert MoE(16, 12, 5, 2)._auto_impl(x) == 'dense'
     assert MoE(16, 12, 8, 2)._auto_impl(x) == 'sparse'
-    assert MoE(16, 12, 8, 2)._auto_impl(x.to('meta')) == 'dense'  # not a CPU: no host synchronisation
+    assert MoE(16, 12, 8, 2).to('meta')._auto_impl(x.to('meta')) == 'dense'  # not a CPU: no host synchronisation

@@ -29,6 +29,12 @@ __all__ = [
 ]
 
 MOE_IMPLS = ('auto', 'loop', 'dense', 'sparse')
+
+
+def _is_fx_symbolic_tracing() -> bool:
+    fx = torch.fx._symbolic_trace
+    check = getattr(fx, 'is_fx_symbolic_tracing', None) or fx.is_fx_tracing  # the first is torch >= 2.6
+    return check()
 # Which two of the three SwiGLU matrices (W, V, W2 of eq. 13) all experts of a layer share (paper Table 9).
 EXPERT_SHARING = (('v', 'w2'), ('v', 'w'), ('w', 'w2'))
 
@@ -296,10 +302,12 @@ class MoE(nn.Module):
         dispatch wins once the dense path would compute 4x more expert products than the k needed (t >= 4k); at
         mLiT's t = 3..5, k = 2 the dense path wins. On CUDA the dense path needs no host synchronisation (the
         sparse one reads the tokens-per-expert counts back), and compiled / exported graphs need fixed shapes."""
-        exporting = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if x.device.type == 'cpu' and not exporting and self.gate.num_experts >= 4 * self.gate.top_k:
-            return 'sparse'
-        return 'dense'
+        if self.gate.num_experts < 4 * self.gate.top_k:
+            return 'dense'
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
+                or _is_fx_symbolic_tracing():
+            return 'dense'  # (checked before touching x: under torch.fx it is a Proxy)
+        return 'sparse' if x.device.type == 'cpu' else 'dense'
 
     @torch.jit.unused
     def _forward_loop(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
