@@ -507,11 +507,13 @@ class Orchestrator:
                 return
             state['last_report'] = now
             t1, f1 = state['first']
-            if f > f1 and now > t1:
-                left = (1 - f) * (now - t1) / (f - f1)
-            else:
-                left = (1 - f) * stage.nominal_s * self.slowdown()
             elapsed = now - t0
+            if f > f1 and now > t1:  # the rate since the first progress line (start-up excluded)
+                left = (1 - f) * (now - t1) / (f - f1)
+            elif f > 0:  # one progress line so far: the rate since the start, start-up included
+                left = (1 - f) * elapsed / f
+            else:
+                left = stage.nominal_s * self.slowdown()
             factor = self.slowdown()
             if f > 0.05:  # this stage's projected length against its nominal one, with the stages before it
                 factor = (self.slowdown_done[0] + elapsed + left) / (self.slowdown_done[1] + stage.nominal_s)
