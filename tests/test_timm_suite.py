@@ -15,7 +15,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / '.ci' / 'timm_model_tests.sh'
 def test_timm_test_models_passes_for_mlit():
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop('GITHUB_ACTIONS', None)  # keep the fx+torchscript test defined
-    proc = subprocess.run(['bash', str(SCRIPT), '-q', '-p', 'no:cacheprovider'], env=env, capture_output=True,
+    # the script already passes -q; no second -q, which would hide the 'N passed' summary read below
+    proc = subprocess.run(['bash', str(SCRIPT), '-p', 'no:cacheprovider'], env=env, capture_output=True,
                           text=True, timeout=1500)
     tail = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, tail
