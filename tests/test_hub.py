@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,13 +148,12 @@ def offline_hf(tmp_path, monkeypatch):
 
 @pytest.fixture
 def embedded(published, tmp_path, monkeypatch):
-    """The published weights embedded as timm_mlit/weights/mlit_xxs.embedtest.safetensors (a tmp weights folder),
+    """The published folder embedded as timm_mlit/weights/mlit_xxs.embedtest/ (in a tmp weights folder),
     registered the way mlit.py registers a weight, as mlit_xxs's default tag."""
     weights_dir = tmp_path / 'weights'
     weights_dir.mkdir()
     monkeypatch.setattr(_weights, 'WEIGHTS_DIR', weights_dir)
-    (weights_dir / 'mlit_xxs.embedtest.safetensors').write_bytes(
-        (published['folder'] / 'model.safetensors').read_bytes())
+    shutil.copytree(published['folder'], weights_dir / 'mlit_xxs.embedtest')
     cfg = _cfg(**_weights.weights_source('mlit_xxs.embedtest'), num_classes=100,
                label_names=_weights.LABEL_NAMES['cifar100'])
     with registered_cfg('mlit_xxs.embedtest', cfg, default=True):
@@ -382,7 +382,7 @@ def test_hf_hub_cache_round_trip_offline(published, offline_hf):
 
 
 def test_embedded_default_weights_load_without_network_or_cache(embedded, published, offline_hf):
-    assert embedded['file'] == str(_weights.WEIGHTS_DIR / 'mlit_xxs.embedtest.safetensors')
+    assert embedded['file'] == str(_weights.WEIGHTS_DIR / 'mlit_xxs.embedtest' / 'model.safetensors')
     assert embedded['hf_hub_id'] == 'timm-mlit/mlit_xxs.embedtest'  # not in the (empty) cache: the file must win
     model = timm.create_model('mlit_xxs', pretrained=True)
     assert torch.equal(_out(model, _x()), published['expected'])
@@ -411,8 +411,8 @@ def test_every_registered_tag_points_at_weights_that_exist():
             assert cfg.hf_hub_id == f'{_weights.HF_HUB_ORG}/{name}', name
             if cfg.file:
                 assert Path(cfg.file) == _weights.embedded_weights(name) and Path(cfg.file).is_file(), name
-                files[Path(cfg.file).name] = name
-    on_disk = {p.name for p in _weights.WEIGHTS_DIR.glob('*.safetensors')}
+                files[Path(cfg.file).parent.name] = name
+    on_disk = {p.parent.name for p in _weights.WEIGHTS_DIR.glob('*/model.safetensors')}
     assert on_disk == set(files), f'embedded weights without a cfg entry: {on_disk - set(files)}'
 
 
@@ -506,12 +506,11 @@ def test_model_card_usage_snippet_runs(published, offline_hf):
 @pytest.mark.slow
 def test_embedded_weights_ship_in_the_wheel_and_load_offline_from_the_install(published, tmp_path):
     """A fresh install of a wheel holding weights in timm_mlit/weights/ loads them with no network and no cache."""
-    import shutil
     src = tmp_path / 'src'
     shutil.copytree(REPO_ROOT / 'timm_mlit', src / 'timm_mlit', ignore=shutil.ignore_patterns('__pycache__'))
     for name in ('pyproject.toml', 'README.md'):
         shutil.copy(REPO_ROOT / name, src / name)
-    shutil.copy(published['folder'] / 'model.safetensors', src / 'timm_mlit/weights/mlit_xxs.embedtest.safetensors')
+    shutil.copytree(published['folder'], src / 'timm_mlit/weights/mlit_xxs.embedtest')
     pip = [sys.executable, '-m', 'pip', '-q', '--disable-pip-version-check']
     subprocess.run(pip + ['wheel', '--no-deps', '--no-build-isolation', '--no-index', '-w', str(tmp_path / 'dist'),
                           str(src)], check=True, capture_output=True, timeout=300)

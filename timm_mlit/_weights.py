@@ -3,7 +3,11 @@
 A pretrained cfg in mlit.py names its weights with `weights_source('arch.tag')`, which gives the cfg both sources:
 
 - `hf_hub_id`: the Hub repository the weights are (or will be) published to, `HF_HUB_ORG/arch.tag`;
-- `file`: the embedded copy, `timm_mlit/weights/arch.tag.safetensors`, only when that file is really there.
+- `file`: the embedded copy, `timm_mlit/weights/arch.tag/model.safetensors`, only when that file is really there.
+
+An embedded weight is a whole published folder (what `timm-mlit-publish --output-dir timm_mlit/weights/arch.tag`
+writes: model.safetensors, timm's config.json, the model card): the copy in the wheel is the folder that goes to the
+Hub, and `timm.create_model('local-dir:<that folder>')` reads it too.
 
 timm 1.0.31 (`timm.models._builder._resolve_pretrained_source`) prefers a cfg's `file` to its `hf_hub_id` and its
 `hf_hub_id` to its `url`, so a tag with an embedded file loads offline, from the installed package, with no cache;
@@ -22,7 +26,7 @@ def embedded_weights(model_name_tag: str) -> Path:
     """Path of the embedded weights of `arch.tag` (whether or not the file exists)."""
     if '.' not in model_name_tag:
         raise ValueError(f"expected 'arch.tag', got {model_name_tag!r}")
-    return WEIGHTS_DIR / f'{model_name_tag}.safetensors'
+    return WEIGHTS_DIR / model_name_tag / 'model.safetensors'
 
 
 def weights_source(model_name_tag: str, hf_hub_id: str = '') -> Dict[str, Any]:

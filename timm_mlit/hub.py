@@ -31,8 +31,8 @@ Adding a pretrained tag (the procedure; one cfg entry + one file):
    --metric top1=74.95 --output-dir out/mlit_xxs.mae_ft_cifar100 --repo-id timm-mlit/mlit_xxs.mae_ft_cifar100`.
    The tag is `<how>_<dataset>`: `mae_in_<data>` a pre-trained encoder, `mae_ft_<data>` MAE + fine-tuned,
    `<data>` trained from scratch. It prints the cfg entry of step 3.
-2. Embed (small weights only, they ship in the wheel): copy `out/.../model.safetensors` to
-   `timm_mlit/weights/mlit_xxs.mae_ft_cifar100.safetensors`.
+2. Embed (small weights only, they ship in the wheel): publish with `--output-dir
+   timm_mlit/weights/mlit_xxs.mae_ft_cifar100` (or move the folder there): the embedded copy is the Hub folder.
 3. Add the printed entry to `default_cfgs` in timm_mlit/mlit.py, e.g.
    `'mlit_xxs.mae_ft_cifar100': _cfg(**weights_source('mlit_xxs.mae_ft_cifar100'), num_classes=100,
    label_names=LABEL_NAMES['cifar100']),`. weights_source (timm_mlit/_weights.py) gives it the hf_hub_id and, when
