@@ -1,0 +1,48 @@
+"""The benchmark scripts' own logic: the on-device augmentation of the pre-training benchmark, and a tiny run of
+each script that checks the files it writes."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import moe_layer  # noqa: E402
+import pretrain_throughput  # noqa: E402
+
+
+def test_full_crop_without_flip_is_a_plain_resize_and_normalise():
+    imgs = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    out = pretrain_throughput.random_resized_crop_flip(imgs, 36, scale=(1., 1.), ratio=(1., 1.), hflip=0.)
+    expected = F.interpolate(imgs.float() / 255., size=36, mode='bilinear', align_corners=False)
+    assert torch.allclose(out, (expected - 0.5) / 0.5, atol=1e-5)
+
+
+def test_flip_mirrors_and_crops_stay_inside_the_image():
+    imgs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    plain = pretrain_throughput.random_resized_crop_flip(imgs, 36, scale=(1., 1.), ratio=(1., 1.), hflip=0.)
+    flipped = pretrain_throughput.random_resized_crop_flip(imgs, 36, scale=(1., 1.), ratio=(1., 1.), hflip=1.)
+    assert torch.allclose(flipped, plain.flip(-1), atol=1e-5)
+    torch.manual_seed(0)
+    crops = pretrain_throughput.random_resized_crop_flip(torch.full((64, 3, 32, 32), 255, dtype=torch.uint8), 36)
+    assert crops.shape == (64, 3, 36, 36) and torch.allclose(crops, torch.ones_like(crops))  # no border sampled
+
+
+def test_moe_layer_benchmark_writes_ratios(tmp_path):
+    moe_layer.main(['--models', 'mlit_xxs', '--layer-stride', '9', '--extra-experts', '8', '--impls', 'dense',
+                    'sparse', '--batch', '2', '--repeats', '1', '--out', str(tmp_path)])
+    result = json.loads((tmp_path / 'moe_layer_cpu_float32.json').read_text())
+    shapes = {(r['hidden'], r['experts'], r['mode']) for r in result['rows']}
+    assert shapes == {(81, 3, 'eval'), (81, 3, 'train'), (81, 8, 'eval'), (81, 8, 'train')}
+    for row in result['rows']:
+        assert row['dense/swiglu'] == pytest.approx(row['dense_ms'] / row['swiglu_ms'])
+    assert (tmp_path / 'moe_layer_cpu_float32.md').read_text().count('\n| mlit_xxs |') == 4
+
+
+def test_pretrain_benchmark_writes_images_per_second(tmp_path):
+    pretrain_throughput.main(['--models', 'mlit_xxs', '--batch', '4', '--steps', '1', '--dataset-size', '16',
+                              '--out', str(tmp_path)])
+    rows = json.loads((tmp_path / 'pretrain_cpu_float32.json').read_text())['rows']
+    assert rows[0]['model'] == 'mlit_xxs' and rows[0]['img_s'] > 0
