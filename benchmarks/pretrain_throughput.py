@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import timm_mlit  # noqa: E402,F401
 from common import machine, sync, write_results  # noqa: E402
 
+import timm_mlit  # noqa: E402,F401
 from timm_mlit.mae import MaskedAutoencoderMLiT  # noqa: E402
 
 
@@ -96,9 +96,9 @@ def main(argv=None):
         epochs_per_hour = img_s * 3600 / 50000
         rows.append(dict(model=name, batch=args.batch, img_s=img_s, cifar100_epochs_per_hour=epochs_per_hour))
         print(rows[-1], flush=True)
+    command = 'python benchmarks/pretrain_throughput.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     meta = dict(machine=machine(), device=args.device, amp_dtype=args.amp_dtype or 'float32', torch=torch.__version__,
-                compile=args.compile,
-                command='python benchmarks/pretrain_throughput.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
+                compile=args.compile, command=command)
     write_results(args.out, f'pretrain_{args.device}_{args.amp_dtype or "float32"}', meta, rows,
                   ['model', 'batch', 'img_s', 'cifar100_epochs_per_hour'])
 
