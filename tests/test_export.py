@@ -1,4 +1,6 @@
 """The inference path compiles as one graph and exports to ONNX, with outputs matching eager."""
+import shutil
+
 import pytest
 import timm
 import torch
@@ -13,6 +15,8 @@ def model_and_input():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which('g++') is None and shutil.which('c++') is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
 def test_torch_compile_fullgraph_matches_eager(model_and_input):
     model, x = model_and_input
     compiled = torch.compile(model, fullgraph=True)

@@ -90,6 +90,20 @@ def test_gate_adds_noise_only_in_training():
     assert not torch.equal(gate(x)[0], gate(x)[0])
 
 
+def test_gate_load_is_eq5_and_its_gates_are_eq2_of_the_noisy_logits():
+    torch.manual_seed(0)
+    gate = NoisyTopKGate(16, 5, 2).train()
+    x = torch.randn(40, 16)
+    torch.manual_seed(7)
+    gates, _, _, load = gate(x)
+    clean, raw = (x @ gate.weight.t()).split(5, dim=-1)
+    std = F.softplus(raw)
+    torch.manual_seed(7)
+    noisy = clean + torch.randn_like(clean) * std  # the same draw as the gate's
+    assert torch.allclose(load, prob_in_top_k(clean, noisy, std, 2).sum(0), atol=1e-5)
+    assert torch.allclose(gates, softmax_k(noisy, 2), atol=1e-6)
+
+
 def test_gate_outputs_k_weights_summing_to_one():
     gates, top_idx, importance, load = NoisyTopKGate(16, 5, 2).train()(torch.randn(30, 16))
     assert ((gates > 0).sum(-1) == 2).all()

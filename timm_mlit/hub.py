@@ -53,9 +53,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import safetensors.torch
 import timm
 import torch
-from timm.models import clean_state_dict, is_model, save_for_hf, split_model_name_tag
+from timm.models import is_model, save_for_hf, split_model_name_tag
 
 from ._weights import HF_HUB_ORG, LABEL_NAMES
+from .mlit import encoder_state_dict
 
 __all__ = ['PublishError', 'load_checkpoint_state_dict', 'model_from_checkpoint', 'write_model_card', 'publish',
            'push_folder', 'main']
@@ -105,10 +106,7 @@ def load_checkpoint_state_dict(path: Path, use_ema: bool = False) -> Tuple[Dict[
         state_dict = checkpoint
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise PublishError(f'checkpoint {path} does not hold a state dict of tensors')
-    state_dict = clean_state_dict(state_dict)  # DDP 'module.' and torch.compile '_orig_mod.' prefixes
-    if any(k.startswith('encoder.') for k in state_dict):  # a whole MAE: keep the encoder
-        state_dict = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
-    return state_dict, meta
+    return encoder_state_dict(state_dict), meta  # DDP / compile prefixes removed; a whole MAE: its encoder
 
 
 def _model_kwargs_from_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, Any]:

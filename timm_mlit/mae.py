@@ -118,7 +118,7 @@ class MLiTDecoder(nn.Module):
         self.blocks = nn.Sequential(*[
             MLiTBlock(
                 embed_dim, num_heads, num_kv_heads, hidden_dim, num_experts, top_k=top_k, moe_impl=moe_impl,
-                moe_drop=moe_drop_rate, moe_loss_coef=moe_loss_coef, moe_loss_weight=0., noisy_gating=noisy_gating,
+                moe_drop=moe_drop_rate, moe_loss_coef=moe_loss_coef, noisy_gating=noisy_gating,
             )
             for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
@@ -169,12 +169,15 @@ class MaskedAutoencoderMLiT(nn.Module):
             **encoder_kwargs: passed to timm.create_model when `encoder` is a name (e.g. depth=3).
         """
         super().__init__()
-        if not 0 <= mask_ratio < 1:
-            raise ValueError(f'mask_ratio must be in [0, 1), got {mask_ratio}')
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f'mask_ratio must be in (0, 1), got {mask_ratio}')
         if isinstance(encoder, str):
             if not timm.is_model(encoder):
                 raise ValueError(f'unknown model {encoder!r}; the mLiT models are {timm.list_models("mlit*")}')
-            encoder = timm.create_model(encoder, num_classes=0, moe_loss_weight=0., **encoder_kwargs)
+            encoder = timm.create_model(encoder, num_classes=0, **encoder_kwargs)
+        elif encoder_kwargs:
+            raise ValueError(f'encoder kwargs {sorted(encoder_kwargs)} given with an encoder instance: they would be '
+                             'ignored; pass a model name, or build the encoder with them')
         if not isinstance(encoder, MLiT):
             raise ValueError(f'the mmLiT encoder must be an mLiT model, got {type(encoder).__name__}')
         self.encoder = encoder

@@ -20,14 +20,16 @@ import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, resample_patch_embed, trunc_normal_
 from timm.layers._fx import register_notrace_function
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv, checkpoint, checkpoint_seq
 
 from ._weights import LABEL_NAMES, weights_source  # noqa: F401  (for the cfgs of published weights, see below)
 from .layers import GroupedQueryAttention, MoE
 
-__all__ = ['MLiT', 'MLiTBlock', 'depthwise_hidden_dims', 'experts_per_layer']
+__all__ = [
+    'MLiT', 'MLiTBlock', 'checkpoint_filter_fn', 'depthwise_hidden_dims', 'encoder_state_dict', 'experts_per_layer',
+]
 
 
 def depthwise_hidden_dims(depth: int, first: int, last: int) -> List[int]:
@@ -350,15 +352,21 @@ class MLiT(nn.Module):
         return self.forward_head(x)
 
 
+def encoder_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The mLiT weights of a state dict: DDP / torch.compile prefixes removed (timm's clean_state_dict) and, for a
+    whole masked autoencoder (mae.py), only its encoder, with the `encoder.` prefix removed."""
+    state_dict = clean_state_dict(state_dict)
+    if any(k.startswith('encoder.') for k in state_dict):
+        state_dict = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
+    return state_dict
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MLiT) -> Dict[str, torch.Tensor]:
     """Adapt a state dict to `model`: unwrap train.py / MAE containers, resample the positional embedding to the
     model's grid, resample the patch projection to its patch size and adapt it to its channel count, and give a
     head-less encoder the model's own fresh head."""
     state_dict = state_dict.get('model', state_dict)
-    state_dict = state_dict.get('state_dict', state_dict)
-    if any(k.startswith('encoder.') for k in state_dict):  # a whole MAE (mae.py): keep the encoder
-        state_dict = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = encoder_state_dict(state_dict.get('state_dict', state_dict))
 
     out = {}
     for k, v in state_dict.items():

@@ -26,21 +26,21 @@ import logging
 import os
 import random
 import re
-import struct
+import shutil
 import sys
 import time
-import zlib
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import safetensors.torch
 import timm
 import torch
 import torch.distributed as dist
 import torch.utils.data
 import yaml
-from safetensors.torch import save_file
+from PIL import Image, ImageDraw
 from timm.data import create_dataset, create_transform
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -174,14 +174,17 @@ def build_model(args) -> MaskedAutoencoderMLiT:
     if args.model not in timm.list_models(module='mlit'):
         raise PretrainError(f'{args.model} is not an mLiT model; mLiT models: {mlits}')
     try:
-        encoder = timm.create_model(args.model, num_classes=0, moe_loss_weight=0., **args.model_kwargs)
+        encoder = timm.create_model(args.model, num_classes=0, **args.model_kwargs)
     except (TypeError, ValueError) as e:
         raise PretrainError(f'cannot create {args.model} with {args.model_kwargs}: {e}')
     if not isinstance(encoder, MLiT):
         raise PretrainError(f'{args.model} is not an mLiT model; mLiT models: {mlits}')
-    return MaskedAutoencoderMLiT(
-        encoder, mask_ratio=args.mask_ratio, alpha=args.alpha, beta=args.beta, norm_pix_loss=args.norm_pix_loss,
-        **args.mae_kwargs)
+    try:
+        return MaskedAutoencoderMLiT(
+            encoder, mask_ratio=args.mask_ratio, alpha=args.alpha, beta=args.beta, norm_pix_loss=args.norm_pix_loss,
+            **args.mae_kwargs)
+    except (TypeError, ValueError) as e:  # a bad --mask-ratio, a misspelt --mae-kwargs key
+        raise PretrainError(f'cannot build the masked autoencoder: {e}')
 
 
 def build_dataset(args, model: MaskedAutoencoderMLiT) -> MAEPretrainDataset:
@@ -246,7 +249,10 @@ def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, keep: in
     tmp = f'{last}.tmp.{os.getpid()}'
     if os.path.exists(tmp):
         os.remove(tmp)
-    os.link(path, tmp)
+    try:
+        os.link(path, tmp)  # no second copy on disk
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(path, tmp)
     os.replace(tmp, last)
     found = []
     for name in os.listdir(output_dir):
@@ -278,44 +284,20 @@ def export_encoder(state_dict: Dict[str, torch.Tensor], path: str, arch: str = '
     if not tensors:
         raise PretrainError('the checkpoint holds no encoder weights')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp.{os.getpid()}'
-    try:
-        save_file(tensors, tmp, metadata={'format': 'pt', 'arch': arch, 'source': 'timm-mlit mmLiT pre-training'})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    metadata = {'format': 'pt', 'arch': arch, 'source': 'timm-mlit mmLiT pre-training'}
+    _atomic_write(lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)), path)
     return path
 
 
-# ---------------------------------------------------------------- the loss curve, as a PNG without matplotlib
-
-_GLYPHS = {  # 3x5 pixel font for tick labels
-    '0': '111101101101111', '1': '010110010010111', '2': '111001111100111', '3': '111001111001111',
-    '4': '101101111001001', '5': '111100111001111', '6': '111100111101111', '7': '111001001001001',
-    '8': '111101111101111', '9': '111101111001111', 'e': '000111111100111', '-': '000000111000000',
-}
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    h, w, _ = pixels.shape
-    raw = b''.join(b'\x00' + pixels[y].tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data) & 0xffffffff)
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
-            + chunk(b'tEXt', b'Title\x00mmLiT pre-training loss vs epoch, log-log')
-            + chunk(b'IDAT', zlib.compress(raw, 9)) + chunk(b'IEND', b''))
-
+# ---------------------------------------------------------------- the loss curve (Pillow: no matplotlib needed)
 
 def write_loss_plot(path: str, epochs: Sequence[float], losses: Sequence[float], size: Tuple[int, int] = (480, 320)):
-    """Loss against epoch on log-log axes with a grid and labels at every decade (the paper's Fig. 6)."""
+    """Loss against epoch on log-log axes with a grid and labels at every decade (the paper's Fig. 6), as a PNG."""
     pts = [(float(e), float(v)) for e, v in zip(epochs, losses) if e > 0 and v > 0 and np.isfinite(v)]
     if not pts:
         return
     W, H = size
     left, right, top, bottom = 44, 12, 10, 22
-    img = np.full((H, W, 3), 255, np.uint8)
     lx = np.log10([p[0] for p in pts])
     ly = np.log10([p[1] for p in pts])
     x0, x1 = np.floor(lx.min()), max(np.ceil(lx.max()), np.floor(lx.min()) + 1)
@@ -325,36 +307,22 @@ def write_loss_plot(path: str, epochs: Sequence[float], losses: Sequence[float],
         return (left + (x - x0) / (x1 - x0) * (W - left - right),
                 H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
 
-    def text(s: str, x: int, y: int):
-        for i, ch in enumerate(s):
-            g = _GLYPHS[ch]
-            for r in range(5):
-                for c in range(3):
-                    if g[r * 3 + c] == '1':
-                        img[y + 2 * r:y + 2 * r + 2, x + 8 * i + 2 * c:x + 8 * i + 2 * c + 2] = 0
-
-    for d in range(int(x0), int(x1) + 1):
+    img = Image.new('RGB', (W, H), 'white')
+    draw = ImageDraw.Draw(img)
+    for d in range(int(x0), int(x1) + 1):  # vertical grid: decades dark, 2..9 light
         for m in range(1, 10) if d < x1 else (1,):
-            x = int(round(px(d + np.log10(m), y0)[0]))
-            img[top:H - bottom, x] = (200, 200, 200) if m == 1 else (235, 235, 235)
-        x = int(round(px(d, y0)[0]))
-        label = f'1e{d}'
-        text(label, min(max(x - 4 * len(label), 0), W - 8 * len(label)), H - bottom + 6)
+            x = px(d + np.log10(m), y0)[0]
+            draw.line([(x, top), (x, H - bottom)], fill=(200, 200, 200) if m == 1 else (235, 235, 235))
+        draw.text((px(d, y0)[0] - 8, H - bottom + 6), f'1e{d}', fill='black')
     for d in range(int(y0), int(y1) + 1):
         for m in range(1, 10) if d < y1 else (1,):
-            y = int(round(px(x0, d + np.log10(m))[1]))
-            img[y, left:W - right] = (200, 200, 200) if m == 1 else (235, 235, 235)
-        y = int(round(px(x0, d)[1]))
-        text(f'1e{d}', 2, min(max(y - 5, 0), H - 10))
-    img[top:H - bottom + 1, left] = 0
-    img[H - bottom, left:W - right] = 0
-    xy = [px(x, y) for x, y in zip(lx, ly)]
-    for (xa, ya), (xb, yb) in zip(xy, xy[1:] + xy[-1:]):
-        n = int(max(abs(xb - xa), abs(yb - ya))) + 1
-        for t in np.linspace(0, 1, n + 1):
-            x, y = int(round(xa + t * (xb - xa))), int(round(ya + t * (yb - ya)))
-            img[max(y - 1, 0):y + 1, max(x - 1, 0):x + 1] = (31, 119, 180)
-    _atomic_write(lambda f: f.write(_png(img)), path)
+            y = px(x0, d + np.log10(m))[1]
+            draw.line([(left, y), (W - right, y)], fill=(200, 200, 200) if m == 1 else (235, 235, 235))
+        draw.text((2, px(x0, d)[1] - 5), f'1e{d}', fill='black')
+    draw.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill='black')
+    draw.line([px(x, y) for x, y in zip(lx, ly)] if len(pts) > 1 else [px(lx[0], ly[0])] * 2,
+              fill=(31, 119, 180), width=2)
+    _atomic_write(lambda f: img.save(f, format='PNG'), path)
 
 
 # ---------------------------------------------------------------- training

@@ -40,22 +40,26 @@ EXPERT_SHARING = (('v', 'w2'), ('v', 'w'), ('w', 'w2'))
 
 
 @register_notrace_function  # torch.fx: a leaf, its shape checks are not traced
-def softmax_k(h: torch.Tensor, k: int) -> torch.Tensor:
-    """Softmax over the k largest entries of each row, zero elsewhere (eq. 2, 4)."""
-    top_vals, top_idx = h.topk(k, dim=-1)
+def softmax_k(h: torch.Tensor, k: int, top: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Softmax over the k largest entries of each row, zero elsewhere (eq. 2, 4).
+
+    `top`: (values, indices) of h.topk(k) when the caller has them already.
+    """
+    top_vals, top_idx = h.topk(k, dim=-1) if top is None else top
     return torch.zeros_like(h).scatter(-1, top_idx, top_vals.softmax(dim=-1))
 
 
 @register_notrace_function
-def top_k_thresholds(h: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_thresholds(h: torch.Tensor, k: int, top_vals: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Ψ of eq. 6: per element, the threshold its clean logit had to beat to be (or stay) in the top k.
 
     In each row, entries within the top k (h >= k-th largest) get the (k+1)-th largest value, the others
-    the k-th largest value.
+    the k-th largest value. `top_vals`: h.topk(k + 1).values when the caller has them already.
     """
     if k >= h.shape[-1]:
         raise ValueError(f'top_k_thresholds needs k < number of experts, got k={k} with {h.shape[-1]} experts')
-    top_vals = h.topk(k + 1, dim=-1).values
+    if top_vals is None:
+        top_vals = h.topk(k + 1, dim=-1).values
     kth, k1th = top_vals[..., k - 1:k], top_vals[..., k:k + 1]
     return torch.where(h >= kth, k1th, kth)
 
@@ -66,6 +70,7 @@ def prob_in_top_k(
         noisy_logits: torch.Tensor,
         noise_std: torch.Tensor,
         k: int,
+        top_vals: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """P of eq. 5: probability that each expert is in a row's top k under a fresh draw of its own noise.
 
@@ -74,8 +79,9 @@ def prob_in_top_k(
         noisy_logits: H(x), [N, t].
         noise_std: softplus(x·W_noise), [N, t].
         k: experts chosen per row.
+        top_vals: noisy_logits.topk(k + 1).values, if already computed.
     """
-    psi = top_k_thresholds(noisy_logits, k)
+    psi = top_k_thresholds(noisy_logits, k, top_vals)
     # the clamp only guards a softplus that underflowed to 0
     return torch.special.ndtr((clean_logits - psi) / noise_std.clamp_min(1e-6))
 
@@ -132,17 +138,14 @@ class NoisyTopKGate(nn.Module):
             clean, raw_noise = logits[:, :t], logits[:, t:]
             noise_std = F.softplus(raw_noise)
             noisy = clean + torch.randn_like(clean) * noise_std  # eq. 3
-            # one top-(k+1) serves both the gate (first k) and Ψ (eq. 6): same as top_k_thresholds()
-            top_vals, top_idx = noisy.topk(k + 1, dim=-1)
-            kth, k1th = top_vals[:, k - 1:k], top_vals[:, k:k + 1]
-            psi = torch.where(noisy >= kth, k1th, kth)
-            load = torch.special.ndtr((clean - psi) / noise_std.clamp_min(1e-6)).sum(0)  # eq. 5, 10
+            top_vals, top_idx = noisy.topk(k + 1, dim=-1)  # one top-(k+1) serves the gate (first k) and Ψ (eq. 6)
+            load = prob_in_top_k(clean, noisy, noise_std, k, top_vals).sum(0)  # eq. 5, 10
             top_vals, top_idx = top_vals[:, :k], top_idx[:, :k]
         else:
             noisy = F.linear(x, self.weight[:t])  # [N, t]
             top_vals, top_idx = noisy.topk(k, dim=-1)
             load = None
-        gates = torch.zeros_like(noisy).scatter(-1, top_idx, top_vals.softmax(dim=-1))  # softmax_k, eq. 2
+        gates = softmax_k(noisy, k, (top_vals, top_idx))  # eq. 2
         if load is None:
             load = (gates > 0).sum(0).to(gates.dtype)
         return gates, top_idx, gates.sum(0), load
