@@ -26,15 +26,15 @@ def _create(name: str, pretrained: bool, **kwargs):
 
 
 def mlit_s(pretrained: bool = False, **kwargs):
-    """mLiT-S (2.36M encoder params): 144 wide, 15 layers, 8 heads / 4 KV groups."""
+    """mLiT-S (2.358M encoder params; paper: 2.36M): 144 wide, 15 layers, 8 heads / 4 KV groups."""
     return _create('mlit_s', pretrained, **kwargs)
 
 
 def mlit_xs(pretrained: bool = False, **kwargs):
-    """mLiT-XS (1.21M encoder params): 128 wide, 12 layers, 8 heads / 4 KV groups."""
+    """mLiT-XS (1.202M encoder params; paper: 1.21M): 128 wide, 12 layers, 8 heads / 4 KV groups."""
     return _create('mlit_xs', pretrained, **kwargs)
 
 
 def mlit_xxs(pretrained: bool = False, **kwargs):
-    """mLiT-XXS (0.66M encoder params): 108 wide, 9 layers, 6 heads / 3 KV groups."""
+    """mLiT-XXS (0.651M encoder params; paper: 0.66M): 108 wide, 9 layers, 6 heads / 3 KV groups."""
     return _create('mlit_xxs', pretrained, **kwargs)

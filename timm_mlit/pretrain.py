@@ -11,7 +11,7 @@ optimizer, scheduler, loss scaler and the RNG state of every rank, and every sam
 drawn from (seed, epoch, index) (data.MAEPretrainDataset), so a resumed run repeats an uninterrupted one.
 
 Outputs in the experiment folder: args.yaml, summary.csv (one row per epoch, as timm's train.py), expert_load.csv
-(share of tokens per expert and MoE layer per epoch), loss.png (log-log loss curve, the paper's Fig. 6),
+(each expert's share of the routing, ΣP of eq. 5, per MoE layer per epoch), loss.png (log-log loss curve, the paper's Fig. 6),
 checkpoint-<epoch>.pth.tar, last.pth.tar, and at the end encoder.safetensors: the head-less encoder for
 `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=0))` or timm's
 `train.py --pretrained-path PATH`.
@@ -553,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         min_share = min((float(s.min()) * len(s) for s in shares.values()), default=1.)
         if min_share < 0.1:
-            _logger.warning(f'epoch {epoch}: an expert gets {min_share:.3f}x its even share of tokens (collapse?)')
+            _logger.warning(f'epoch {epoch}: an expert gets {min_share:.3f}x its even share of the routing (collapse?)')
         metrics['min_expert_share'] = min_share  # least-used expert's share relative to an even split
         update_summary(epoch, metrics, None, os.path.join(output_dir, 'summary.csv'),
                        lr=optimizer.param_groups[0]['lr'])

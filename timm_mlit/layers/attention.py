@@ -3,7 +3,7 @@
 H query heads share G key/value heads (head h reads key/value head h // (H / G)), with biases on all four
 projections (the paper's encoder layers have biases on every linear layer). The r = H / G query heads of a group are
 stacked along the sequence axis, so each group is one plain attention over its own K/V head: no K/V copies and no
-GQA-specific kernel, one `scaled_dot_product_attention` call (about 12% faster than expanding K/V on a 2-core CPU).
+GQA-specific kernel, one `scaled_dot_product_attention` call per group.
 
 Not timm's `AttentionRope(num_kv_heads=...)`: that option only exists in recent timm releases, and it keeps
 separate q/k/v projections. Here q, k and v come from one fused projection (one matmul instead of three, which
