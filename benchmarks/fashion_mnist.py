@@ -265,15 +265,6 @@ def make_plan(budget: Budget, out: str, source_dir: str, scripts_dir: str, devic
 
 # ---------------------------------------------------------------- data
 
-def _write_idx(path: str, arr: np.ndarray):
-    import struct
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f'>{arr.ndim}i', *arr.shape)
-    tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
-    os.replace(tmp, path)
-
-
 def prepare_data(plan: Plan, source_dir: str, log: Callable[[str], None] = print):
     """The labelled subset (first `labelled_per_class` images of each class, in file order) and, for --smoke, the
     first `test_images` test images, as plain idx files in plan.data_dir; the full test set is linked otherwise."""
@@ -287,7 +278,7 @@ def prepare_data(plan: Plan, source_dir: str, log: Callable[[str], None] = print
         with open(marker) as f:
             if json.load(f).get('spec') == spec:
                 return
-    from timm_mlit.data import read_idx
+    from timm_mlit.data import read_idx, write_idx
 
     def find(name):
         for n in (name, name + '.gz'):
@@ -303,8 +294,8 @@ def prepare_data(plan: Plan, source_dir: str, log: Callable[[str], None] = print
                                        for c in range(NUM_CLASSES)]))
     else:
         keep = np.arange(len(labels))
-    _write_idx(os.path.join(plan.data_dir, 'train-images-idx3-ubyte'), images[keep])
-    _write_idx(os.path.join(plan.data_dir, 'train-labels-idx1-ubyte'), labels[keep])
+    write_idx(os.path.join(plan.data_dir, 'train-images-idx3-ubyte'), images[keep])
+    write_idx(os.path.join(plan.data_dir, 'train-labels-idx1-ubyte'), labels[keep])
     for kind in ('images-idx3', 'labels-idx1'):
         name = f't10k-{kind}-ubyte'
         dst = os.path.join(plan.data_dir, name)
@@ -313,7 +304,7 @@ def prepare_data(plan: Plan, source_dir: str, log: Callable[[str], None] = print
                 os.remove(stale)
         src = find(name)
         if b.test_images is not None:
-            _write_idx(dst, read_idx(src).numpy()[:b.test_images])
+            write_idx(dst, read_idx(src).numpy()[:b.test_images])
         else:
             os.symlink(src, dst + ('.gz' if src.endswith('.gz') else ''))
     counts = np.bincount(labels[keep], minlength=NUM_CLASSES).tolist()

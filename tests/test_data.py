@@ -1,5 +1,4 @@
 """Tests of timm_mlit.data: idx datasets in torchvision's and Debian's layouts, and the seeded MAE pipeline."""
-import gzip
 import os
 import struct
 
@@ -9,16 +8,7 @@ import torch
 from timm.data import create_dataset, create_transform
 
 import timm_mlit.data  # noqa: F401  (puts the idx datasets behind create_dataset('torch/...'))
-from timm_mlit.data import DEBIAN_FASHION_MNIST, IdxFashionMNIST, MAEPretrainDataset, read_idx
-
-
-def write_idx(path: str, arr: np.ndarray):
-    """Write `arr` (uint8) in the idx format: magic 0x0000 0x08 ndim, big-endian int32 dims, raw data."""
-    data = struct.pack('>BBBB', 0, 0, 0x08, arr.ndim) + struct.pack(f'>{arr.ndim}i', *arr.shape)
-    data += arr.astype(np.uint8).tobytes()
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'wb') as f:
-        f.write(data)
+from timm_mlit.data import DEBIAN_FASHION_MNIST, IdxFashionMNIST, MAEPretrainDataset, read_idx, write_idx
 
 
 def make_fashion_mnist(root: str, n_train: int = 12, n_test: int = 5, gz: bool = True, layout: str = 'flat'):

@@ -2,12 +2,10 @@
 kill, time-left logging, and the results table, with a fake runner in place of timm's scripts. One slow test runs
 the real --smoke pipeline and needs TIMM_SCRIPTS_DIR."""
 import dataclasses
-import gzip
 import importlib.util
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 
@@ -21,13 +19,9 @@ _spec = importlib.util.spec_from_file_location('fashion_mnist_benchmark', SCRIPT
 fm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fm)
 
+from timm_mlit.data import write_idx  # noqa: E402
+
 SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR', '')
-
-
-def _idx_gz(path, arr):
-    arr = np.asarray(arr, dtype=np.uint8)
-    with gzip.open(path, 'wb') as f:
-        f.write(bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f'>{arr.ndim}i', *arr.shape) + arr.tobytes())
 
 
 @pytest.fixture(scope='module')
@@ -38,10 +32,10 @@ def fake_fmnist(tmp_path_factory):
     labels = np.array([c for c in range(10) for _ in range(4 + c % 3)])
     labels = labels[np.random.default_rng(0).permutation(len(labels))]
     images = np.stack([np.full((28, 28), i, np.uint8) for i in range(len(labels))])
-    _idx_gz(d / 'train-images-idx3-ubyte.gz', images)
-    _idx_gz(d / 'train-labels-idx1-ubyte.gz', labels)
-    _idx_gz(d / 't10k-images-idx3-ubyte.gz', np.zeros((20, 28, 28)))
-    _idx_gz(d / 't10k-labels-idx1-ubyte.gz', np.arange(20) % 10)
+    write_idx(d / 'train-images-idx3-ubyte.gz', images)
+    write_idx(d / 'train-labels-idx1-ubyte.gz', labels)
+    write_idx(d / 't10k-images-idx3-ubyte.gz', np.zeros((20, 28, 28)))
+    write_idx(d / 't10k-labels-idx1-ubyte.gz', np.arange(20) % 10)
     return str(d), labels
 
 

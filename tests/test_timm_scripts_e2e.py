@@ -4,11 +4,9 @@ Needs the scripts (not in timm's wheel): TIMM_SCRIPTS_DIR=/path/to/pytorch-image
 image folder written by the test, CPU, batch 8. The commands are the README's, with small-run overrides appended.
 """
 import csv
-import gzip
 import json
 import os
 import shlex
-import struct
 import subprocess
 import sys
 
@@ -22,6 +20,7 @@ from readme import snippet
 from safetensors.torch import load_file
 
 import timm_mlit  # noqa: F401
+from timm_mlit.data import DEBIAN_FASHION_MNIST, read_idx, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR', '')
@@ -179,25 +178,19 @@ def test_finetune_from_exported_encoder_loads_it_new_head_and_layer_decay_groups
     assert scales[0] == pytest.approx(0.9 ** 10) and scales[-1] == 1.0 and len(scales) == 11
 
 
-def _write_idx(path, arr: np.ndarray):
-    with gzip.open(path, 'wb') as f:
-        f.write(bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f'>{arr.ndim}i', *arr.shape) + arr.tobytes())
 
-
-@pytest.mark.skipif(not os.path.isdir('/usr/share/datasets/fashion-mnist'),
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST),
                     reason='Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)')
 def test_fashion_mnist_recipe_trains_through_train_py(tmp_path):
     """The real Fashion-MNIST (its first 64 train and 32 test images, so it runs in seconds) through the recipe,
     train.py's torch/fashion_mnist dataset, transforms and evaluation."""
-    from timm_mlit.data import DEBIAN_FASHION_MNIST, read_idx
-
     subset = tmp_path / 'fashion-mnist'
     subset.mkdir()
     for split, n in (('train', 64), ('t10k', 32)):
         images = read_idx(os.path.join(DEBIAN_FASHION_MNIST, f'{split}-images-idx3-ubyte.gz'))[:n]
         labels = read_idx(os.path.join(DEBIAN_FASHION_MNIST, f'{split}-labels-idx1-ubyte.gz'))[:n]
-        _write_idx(subset / f'{split}-images-idx3-ubyte.gz', images.numpy())
-        _write_idx(subset / f'{split}-labels-idx1-ubyte.gz', labels.numpy().astype(np.uint8))
+        write_idx(str(subset / f'{split}-images-idx3-ubyte.gz'), images.numpy())
+        write_idx(str(subset / f'{split}-labels-idx1-ubyte.gz'), labels.numpy())
     out = tmp_path / 'train'
     timm_mlit_run('timm-mlit-run train.py -c train_configs/scratch/mlit_xxs_fashion_mnist.yaml',
                   '--data-dir', str(subset), '--epochs', '1', '--warmup-epochs', '0', *SMALL_RUN.split(),

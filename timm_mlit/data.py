@@ -22,7 +22,7 @@ import gzip
 import os
 import random
 import struct
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from PIL import Image
 from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST, Flowers102
 
 __all__ = [
-    'DEBIAN_FASHION_MNIST', 'read_idx', 'IdxMNIST', 'IdxKMNIST', 'IdxFashionMNIST', 'TrainTestSVHN',
+    'DEBIAN_FASHION_MNIST', 'read_idx', 'write_idx', 'IdxMNIST', 'IdxKMNIST', 'IdxFashionMNIST', 'TrainTestSVHN',
     'TrainTestFlowers102', 'register_timm_datasets', 'MAEPretrainDataset',
 ]
 
@@ -39,6 +39,19 @@ DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'  # apt-get install da
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
                0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+
+
+def write_idx(path: Union[str, os.PathLike], arr) -> str:
+    """Write a uint8 array in the idx format (gzipped when `path` ends in .gz), atomically: the inverse of
+    `read_idx` for MNIST-family images [N, H, W] and labels [N]."""
+    path = os.fspath(path)
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    data = struct.pack('>BBBB', 0, 0, 0x08, arr.ndim) + struct.pack(f'>{arr.ndim}i', *arr.shape) + arr.tobytes()
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with (gzip.open if path.endswith('.gz') else open)(tmp, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
 
 
 def read_idx(path: str) -> torch.Tensor:

@@ -11,8 +11,8 @@ optimizer, scheduler, loss scaler and the RNG state of every rank, and every sam
 drawn from (seed, epoch, index) (data.MAEPretrainDataset), so a resumed run repeats an uninterrupted one.
 
 Outputs in the experiment folder: args.yaml, summary.csv (one row per epoch, as timm's train.py), expert_load.csv
-(each expert's share of the routing, ΣP of eq. 5, per MoE layer per epoch), loss.png (log-log loss curve, the paper's Fig. 6),
-checkpoint-<epoch>.pth.tar, last.pth.tar, and at the end encoder.safetensors: the head-less encoder for
+(each expert's share of the routing, ΣP of eq. 5, per MoE layer per epoch), loss.png (log-log loss curve, the
+paper's Fig. 6), checkpoint-<epoch>.pth.tar, last.pth.tar, and at the end encoder.safetensors: the head-less encoder for
 `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=0))` or timm's
 `train.py --pretrained-path PATH`.
 
