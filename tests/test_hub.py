@@ -535,3 +535,17 @@ assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / 'hf' / 'hub').exists() or not any((tmp_path / 'hf' / 'hub').iterdir())
+
+
+def test_publish_builds_the_model_with_the_train_py_model_kwargs(tmp_path):
+    """Pooling and gating change no weight shape: they come from the checkpoint's train.py args, into config.json."""
+    model = _model(10, seed=5, global_pool='avg', noisy_gating=False)
+    ckpt = tmp_path / 'ckpt.pth.tar'
+    args = argparse.Namespace(model='mlit_xxs', gp='avg', model_kwargs=dict(noisy_gating=False))
+    torch.save({'arch': 'mlit_xxs', 'state_dict': model.state_dict(), 'args': args}, ckpt)
+    out = hub.publish(ckpt, 'mlit_xxs', tmp_path / 'out')
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['global_pool'] == 'avg' and config['model_args']['noisy_gating'] is False
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert loaded.global_pool == 'avg'
+    assert torch.equal(_out(loaded, _x()), _out(model, _x()))

@@ -125,6 +125,17 @@ def _model_kwargs_from_state_dict(state_dict: Dict[str, torch.Tensor], source: s
     )
 
 
+def _model_kwargs_from_train_args(args: Any) -> Dict[str, Any]:
+    """Model kwargs recorded in a timm train.py checkpoint's args: --model-kwargs and --gp (global pool)."""
+    if args is None:
+        return {}
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    kwargs = dict(args.get('model_kwargs') or {})
+    if args.get('gp'):
+        kwargs['global_pool'] = args['gp']
+    return kwargs
+
+
 def model_from_checkpoint(path: Path, model_name: str, use_ema: bool = False) -> torch.nn.Module:
     """Build `model_name` as the checkpoint was trained and load it, strictly; eval mode."""
     arch = split_model_name_tag(model_name)[0]
@@ -135,7 +146,12 @@ def model_from_checkpoint(path: Path, model_name: str, use_ema: bool = False) ->
     if ckpt_arch and split_model_name_tag(str(ckpt_arch))[0] != arch:
         raise PublishError(f'checkpoint {path} was trained as {ckpt_arch!r}, not {arch!r}')
     kwargs = _model_kwargs_from_state_dict(state_dict, str(path))
-    model = timm.create_model(arch, **kwargs)
+    # what the weights cannot tell (pooling, expert counts, sharing, gating) comes from train.py's args
+    kwargs.update(_model_kwargs_from_train_args(meta.get('args')))
+    try:
+        model = timm.create_model(arch, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise PublishError(f'cannot build {arch} with {kwargs} (from checkpoint {path}): {e}') from e
 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
