@@ -289,7 +289,7 @@ class MLiT(nn.Module):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
-        B, _, height, width = x.shape
+        B = x.shape[0]
         x = self._embed(x)
         if torch.jit.is_scripting() or not stop_early:
             blocks = self.blocks

@@ -22,6 +22,7 @@ Multi-process runs: the MoE gate noise and dropout draw from each rank's own RNG
 """
 import argparse
 import csv
+import io
 import logging
 import os
 import random
@@ -56,6 +57,7 @@ from timm.utils import (
 )
 
 from .data import MAEPretrainDataset
+from .layers import MoE
 from .mae import MaskedAutoencoderMLiT
 from .mlit import MLiT
 
@@ -346,9 +348,9 @@ def train_one_epoch(
         loss_scaler: Optional[NativeScaler] = None,
         amp_autocast=nullcontext,
 ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
-    """One epoch of eq. 16. Returns the epoch's mean metrics and the token share of each expert per MoE layer."""
+    """One epoch of eq. 16. Returns the epoch's mean metrics and each expert's share of the routing per MoE layer."""
     mae = model.module if hasattr(model, 'module') else model
-    moe_names = [n for n, m in mae.named_modules() if m in set(mae.moe_layers())]
+    moe_names = [n for n, m in mae.named_modules() if isinstance(m, MoE)]
     model.train()
     accum = args.grad_accum_steps
     updates_per_epoch = len(loader) // accum
@@ -432,7 +434,9 @@ def _truncate_csv(path: str, start_epoch: int):
     if not rows:
         return
     kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) < start_epoch]
-    _atomic_write(lambda f: f.write(''.join(','.join(r) + '\n' for r in kept).encode()), path)
+    text = io.StringIO()
+    csv.writer(text, lineterminator='\n').writerows(kept)
+    _atomic_write(lambda f: f.write(text.getvalue().encode()), path)
 
 
 def _read_losses(path: str) -> Tuple[List[float], List[float]]:
