@@ -1,9 +1,11 @@
 """The README's shell commands for pre-training and publishing, run as written (paths pointed at test data, with
 small-run flags appended). The train.py / validate.py commands are run by test_timm_scripts_e2e.py."""
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -19,12 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def command(name: str, **replace) -> list:
+def command(name: str, env: Optional[dict] = None, **replace) -> list:
+    """The README command `name` as argv, with `replace` applied; leading VAR=value words go into `env`."""
     text = snippet(name).strip()
     for old, new in replace.items():
         assert old in text, f'README command {name!r} no longer contains {old!r}'
         text = text.replace(old, str(new))
     argv = shlex.split(text)
+    while '=' in argv[0] and env is not None:
+        key, value = argv.pop(0).split('=', 1)
+        env[key] = value
+    if argv[0] == 'python':
+        return [sys.executable] + argv[1:]
     exe = BIN / argv[0]  # the console script installed beside this interpreter
     return [str(exe) if exe.exists() else argv[0]] + argv[1:]
 
@@ -59,3 +67,19 @@ def test_readme_publish_command_writes_a_hub_folder(tmp_path):
     x = torch.from_numpy(np.random.default_rng(0).random((2, 3, 36, 36), dtype=np.float32))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_readme_fashion_mnist_benchmark_command_plans_the_comparison(tmp_path):
+    """The command as written, with --dry-run: the plan and every stage's command, nothing run."""
+    scripts = tmp_path / 'pytorch-image-models'
+    scripts.mkdir()
+    for name in ('train.py', 'validate.py'):
+        (scripts / name).write_text('raise SystemExit("not run in a dry run")\n')
+    env = dict(os.environ)
+    argv = command('fashion-mnist-benchmark', env=env, **{'/path/to/pytorch-image-models': scripts,
+                                                          'output/fmnist': tmp_path / 'out'})
+    assert env['TIMM_SCRIPTS_DIR'] == str(scripts)
+    proc = subprocess.run(argv + ['--dry-run'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ('pretrain_mlit_xxs', 'finetune_mlit_xxs', 'scratch_mlit_xxs', 'scratch_resnet10t'):
+        assert stage in proc.stdout
