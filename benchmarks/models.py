@@ -8,7 +8,7 @@ backward, AdamW step) and the peak memory of a training step. Models:
   * small timm CNNs: resnet10t, mobilenetv3_small_050
 Timings are medians of interleaved repeats (all models take turns, so load on a shared machine hits them alike);
 compare the ratios. Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the growth of the process's peak
-RSS over the live RSS during three training steps (Linux /proc), in a fresh subprocess per model.
+RSS during three training steps over the RSS before the first one (Linux /proc), in a fresh subprocess per model.
 
     python benchmarks/models.py --out benchmarks/results
     python benchmarks/models.py --device cuda --amp-dtype bfloat16 --out benchmarks/results
@@ -74,8 +74,7 @@ def worker_peak_memory(spec: str, batch: int, amp: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp_dtype = getattr(torch, amp) if amp else None
     step = train_step_fn(model, x, target, opt, amp_dtype, device)
-    step()  # optimizer state and allocator pools exist from here on
-    before = _rss_kib('VmRSS')
+    before = _rss_kib('VmRSS')  # model, optimizer and batch built; no step taken (the first one allocates most)
     Path('/proc/self/clear_refs').write_text('5')  # reset the peak-RSS mark (VmHWM) to the current RSS
     for _ in range(3):
         step()
