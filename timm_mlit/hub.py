@@ -137,7 +137,8 @@ def _model_kwargs_from_train_args(args: Any) -> Dict[str, Any]:
 
 
 def model_from_checkpoint(path: Path, model_name: str, use_ema: bool = False) -> torch.nn.Module:
-    """Build `model_name` as the checkpoint was trained and load it, strictly; eval mode."""
+    """Build `model_name` as the checkpoint was trained and load it, strictly; eval mode. The kwargs it was built
+    with are in `model.publish_model_args`."""
     arch = split_model_name_tag(model_name)[0]
     if not arch.startswith('mlit_') or not is_model(arch):
         raise PublishError(f'--model {model_name!r} is not an mLiT model (mlit_s, mlit_xs, mlit_xxs)')
@@ -170,6 +171,7 @@ def model_from_checkpoint(path: Path, model_name: str, use_ema: bool = False) ->
             f'checkpoint {path} does not fit {arch} (a checkpoint of another architecture or size?): '
             + '; '.join(problems))
     model.load_state_dict(state_dict, strict=True)
+    model.publish_model_args = kwargs
     return model.eval()
 
 
@@ -290,7 +292,10 @@ def publish(
     model = model_from_checkpoint(checkpoint, model_name, use_ema=use_ema)
     arch = model.pretrained_cfg['architecture']
 
-    model_config: Dict[str, Any] = {'pretrained_cfg': {'tag': tag or None}}
+    # the tag and the input size go into the model's own pretrained_cfg: timm < 1.0.31 replaces a
+    # model_config['pretrained_cfg'] wholesale instead of merging it, and does not read the size off the model
+    model.pretrained_cfg = dict(model.pretrained_cfg, tag=tag or None, input_size=(model.in_chans, *model.img_size))
+    model_config: Dict[str, Any] = {}
     if label_names is None and dataset in LABEL_NAMES and len(LABEL_NAMES[dataset]) == model.num_classes:
         label_names = LABEL_NAMES[dataset]
     if label_names is not None:
@@ -303,7 +308,9 @@ def publish(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{output_dir.name}.', suffix='.tmp', dir=output_dir.parent))
     try:
-        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True)
+        # model_args given explicitly: timm < 1.0.31 does not record a model's creation kwargs by itself
+        save_for_hf(model, tmp, model_config=model_config, model_args=model.publish_model_args,
+                    safe_serialization=True)
         write_model_card(
             tmp / 'README.md', model, model_id, title, license=license,
             datasets=list(dict.fromkeys(d for d in (dataset, pretrain_dataset) if d)), metrics=metrics,

@@ -559,8 +559,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if min_share < 0.1:
             _logger.warning(f'epoch {epoch}: an expert gets {min_share:.3f}x its even share of the routing (collapse?)')
         metrics['min_expert_share'] = min_share  # least-used expert's share relative to an even split
-        update_summary(epoch, metrics, None, os.path.join(output_dir, 'summary.csv'),
-                       lr=optimizer.param_groups[0]['lr'])
+        summary = os.path.join(output_dir, 'summary.csv')
+        update_summary(epoch, metrics, None, summary, lr=optimizer.param_groups[0]['lr'],
+                       write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)  # timm < 1.0.31
         _write_expert_load(os.path.join(output_dir, 'expert_load.csv'), epoch, shares)
         state = dict(
             format=CHECKPOINT_FORMAT, epoch=epoch, arch=args.model, model_kwargs=dict(args.model_kwargs),
