@@ -192,7 +192,7 @@ def test_eval_computes_no_aux_loss_and_is_deterministic():
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(top_k=5), 'larger than the number of experts'),
+    (dict(top_k=5), r'top_k=5 is not between 1 and the number of experts \(4\)'),
     (dict(impl='fastest'), 'unknown moe_impl'),
     (dict(shared=('w', 'v', 'w2')), 'expert_shared'),
 ])

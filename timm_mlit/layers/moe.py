@@ -111,7 +111,7 @@ class NoisyTopKGate(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int = 2, noisy: bool = True):
         super().__init__()
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f'top_k must be between 1 and the number of experts ({num_experts}), got {top_k}')
+            raise ValueError(f'top_k={top_k} is not between 1 and the number of experts ({num_experts}) of this layer')
         self.num_experts = num_experts
         self.top_k = top_k
         # Noise needs a (k+1)-th expert for the load estimate (eq. 6); with k == t every expert is always chosen.
@@ -263,8 +263,6 @@ class MoE(nn.Module):
         super().__init__()
         if impl not in MOE_IMPLS:
             raise ValueError(f'unknown moe_impl {impl!r}; choose one of {MOE_IMPLS}')
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f'top_k={top_k} is larger than the number of experts ({num_experts}) of this layer')
         self.impl = impl
         self.aux_loss_coef = aux_loss_coef
         self.aux_loss_weight = aux_loss_weight
