@@ -154,15 +154,17 @@ def test_exported_encoder_loads_for_fine_tuning(tmp_path, image_folder):
     assert load_file(again).keys() == enc.keys()
 
 
-def test_exported_encoder_loads_with_the_default_class_count(tmp_path):
+@pytest.mark.parametrize('name, classes', [('mlit_xxs.untrained', 100), ('mlit_xxs', 10)])
+def test_exported_encoder_loads_with_the_default_class_count(tmp_path, name, classes):
     """timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)): the cfg and the model
-    both say 100 classes, so timm loads strictly: the model's filter keeps the model's fresh head."""
+    both say `classes` (the tag's; mlit_xxs's default tag is the 10-class Fashion-MNIST one), so timm loads
+    strictly: the model's filter keeps the model's fresh head."""
     from timm_mlit.pretrain import export_encoder
     enc = timm.create_model('mlit_xxs', depth=3, num_classes=0)
     path = export_encoder({'encoder.' + k: v for k, v in enc.state_dict().items()}, str(tmp_path / 'e.safetensors'))
-    m = timm.create_model('mlit_xxs', depth=3, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    m = timm.create_model(name, depth=3, pretrained=True, pretrained_cfg_overlay=dict(file=path))
     assert torch.equal(m.pos_embed, enc.pos_embed)
-    assert m.head.out_features == 100
+    assert m.head.out_features == classes
 
 
 # ---------------------------------------------------------------- bad input gives a clear error

@@ -414,6 +414,11 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({
     'mlit_s.untrained': _cfg(),
     'mlit_xs.untrained': _cfg(),
+    # mmLiT-XXS on Fashion-MNIST, embedded in the package (README: Results): the MAE-pre-trained encoder fine-tuned,
+    # mlit_xxs's default tag, and the encoder itself (head-less)
+    'mlit_xxs.mae_ft_fashion_mnist': _cfg(
+        **weights_source('mlit_xxs.mae_ft_fashion_mnist'), num_classes=10, label_names=LABEL_NAMES['fashion_mnist']),
+    'mlit_xxs.mae_in_fashion_mnist': _cfg(**weights_source('mlit_xxs.mae_in_fashion_mnist'), num_classes=0),
     'mlit_xxs.untrained': _cfg(),
 })
 
