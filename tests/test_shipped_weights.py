@@ -1,0 +1,185 @@
+"""The weights shipped in the package, mmLiT-XXS on Fashion-MNIST (mlit_xxs's default tag) and the MAE encoder it
+was fine-tuned from, and the main job (`python -m timm_mlit`) that shows them off.
+
+Re-evaluated on the real Fashion-MNIST test set (Debian's dataset-fashion-mnist; skipped where it is not installed),
+the shipped classifier gives the top-1 its model card reports and the README states.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+import timm_mlit  # noqa: F401
+from timm_mlit import _weights
+from timm_mlit.__main__ import main
+from timm_mlit.data import DEBIAN_FASHION_MNIST, write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+FT = 'mlit_xxs.mae_ft_fashion_mnist'
+ENC = 'mlit_xxs.mae_in_fashion_mnist'
+needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(DEBIAN_FASHION_MNIST, 't10k-images-idx3-ubyte.gz')),
+                                  reason='Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)')
+
+
+def card_top1(name: str) -> float:
+    """The top-1 in the model card's metadata (model-index), as timm-mlit-publish wrote it."""
+    card = (_weights.WEIGHTS_DIR / name / 'README.md').read_text()
+    front = card.split('---')[1]
+    return float(re.search(r'value: ([0-9.]+)\s+name: top1', front).group(1))
+
+
+def test_default_tag_is_the_embedded_fashion_mnist_classifier():
+    model = timm.create_model('mlit_xxs', pretrained=True)
+    cfg = model.pretrained_cfg
+    assert cfg['tag'] == 'mae_ft_fashion_mnist'
+    assert Path(cfg['file']) == _weights.WEIGHTS_DIR / FT / 'model.safetensors'
+    assert model.num_classes == 10 and tuple(cfg['label_names']) == _weights.LABEL_NAMES['fashion_mnist']
+    shipped = safetensors.torch.load_file(cfg['file'])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in shipped.items())
+    assert set(shipped) == set(model.state_dict())
+    # the other sizes ship nothing: their default stays the untrained tag
+    assert timm.create_model('mlit_s').pretrained_cfg['tag'] == 'untrained'
+
+
+def test_shipped_folders_are_hub_ready():
+    for name, num_classes in ((FT, 10), (ENC, 0)):
+        folder = _weights.WEIGHTS_DIR / name
+        assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True)  # timm's own reader of a Hub folder
+        assert model.num_classes == num_classes and model.pretrained_cfg['tag'] == name.split('.')[1]
+
+
+def test_default_weights_load_offline_without_any_cache(tmp_path):
+    code = ('import timm, timm_mlit; m = timm.create_model("mlit_xxs", pretrained=True); '
+            'print(m.pretrained_cfg["tag"], m.num_classes)')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'), TORCH_HOME=str(tmp_path / 'torch'))
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ['mae_ft_fashion_mnist', '10']
+    assert not (tmp_path / 'hf').exists() and not (tmp_path / 'torch').exists()  # nothing fetched, nothing cached
+
+
+def test_shipped_encoder_is_the_one_the_classifier_was_fine_tuned_from():
+    encoder = timm.create_model(ENC, pretrained=True)
+    classifier = timm.create_model('mlit_xxs', pretrained=True)
+    fresh = timm.create_model('mlit_xxs', num_classes=0)
+    assert encoder.num_classes == 0
+    # fine-tuning moved every block, but the tuned weights stay far closer to the encoder than to a fresh init
+    for k in ('blocks.0.attn.qkv.weight', 'blocks.4.mlp.experts.w.weight', 'blocks.8.mlp.gate.weight'):
+        tuned, enc = classifier.state_dict()[k], encoder.state_dict()[k]
+        assert not torch.equal(tuned, enc)
+        assert (tuned - enc).norm() < 0.5 * (tuned - fresh.state_dict()[k]).norm(), k
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_shipped_weights_give_the_reported_accuracy_on_the_test_set():
+    r = main([])
+    assert r['images'] == 10000 and r['data'] == DEBIAN_FASHION_MNIST
+    # 0.05 points = 5 of the 10k images: another CPU's float rounding may flip a borderline prediction or two
+    assert r['top1'] == pytest.approx(card_top1(FT), abs=0.05)
+    readme = (ROOT / 'README.md').read_text()
+    assert f'{card_top1(FT):.2f}%' in readme
+
+
+@needs_fmnist
+def test_main_job_prints_top1_images_per_second_and_classes():
+    out = subprocess.run([sys.executable, '-m', 'timm_mlit', '--limit', '300'], capture_output=True, text=True,
+                         check=True).stdout
+    assert re.search(r'Fashion-MNIST test \(.*\): 300 images, top-1 [0-9.]+%, [0-9]+ images/s', out), out
+    assert 'mlit_xxs.mae_ft_fashion_mnist' in out and 'Ankle boot' in out
+
+
+def test_main_job_reads_a_folder_of_idx_files(tmp_path):
+    # 20 test images in the flat layout (as Debian's package has them); the job's predictions are the model's on
+    # the same images through timm's eval transform, in file order, and its top-1 counts them against the labels
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    labels = (np.arange(20) % 10).astype(np.uint8)
+    write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', images)
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', labels)
+    r = main(['--data-dir', str(tmp_path), '-b', '8'])
+    assert r['images'] == 20 and r['data'] == str(tmp_path)
+    model = timm.create_model('mlit_xxs', pretrained=True).eval()
+    transform = create_transform(**resolve_data_config({}, model=model))
+    x = torch.stack([transform(Image.fromarray(im, mode='L').convert('RGB')) for im in images])
+    with torch.no_grad():
+        expected = model(x).argmax(-1)
+    assert torch.equal(r['predictions'], expected)
+    assert r['top1'] == pytest.approx(100. * (expected.numpy() == labels).mean())
+    assert r['per_class']['Ankle boot'] == 100. * np.mean(expected.numpy()[labels == 9] == 9)
+    assert main(['--data-dir', str(tmp_path), '--limit', '3'])['images'] == 3
+
+
+def test_main_job_says_what_is_wrong_with_a_bad_data_folder(tmp_path):
+    with pytest.raises(SystemExit, match='no readable Fashion-MNIST test set in --data-dir .*missing'):
+        main(['--data-dir', str(tmp_path / 'missing')])
+    assert not (tmp_path / 'missing').exists()  # nothing downloaded into a folder the user named
+    (tmp_path / 't10k-images-idx3-ubyte.gz').write_bytes(b'not gzip')
+    (tmp_path / 't10k-labels-idx1-ubyte.gz').write_bytes(b'not gzip')
+    with pytest.raises(SystemExit, match='BadGzipFile'):
+        main(['--data-dir', str(tmp_path)])
+
+
+def test_main_job_without_the_dataset_says_how_to_get_it(tmp_path, monkeypatch):
+    # no Debian package, an empty cache, and a download that fails at once (a proxy that refuses connections), as
+    # with no network
+    from timm_mlit import __main__ as job
+    monkeypatch.setattr(job, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'no-debian'))
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    for var in ('HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy'):
+        monkeypatch.setenv(var, 'http://127.0.0.1:9')
+    for var in ('NO_PROXY', 'no_proxy'):
+        monkeypatch.delenv(var, raising=False)
+    import urllib.request
+    monkeypatch.setattr(urllib.request, '_opener', None)  # urlopen's cached opener: rebuilt with these proxies
+    with pytest.raises(SystemExit) as e:
+        main([])
+    msg = str(e.value)
+    assert 'could not be downloaded into ' + str(tmp_path / 'cache' / 'timm_mlit' / 'fashion-mnist') in msg
+    assert 'apt-get install dataset-fashion-mnist' in msg and '--data-dir' in msg
+
+
+def test_main_job_refuses_a_model_without_fashion_mnist_weights(capsys):
+    with pytest.raises(SystemExit, match=f'(?s)cannot load mlit_s .*Fashion-MNIST classifiers shipped: {FT}$'):
+        main(['--model', 'mlit_s'])
+    with pytest.raises(SystemExit, match='not a Fashion-MNIST classifier'):
+        main(['--model', ENC])
+
+
+def test_main_job_lists_every_model(capsys):
+    main(['--list'])
+    out = capsys.readouterr().out
+    for name in ('mlit_s', 'mlit_xs', 'mlit_xxs'):
+        assert re.search(rf'^{name}\s+default tag', out, flags=re.M), out
+    assert re.search(r"^mlit_xxs\s+default tag 'mae_ft_fashion_mnist'\s+encoder params=\s+651,373", out, flags=re.M)
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_weight_folders(tmp_path):
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', str(ROOT), '--no-deps', '--no-build-isolation', '-q',
+                    '-w', str(tmp_path)], check=True, capture_output=True, timeout=600)
+    import zipfile
+    wheel, = tmp_path.glob('timm_mlit-*.whl')
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in (FT, ENC):
+        for f in ('model.safetensors', 'config.json', 'README.md'):
+            assert f'timm_mlit/weights/{name}/{f}' in names
+
+
+def test_readme_pretrained_snippet_loads_the_shipped_classifier():
+    from readme import snippet
+    ns = {'__name__': '__readme__'}
+    exec(compile(snippet('hub-pretrained'), 'README.md hub-pretrained', 'exec'), ns)
+    model = ns['model']
+    assert model.pretrained_cfg['tag'] == 'mae_ft_fashion_mnist' and not model.training
+    shipped = safetensors.torch.load_file(_weights.WEIGHTS_DIR / FT / 'model.safetensors')
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in shipped.items())
