@@ -56,8 +56,8 @@ def _fail(msg: str):
     sys.exit(f'python -m timm_mlit: {msg}')
 
 
-def _read_test_set(folder: Path):
-    return create_dataset('torch/fashion_mnist', root=str(folder), split='validation')
+def _read_test_set(folder: Path, download: bool = False):
+    return create_dataset('torch/fashion_mnist', root=str(folder), split='validation', download=download)
 
 
 def open_test_set(data_dir: Optional[str]):
@@ -86,7 +86,7 @@ def open_test_set(data_dir: Optional[str]):
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        return create_dataset('torch/fashion_mnist', root=str(cache), split='validation', download=True), cache
+        return _read_test_set(cache, download=True), cache
     except Exception as e:  # no network, no permission, a mirror down, ...
         _fail(f'the Fashion-MNIST test set is not in {DEBIAN_FASHION_MNIST} nor in {cache}, and could not be '
               f'downloaded into {cache} ({type(e).__name__}: {e}).\n{get_it}')
@@ -115,26 +115,23 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
         _fail(f'the Fashion-MNIST test set in {folder} has no images')
     loader = create_loader(dataset, batch_size=batch_size, is_training=False, num_workers=0, use_prefetcher=False,
                            device=torch.device('cpu'), **resolve_data_config({}, model=model))
-    hits = torch.zeros(len(labels))
-    counts = torch.zeros(len(labels))
     forward_s = 0.
     preds = []
     start = time.perf_counter()
     with torch.inference_mode():
-        for images, target in loader:
+        for images, _ in loader:
             t = time.perf_counter()
-            pred = model(images).argmax(dim=-1)
+            preds.append(model(images).argmax(dim=-1))
             forward_s += time.perf_counter() - t
-            preds.append(pred)
-            hits.index_add_(0, target, (pred == target).float())
-            counts.index_add_(0, target, torch.ones(len(target)))
     total_s = time.perf_counter() - start
-    seen = int(counts.sum())
+    preds, targets = torch.cat(preds), dataset.targets
+    hits = torch.bincount(targets[preds == targets], minlength=len(labels))
+    counts = torch.bincount(targets, minlength=len(labels))
     return dict(
         model=f'{cfg["architecture"]}.{cfg["tag"]}', weights=cfg.get('file') or cfg.get('hf_hub_id'),
-        params=sum(p.numel() for p in model.parameters()), data=str(folder), images=seen,
-        top1=100. * float(hits.sum()) / seen, img_s=seen / forward_s, img_s_total=seen / total_s,
-        predictions=torch.cat(preds),
+        params=sum(p.numel() for p in model.parameters()), data=str(folder), images=len(preds),
+        top1=100. * float(hits.sum()) / len(preds), img_s=len(preds) / forward_s, img_s_total=len(preds) / total_s,
+        predictions=preds,
         per_class={name: 100. * float(h) / c for name, h, c in zip(labels, hits, counts) if c})
 
 

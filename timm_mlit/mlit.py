@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, clean_state_dict, generate_default
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv, checkpoint, checkpoint_seq
 
-from ._weights import LABEL_NAMES, weights_source  # noqa: F401  (for the cfgs of published weights, see below)
+from ._weights import LABEL_NAMES, weights_source  # the cfgs of published weights, see default_cfgs
 from .layers import GroupedQueryAttention, MoE
 
 __all__ = [

@@ -30,13 +30,14 @@ __all__ = [
 
 MOE_IMPLS = ('auto', 'loop', 'dense', 'sparse')
 
+# Which two of the three SwiGLU matrices (W, V, W2 of eq. 13) all experts of a layer share (paper Table 9).
+EXPERT_SHARING = (('v', 'w2'), ('v', 'w'), ('w', 'w2'))
+
 
 def _is_fx_symbolic_tracing() -> bool:
     fx = torch.fx._symbolic_trace
     check = getattr(fx, 'is_fx_symbolic_tracing', None) or fx.is_fx_tracing  # the first is torch >= 2.6
     return check()
-# Which two of the three SwiGLU matrices (W, V, W2 of eq. 13) all experts of a layer share (paper Table 9).
-EXPERT_SHARING = (('v', 'w2'), ('v', 'w'), ('w', 'w2'))
 
 
 @register_notrace_function  # torch.fx: a leaf, its shape checks are not traced
