@@ -7,6 +7,8 @@ from timm_mlit.layers.moe import (
     EXPERT_SHARING,
     MoE,
     NoisyTopKGate,
+    _NoisyTopKFunction,
+    _SortedExpertMix,
     cv_squared,
     moe_balance_loss,
     prob_in_top_k,
@@ -133,13 +135,16 @@ def test_fast_paths_equal_the_loop_reference(shared, impl, training):
     fast.load_state_dict(ref.state_dict())
     ref.train(training)
     fast.train(training)
-    x = torch.randn(3, 11, 16)
-    y0, gx0, g0 = _run(ref, x, seed=1)
-    y1, gx1, g1 = _run(fast, x, seed=1)
+    _assert_same_outputs_and_gradients(ref, fast, torch.randn(3, 11, 16), seed=1)
+
+
+def _assert_same_outputs_and_gradients(ref: MoE, fast: MoE, x: torch.Tensor, seed: int, grad_atol: float = 1e-5):
+    y0, gx0, g0 = _run(ref, x, seed)
+    y1, gx1, g1 = _run(fast, x, seed)
     assert torch.allclose(y0, y1, atol=1e-5)
     assert torch.allclose(gx0, gx1, atol=1e-5)
     for name in g0:
-        assert torch.allclose(g0[name], g1[name], atol=1e-5), name
+        assert torch.allclose(g0[name], g1[name], atol=grad_atol), name
 
 
 def test_loop_reference_is_the_literal_sum_of_experts():
@@ -203,8 +208,73 @@ def test_bad_arguments_name_the_problem(kwargs, match):
         MoE(**args)
 
 
-def test_auto_picks_dense_for_mlit_shapes_and_sparse_for_many_experts():
+def test_auto_picks_sparse_for_training_and_many_experts_dense_for_mlit_inference():
     x = torch.randn(10, 16)
-    assert MoE(16, 12, 5, 2)._auto_impl(x) == 'dense'
+    assert MoE(16, 12, 5, 2)._auto_impl(x) == 'sparse'  # gradients are computed
     assert MoE(16, 12, 8, 2)._auto_impl(x) == 'sparse'
+    with torch.no_grad():
+        assert MoE(16, 12, 5, 2)._auto_impl(x) == 'dense'
+        assert MoE(16, 12, 8, 2)._auto_impl(x) == 'sparse'
     assert MoE(16, 12, 8, 2).to('meta')._auto_impl(x.to('meta')) == 'dense'  # not a CPU: no host synchronisation
+
+
+@pytest.mark.parametrize('t, k', [(4, 2), (5, 2), (3, 1), (6, 3)])
+@pytest.mark.parametrize('uses', ['gates', 'load', 'all'])
+def test_gate_function_matches_autograd_through_the_equations(t, k, uses):
+    """The training gate's hand-written backward (`_NoisyTopKFunction`) against autograd through eq. 2-6 written
+    with the pure functions (`forward_reference`), same noise, float64: values and gradients of x and W."""
+    torch.manual_seed(0)
+    gate = NoisyTopKGate(16, t, k).train().double()
+    x = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    w_gates = torch.randn(300, t, dtype=torch.float64)
+    w_imp, w_load = torch.randn(t, dtype=torch.float64), torch.randn(t, dtype=torch.float64)
+    results = []
+    for route in (gate.forward_reference, gate.forward):
+        torch.manual_seed(5)
+        gates, top_idx, importance, load = route(x)
+        loss = {'gates': (gates * w_gates).sum(), 'load': (load * w_load).sum(),
+                'all': (gates * w_gates).sum() + (importance * w_imp).sum() + (load * w_load).sum()}[uses]
+        results.append((gates, top_idx, importance, load) + torch.autograd.grad(loss, [x, gate.weight]))
+    for name, ref, got in zip(['gates', 'top_idx', 'importance', 'load', 'dx', 'dW'], *results):
+        assert torch.allclose(ref, got, rtol=1e-10, atol=1e-12), name
+
+
+def test_gate_function_passes_gradcheck():
+    torch.manual_seed(0)
+    logits = torch.randn(20, 10, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(20, 5, dtype=torch.float64)
+    weights = [torch.randn(20, 5, dtype=torch.float64)] + [torch.randn(5, dtype=torch.float64) for _ in range(2)]
+
+    def f(z):
+        gates, _, importance, load = _NoisyTopKFunction.apply(z, eps, 2)
+        return (gates * weights[0]).sum() + (importance * weights[1]).sum() + (load * weights[2]).sum()
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+@pytest.mark.parametrize('silu', [True, False])
+def test_sorted_expert_mix_passes_gradcheck_with_an_idle_expert(silu):
+    """The sparse path's Function, float64, with expert 3 of 4 chosen by no token (its weight gradient is zero)."""
+    torch.manual_seed(0)
+    n, k, t, m, d = 30, 2, 4, 6, 5
+    top_idx = torch.stack([torch.randint(0, 3, (n,)), torch.full((n,), 0)], 1)
+    top_idx[:, 1] = (top_idx[:, 0] + 1) % 3  # two distinct experts among 0..2 per token
+    args = [torch.randn(n, m), torch.rand(n, k), top_idx, torch.randn(t, d, m), torch.randn(t, d), torch.randn(n, d)]
+    args = [a.double().requires_grad_() if a.is_floating_point() else a for a in args]
+
+    def f(x, p, weight, bias, u):
+        return _SortedExpertMix.apply(x, p, top_idx, weight, bias, u, silu)
+    x, p, _, weight, bias, u = args
+    assert torch.autograd.gradcheck(f, (x, p, weight, bias, u))
+    f(x, p, weight, bias, u).sum().backward()
+    assert weight.grad[3].abs().sum() == 0 and weight.grad[:3].abs().sum() > 0
+
+
+@pytest.mark.parametrize('impl', ['dense', 'sparse'])
+def test_fast_paths_equal_the_loop_reference_at_mlit_shapes(impl):
+    """mlit_xxs's last layer shape (108 -> 27 hidden, 5 experts): the fused projection and the per-expert matmuls
+    are zero-padded to a width of a multiple of 16 there; outputs and gradients still equal the reference."""
+    torch.manual_seed(0)
+    ref = MoE(108, 27, 5, 2, drop=0., impl='loop').train()
+    fast = MoE(108, 27, 5, 2, drop=0., impl=impl).train()
+    fast.load_state_dict(ref.state_dict())
+    _assert_same_outputs_and_gradients(ref, fast, torch.randn(4, 145, 108), seed=3, grad_atol=1e-4)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers._fx import register_notrace_function
 
 __all__ = [
-    'softmax_k', 'top_k_thresholds', 'prob_in_top_k', 'cv_squared', 'moe_balance_loss',
+    'softmax_k', 'top_k_thresholds', 'prob_in_top_k', 'cv_squared', 'moe_balance_loss', 'noisy_top_k',
     'NoisyTopKGate', 'ExpertLinear', 'SwiGLUExperts', 'MoE', 'AddAuxiliaryLoss', 'MOE_IMPLS', 'EXPERT_SHARING',
 ]
 
@@ -47,7 +47,14 @@ def softmax_k(h: torch.Tensor, k: int, top: Optional[Tuple[torch.Tensor, torch.T
     `top`: (values, indices) of h.topk(k) when the caller has them already.
     """
     top_vals, top_idx = h.topk(k, dim=-1) if top is None else top
-    return torch.zeros_like(h).scatter(-1, top_idx, top_vals.softmax(dim=-1))
+    return torch.zeros_like(h).scatter(-1, top_idx, _softmax_of_sorted(top_vals))
+
+
+def _softmax_of_sorted(v: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension of rows sorted in descending order (as topk returns them), subtracting
+    the first column for stability: on a CPU `Tensor.softmax` over k = 2 columns costs 3x these three ops."""
+    e = (v - v[..., :1]).exp()
+    return e / e.sum(-1, keepdim=True)
 
 
 @register_notrace_function
@@ -102,11 +109,91 @@ def moe_balance_loss(importance: torch.Tensor, load: torch.Tensor, weight: float
     return weight * (cv_squared(importance) + cv_squared(load))
 
 
+class _NoisyTopKFunction(torch.autograd.Function):
+    """The training-mode noisy top-k gate (eq. 2-6) from its logits, with a hand-written backward.
+
+    Autograd through the pure functions above records some 30 small nodes on [N, t] tensors, several on strided
+    column slices; in a 5-expert layer of mlit_xxs they cost more than the experts' matmuls (benchmarks/moe_layer.py).
+    This computes the same values in fewer passes (tests/test_moe.py checks values and gradients against the
+    composition of the pure functions in float64). With σ = softplus(raw), H = clean + ε·σ, p = softmax of the k
+    largest H, u = (clean - Ψ) / σ (eq. 5-6) and dG including d(importance):
+
+        dH[chosen j] = p_j (dG_j - Σ_l p_l dG_l)              (the softmax of eq. 4)
+        q            = φ(u) · d(load) / σ                       (load = Σ_N Φ(u), eq. 5, 10)
+        dΨ           = -q, added to the noisy logit Ψ was read from: the (k+1)-th largest H for entries in the top k,
+                       the k-th largest for the others
+        d clean      = dH + q;   dσ = dH · ε - q · u;   d raw = dσ · sigmoid(raw)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, eps: torch.Tensor, k: int):
+        t = eps.shape[1]
+        clean, raw = logits[:, :t], logits[:, t:].contiguous()
+        std = F.softplus(raw)
+        noisy = torch.addcmul(clean, eps, std)  # eq. 3
+        vals, idx = noisy.topk(k + 1, dim=-1)  # one top-(k+1) serves the gate (first k) and Ψ (eq. 6)
+        top_idx = idx[:, :k].contiguous()
+        p = _softmax_of_sorted(vals[:, :k])  # eq. 4
+        gates = torch.zeros_like(noisy).scatter_(1, top_idx, p)
+        kth, k1th = vals[:, k - 1:k], vals[:, k:k + 1]
+        in_top = noisy >= kth
+        std_c = std.clamp_min(1e-6)  # as prob_in_top_k: only guards a softplus that underflowed to 0
+        u = (clean - torch.where(in_top, k1th, kth)).div_(std_c)
+        load = torch.special.ndtr(u).sum(0)
+        ctx.save_for_backward(raw, std, eps, idx, p, in_top, u)
+        ctx.k = k
+        ctx.mark_non_differentiable(top_idx)
+        ctx.set_materialize_grads(False)
+        return gates, top_idx, gates.sum(0), load
+
+    @staticmethod
+    def backward(ctx, d_gates, _d_idx, d_importance, d_load):
+        raw, std, eps, idx, p, in_top, u = ctx.saved_tensors
+        k = ctx.k
+        n, t = eps.shape
+        top_idx = idx[:, :k]
+        dg = d_gates
+        if d_importance is not None:
+            dg = d_importance.expand(n, t) if dg is None else dg + d_importance
+        d_noisy = torch.zeros_like(eps)
+        if dg is not None:
+            dp = dg.gather(1, top_idx)
+            d_noisy.scatter_(1, top_idx, p * (dp - (p * dp).sum(-1, keepdim=True)))
+        d_logits = eps.new_empty(n, 2 * t)
+        d_clean, d_std = d_logits[:, :t], d_logits[:, t:]
+        if d_load is not None:
+            std_c = std.clamp_min(1e-6)
+            q = u.square().mul_(-0.5).exp_().mul_(d_load * (1 / math.sqrt(2 * math.pi))).div_(std_c)
+            s_top = (q * in_top).sum(-1, keepdim=True)
+            s_all = q.sum(-1, keepdim=True)
+            d_noisy.scatter_add_(1, idx[:, k - 1:k + 1], torch.cat([s_top - s_all, -s_top], 1))  # dΨ = -q
+            torch.add(d_noisy, q, out=d_clean)
+            d_std_load = (q * u).neg_().masked_fill_(std < 1e-6, 0.)  # the clamp passes no gradient below 1e-6
+            torch.addcmul(d_std_load, d_noisy, eps, out=d_std)
+        else:
+            d_clean.copy_(d_noisy)
+            torch.mul(d_noisy, eps, out=d_std)
+        d_std.mul_(torch.sigmoid(raw))  # softplus' derivative
+        return d_logits, None, None
+
+
+@register_notrace_function  # torch.fx: a leaf (an autograd Function and a random draw); fx skips _-names
+def noisy_top_k(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training-mode gate from logits [N, 2t] = x·[W_g; W_noise]: draws the noise ε and returns
+    (G [N, t], chosen experts [N, k], importance [t], load [t]) as `NoisyTopKGate.route`."""
+    eps = torch.randn(logits.shape[0], logits.shape[1] // 2, dtype=logits.dtype, device=logits.device)
+    return _NoisyTopKFunction.apply(logits, eps, k)
+
+
 class NoisyTopKGate(nn.Module):
     """Noisy top-k gating (eq. 2-3) with W_g and W_noise fused into one [m, 2t] projection (no bias, eq. 3).
 
     Noise is drawn in training mode only: in eval mode H(x) = x·W_g, so inference is deterministic and a
     token's routing does not depend on the rest of its batch.
+
+    `forward(x)` computes the logits and routes them (`route`); `MoE` instead computes the logits in the same matmul
+    as its experts' input projections and calls `route` itself. `forward_reference` is the same gate written as
+    the paper's equations with autograd through them, which the 'loop' reference uses.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 2, noisy: bool = True):
@@ -121,11 +208,20 @@ class NoisyTopKGate(nn.Module):
         self.weight = nn.Parameter(torch.empty(2 * num_experts, dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default init
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Route tokens.
+    @property
+    def draws_noise(self) -> bool:
+        return self.training and self.noisy
 
-        Args:
-            x: tokens, [N, m].
+    def logit_weight(self) -> torch.Tensor:
+        """The rows of `weight` that `route` needs: [W_g; W_noise] when it draws noise, else W_g."""
+        return self.weight if self.draws_noise else self.weight[:self.num_experts]
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route tokens x [N, m]; see `route`."""
+        return self.route(F.linear(x, self.logit_weight()))
+
+    def route(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route tokens from their logits x·`logit_weight()`, [N, 2t] or [N, t].
 
         Returns:
             gates: G(x), [N, t], k non-zero entries per row summing to 1.
@@ -133,23 +229,31 @@ class NoisyTopKGate(nn.Module):
             importance: column sums of G (eq. 11), [t].
             load: column sums of P (eq. 5, 10) in training with noise, else the count of tokens per expert, [t].
         """
+        k = self.top_k
+        if self.draws_noise and not torch.jit.is_scripting():
+            return self._route_noisy(logits)
+        top_vals, top_idx = logits.topk(k, dim=-1)
+        gates = softmax_k(logits, k, (top_vals, top_idx))  # eq. 2
+        return gates, top_idx, gates.sum(0), (gates > 0).sum(0).to(gates.dtype)
+
+    @torch.jit.unused
+    def _route_noisy(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return noisy_top_k(logits, self.top_k)
+
+    @torch.jit.unused
+    def forward_reference(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` written as eq. 2-6 with autograd through the pure functions (the same noise draw)."""
         t, k = self.num_experts, self.top_k
-        if self.training and self.noisy:
-            logits = F.linear(x, self.weight)  # [N, 2t], one matmul for both projections
-            clean, raw_noise = logits[:, :t], logits[:, t:]
-            noise_std = F.softplus(raw_noise)
-            noisy = clean + torch.randn_like(clean) * noise_std  # eq. 3
-            top_vals, top_idx = noisy.topk(k + 1, dim=-1)  # one top-(k+1) serves the gate (first k) and Ψ (eq. 6)
-            load = prob_in_top_k(clean, noisy, noise_std, k, top_vals).sum(0)  # eq. 5, 10
-            top_vals, top_idx = top_vals[:, :k], top_idx[:, :k]
-        else:
-            noisy = F.linear(x, self.weight[:t])  # [N, t]
-            top_vals, top_idx = noisy.topk(k, dim=-1)
-            load = None
-        gates = softmax_k(noisy, k, (top_vals, top_idx))  # eq. 2
-        if load is None:
-            load = (gates > 0).sum(0).to(gates.dtype)
-        return gates, top_idx, gates.sum(0), load
+        if not self.draws_noise:
+            return self.forward(x)
+        logits = F.linear(x, self.weight)  # [N, 2t]
+        clean, raw_noise = logits[:, :t], logits[:, t:]
+        noise_std = F.softplus(raw_noise)
+        noisy = clean + torch.randn_like(clean) * noise_std  # eq. 3
+        top_vals, top_idx = noisy.topk(k + 1, dim=-1)
+        load = prob_in_top_k(clean, noisy, noise_std, k, top_vals).sum(0)  # eq. 5, 10
+        gates = softmax_k(noisy, k, (top_vals[:, :k], top_idx[:, :k]))  # eq. 2
+        return gates, top_idx[:, :k], gates.sum(0), load
 
 
 class ExpertLinear(nn.Module):
@@ -230,19 +334,98 @@ class AddAuxiliaryLoss(torch.autograd.Function):
         return grad_output, grad_loss
 
 
+def _gemm_pad(width: int, multiple: int = 16) -> int:
+    """Zero rows to add to a weight so that a matmul's output width is a multiple of 16. On this project's CPU
+    (MKL sgemm, 2 cores) a [18560, 108] @ [108, w] product takes 1.28 ms at w = 27 and 0.76 ms at w = 32, 2.0 ms at
+    w = 47 and 1.1 ms at w = 48: odd widths fall off the fast kernels, and padding costs less than it saves. (GPU
+    tensor cores want multiples of 8 or 16 too, so the padding is not made device-dependent.)"""
+    return -width % multiple
+
+
+def _weighted_slot_sum(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_j w[:, j] · v[:, j] for v [N, k, d], w [N, k]: k fused multiply-adds, several times faster on a CPU than
+    `bmm` or a `sum` over a middle dimension of size k."""
+    out = v[:, 0] * w[:, :1]
+    for j in range(1, v.shape[1]):
+        out.addcmul_(v[:, j], w[:, j:j + 1])
+    return out
+
+
+class _SortedExpertMix(torch.autograd.Function):
+    """h = (Σ_j p_j · f(x·W_{e_j} + b_{e_j})) ⊙ u over each token's k chosen experts e_j, f = silu or identity: the
+    per-expert part of eq. 13 when one input matrix is private (SPEC §2), for the chosen experts only.
+
+    (token, expert) pairs are sorted by expert so each expert runs one matmul on a contiguous block. Written as
+    one Function because autograd through index_select / index_add / split / cat pays a zero-filled scatter per
+    gather and a copy per block; here every gather has its inverse permutation at hand, so forward and backward
+    are gathers and matmuls writing into preallocated blocks. The per-expert token counts are read back to the
+    host (a synchronisation on CUDA, where 'auto' does not pick this path).
+    """
+
+    @staticmethod
+    def forward(ctx, x, p, top_idx, weight, bias, u, silu: bool):
+        n, k = top_idx.shape
+        t, d, _ = weight.shape
+        flat = top_idx.reshape(-1)
+        order = flat.argsort()  # sorted pair -> flat (token, slot) index; any order within an expert's block
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        counts = torch.bincount(flat, minlength=t).tolist()
+        token = order.div(k, rounding_mode='floor')
+        xs = x.index_select(0, token)  # [N·k, m], grouped by expert
+        z = x.new_empty(n * k, d)
+        start = 0
+        for i, c in enumerate(counts):
+            if c:
+                torch.addmm(bias[i], xs[start:start + c], weight[i].t(), out=z[start:start + c])
+            start += c
+        a = F.silu(z) if silu else z
+        mixed = _weighted_slot_sum(a.index_select(0, inverse).view(n, k, d), p)  # Σ_j p_j f(z_j), [N, d]
+        ctx.save_for_backward(xs, z, a, p, token, order, inverse, weight, u, mixed)
+        ctx.counts, ctx.silu = counts, silu
+        return mixed * u
+
+    @staticmethod
+    def backward(ctx, dh):
+        xs, z, a, p, token, order, inverse, weight, u, mixed = ctx.saved_tensors
+        n, k = p.shape
+        d_mixed = (dh * u).index_select(0, token)  # [N·k, d], sorted like z
+        dp = (a * d_mixed).sum(-1).index_select(0, inverse).view(n, k)
+        dz = d_mixed.mul_(p.reshape(-1).index_select(0, order).unsqueeze(1))
+        if ctx.silu:
+            dz = torch.ops.aten.silu_backward(dz, z)
+        dw = torch.zeros_like(weight)
+        db = weight.new_zeros(weight.shape[:2])
+        dxs = torch.empty_like(xs)
+        start = 0
+        for i, c in enumerate(ctx.counts):
+            if c:
+                dzi = dz[start:start + c]
+                torch.mm(dzi.t(), xs[start:start + c], out=dw[i])
+                torch.sum(dzi, 0, out=db[i])
+                torch.mm(dzi, weight[i], out=dxs[start:start + c])
+            start += c
+        dx = xs.new_zeros(n, xs.shape[1]).index_add_(0, token, dxs)  # Σ over each token's k pairs
+        return dx, dp, None, dw, db, dh * mixed, None
+
+
 class MoE(nn.Module):
     """The MoE feed-forward layer of mLiT: noisy top-k gate, SwiGLU experts with shared matrices, dropout.
 
     Tokens [B, N, m] are flattened to [B·N, m] and routed independently. y = Σ_i G(x)_i · E_i(x) (eq. 1).
 
     Implementations (`impl`), all equal to float tolerance:
-      * 'loop': per expert, gather its tokens, run E_i literally (eq. 13), scatter-add. The reference.
+      * 'loop': per expert, gather its tokens, run E_i literally (eq. 13), scatter-add; the gate through autograd
+        (`NoisyTopKGate.forward_reference`). The reference.
       * 'dense': the shared-matrix identity (SPEC §2) - only the private matrix differs per expert, so it is run
         for all experts in one matmul and the per-expert results mixed with G; the shared ones run once per
         token. No data-dependent shapes: good for small t, torch.compile and export.
       * 'sparse': the same identity, but the private matrix only for the k chosen experts of each token
-        (tokens sorted by expert, one matmul each).
-      * 'auto' (default): 'sparse' on a CPU when t >= 4k, else 'dense' (see `_auto_impl`).
+        (tokens sorted by expert, one matmul each, forward and backward written out in `_SortedExpertMix`).
+    Both fast paths compute the gate's logits in the same matmul as the experts' input projections, run the
+    training gate's hand-written backward (`_NoisyTopKFunction`) and pad matmul widths with zeros to multiples
+    of 16 where that measured faster (`_gemm_pad`).
+      * 'auto' (default): on a CPU 'sparse' in training, and in inference when t >= 4k; else 'dense' (see
+        `_auto_impl`).
 
     After each training forward `self.aux_loss` holds the unweighted balance loss (eq. 12) for the caller to
     read; if `aux_loss_weight > 0` it also reaches the gradients through `AddAuxiliaryLoss`.
@@ -276,18 +459,16 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [B·N, m]
-        gates, top_idx, importance, load = self.gate(x)
         impl = self.impl
         if impl == 'auto':
             impl = 'dense'
             if not torch.jit.is_scripting():
                 impl = self._auto_impl(x)
         if impl == 'loop':
+            gates, top_idx, importance, load = self.gate.forward_reference(x)
             y = self._forward_loop(x, gates)
-        elif impl == 'sparse':
-            y = self._forward_sparse(x, gates, top_idx)
         else:
-            y = self._forward_dense(x, gates)
+            y, importance, load = self._forward_fused(x, impl == 'sparse')
         y = self.drop(y).reshape(shape)
 
         if self.training and not torch.jit.is_scripting():
@@ -300,16 +481,19 @@ class MoE(nn.Module):
 
     @torch.jit.unused
     def _auto_impl(self, x: torch.Tensor) -> str:
-        """What 'auto' runs, from measurements (benchmarks/moe_layer.py, README "Performance"): on a CPU the sorted
-        dispatch wins once the dense path would compute 4x more expert products than the k needed (t >= 4k); at
-        mLiT's t = 3..5, k = 2 the dense path wins. On CUDA the dense path needs no host synchronisation (the
-        sparse one reads the tokens-per-expert counts back), and compiled / exported graphs need fixed shapes."""
-        if self.gate.num_experts < 4 * self.gate.top_k:
-            return 'dense'
+        """What 'auto' runs, from measurements (benchmarks/moe_layer.py, README "Performance"). On a CPU: 'sparse'
+        whenever gradients are computed (it is the faster one in training at every mLiT layer shape), and in
+        inference once a layer has 4x more experts than it picks (t >= 4k); at mLiT's t = 3..5, k = 2 the dense
+        path's in-place inference is as fast or faster. 'dense' on CUDA (the sparse path reads the tokens-per-expert
+        counts back to the host) and whenever a graph is being compiled, exported or traced (fixed shapes)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
                 or _is_fx_symbolic_tracing():
             return 'dense'  # (checked before touching x: under torch.fx it is a Proxy)
-        return 'sparse' if x.device.type == 'cpu' else 'dense'
+        if x.device.type != 'cpu':
+            return 'dense'
+        if torch.is_grad_enabled() or self.gate.num_experts >= 4 * self.gate.top_k:
+            return 'sparse'
+        return 'dense'
 
     @torch.jit.unused
     def _forward_loop(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -320,32 +504,56 @@ class MoE(nn.Module):
             y = y.index_add(0, token_idx, out * gates[token_idx, i, None])  # eq. 1
         return y
 
-    def _input_projections(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Both input-side projections of eq. 13 in one matmul: (x·W, x·V) with the per-expert one for every
-        expert, [N, t, d], and the shared one [N, d]; or both shared, [N, d] each, when W2 is per expert."""
+    def _forward_fused(self, x: torch.Tensor, sparse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """'dense' and 'sparse': the experts' input-side projections and the gate's logits come out of one matmul
+        (the gate's own [m, 2t] matmul is too narrow to run fast alone), then routing and the mix."""
         e = self.experts
-        n, d = x.shape[0], e.hidden_dim
-        if e.private == 'v':  # the per-expert one first
-            weight = torch.cat([e.v.weight.reshape(-1, e.dim), e.w.weight])
-            bias = torch.cat([e.v.bias.reshape(-1), e.w.bias])
+        n, d, t = x.shape[0], e.hidden_dim, e.num_experts
+        if e.private == 'w':
+            pw, pb, sw, sb = e.w.weight, e.w.bias, e.v.weight, e.v.bias
         else:
-            weight = torch.cat([e.w.weight.reshape(-1, e.dim), e.v.weight])
-            bias = torch.cat([e.w.bias.reshape(-1), e.v.bias])
-        z = F.linear(x, weight, bias)  # [N, (t+1)·d] or [N, 2d]
-        if e.private == 'w2':
-            return z[:, :d], z[:, d:]
-        return z[:, :-d].reshape(n, -1, d), z[:, -d:]
+            pw, pb, sw, sb = e.v.weight, e.v.bias, e.w.weight, e.w.bias
+        # Zero hidden units up to a multiple of 16 (`_gemm_pad`): every matmul of the layer gets a fast width, and
+        # they stay zero through silu, the mix and W2 (whose padded input columns are zero too).
+        pad = _gemm_pad(d) if sparse and e.private != 'w2' and _gemm_pad(d) <= 5 else 0
+        if pad:
+            pw, pb = F.pad(pw, (0, 0, 0, pad)), F.pad(pb, (0, pad))
+            sw, sb = F.pad(sw, (0, 0, 0, pad)), F.pad(sb, (0, pad))
+        d += pad
+        if e.private == 'w2':  # both input matrices shared
+            weights, biases, sizes = [e.w.weight, e.v.weight], [e.w.bias, e.v.bias], [d, d]
+        elif sparse:  # the shared one only; the private one runs per expert on its tokens
+            weights, biases, sizes = [sw], [sb], [d]
+        else:  # the private one for every expert, then the shared one
+            weights, biases, sizes = [pw.reshape(-1, e.dim), sw], [pb.reshape(-1), sb], [t * d, d]
+        gate_w = self.gate.logit_weight()
+        gate_rows = 2 * t if self.gate.draws_noise else t  # (from attributes, not shapes: torch.fx traces this)
+        weights.append(gate_w)
+        biases.append(gate_w.new_zeros(gate_rows))
+        sizes.append(gate_rows)
+        num_parts = len(sizes)
+        cols = _gemm_pad(sum(sizes))
+        if cols:
+            weights.append(gate_w.new_zeros(cols, e.dim))
+            biases.append(gate_w.new_zeros(cols))
+            sizes.append(cols)
+        parts = F.linear(x, torch.cat(weights), torch.cat(biases)).split(sizes, dim=1)
+        gates, top_idx, importance, load = self.gate.route(parts[num_parts - 1])
 
-    def _forward_dense(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        e = self.experts
         if e.private == 'w2':
-            w, v = self._input_projections(x)
-            h = F.silu(w) * v  # [N, d], shared by all experts
+            h = F.silu(parts[0]) * parts[1]  # [N, d], shared by all experts
+            if sparse:
+                return self._mix_w2_sparse(h, gates, top_idx), importance, load
             # Σ_i G_i (h·W2_i + b2_i) = [G_i·h]_i · [W2_i]_i + G·b2
-            mixed = (gates[:, :, None] * h[:, None, :]).reshape(x.shape[0], -1)  # [N, t·d]
+            mixed = (gates[:, :, None] * h[:, None, :]).reshape(n, -1)  # [N, t·d]
             w2 = e.w2.weight.permute(1, 0, 2).reshape(e.dim, -1)  # [m, t·d]
-            return F.linear(mixed, w2) + gates @ e.w2.bias
-        z, shared = self._input_projections(x)  # [N, t, d], [N, d]
+            return F.linear(mixed, w2) + gates @ e.w2.bias, importance, load
+        w2 = F.pad(e.w2.weight, (0, pad)) if pad else e.w2.weight
+        if sparse:
+            shared = parts[0] if e.private == 'w' else F.silu(parts[0])
+            h = self._mix_sparse(x, gates, top_idx, pw, pb, shared)
+            return F.linear(h, w2, e.w2.bias), importance, load
+        z, shared = parts[0].reshape(n, t, d), parts[1]
         if torch.is_grad_enabled():
             # the broadcast product + sum is the fastest to differentiate (benchmarks/moe_layer.py)
             if e.private == 'w':
@@ -358,28 +566,26 @@ class MoE(nn.Module):
                 h = torch.bmm(gates.unsqueeze(1), F.silu(z, inplace=True)).squeeze(1).mul_(shared)
             else:
                 h = torch.bmm(gates.unsqueeze(1), z).squeeze(1).mul_(F.silu(shared, inplace=True))
-        return e.w2(h)
+        return F.linear(h, w2, e.w2.bias), importance, load
 
     @torch.jit.unused
-    def _forward_sparse(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-        e = self.experts
-        n, k = top_idx.shape
+    def _mix_sparse(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """(Σ_j G_j f(x·W_j + b_j)) ⊙ shared over each token's chosen experts j, f = silu when W is eq. 13's W."""
+        return _SortedExpertMix.apply(
+            x, gates.gather(1, top_idx), top_idx, weight, bias, shared, self.experts.private == 'w')
+
+    @torch.jit.unused
+    def _mix_w2_sparse(self, h: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        """Σ_j G_j (h·W2_j + b2_j) over each token's chosen experts j, tokens sorted by expert."""
+        w2 = self.experts.w2
+        k = top_idx.shape[1]
         flat_expert = top_idx.reshape(-1)  # [N·k]
         order = flat_expert.argsort()
         token_of = order // k  # token index of each sorted (token, expert) pair
         gate_of = gates.gather(1, top_idx).reshape(-1)[order, None]  # [N·k, 1]
-        counts = torch.bincount(flat_expert, minlength=e.num_experts).tolist()
-        if e.private == 'w2':
-            h = F.silu(e.w(x)) * e.v(x)
-            hs = (h[token_of] * gate_of).split(counts)
-            outs = [F.linear(hi, e.w2.weight[i]) for i, hi in enumerate(hs)]
-            y = torch.zeros_like(x).index_add(0, token_of, torch.cat(outs))
-            return y + gates @ e.w2.bias
-        private = e.w if e.private == 'w' else e.v
-        xs = x[token_of].split(counts)
-        z = torch.cat([private(xi, i) for i, xi in enumerate(xs)])  # [N·k, d]
-        if e.private == 'w':
-            z = F.silu(z)
-        mixed = x.new_zeros(n, e.hidden_dim).index_add(0, token_of, z * gate_of)  # Σ_i G_i f(x·W_i + b_i)
-        h = mixed * e.v(x) if e.private == 'w' else F.silu(e.w(x)) * mixed
-        return e.w2(h)
+        counts = torch.bincount(flat_expert, minlength=self.experts.num_experts).tolist()
+        hs = (h[token_of] * gate_of).split(counts)
+        outs = [F.linear(hi, w2.weight[i]) for i, hi in enumerate(hs)]
+        y = h.new_zeros(h.shape[0], w2.weight.shape[1]).index_add(0, token_of, torch.cat(outs))
+        return y + gates @ w2.bias
