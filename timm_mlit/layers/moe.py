@@ -501,7 +501,7 @@ class MoE(nn.Module):
         for i in range(self.experts.num_experts):
             token_idx = gates[:, i].nonzero().squeeze(-1)
             out = self.experts.forward_expert(x[token_idx], i)  # eq. 13
-            y = y.index_add(0, token_idx, out * gates[token_idx, i, None])  # eq. 1
+            y = y.index_add(0, token_idx, (out * gates[token_idx, i, None]).to(y.dtype))  # eq. 1 (dtype: autocast)
         return y
 
     def _forward_fused(self, x: torch.Tensor, sparse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
