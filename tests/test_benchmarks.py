@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import matmul_widths  # noqa: E402
 import moe_layer  # noqa: E402
 import pretrain_throughput  # noqa: E402
 
@@ -46,3 +47,11 @@ def test_pretrain_benchmark_writes_images_per_second(tmp_path):
                               '--out', str(tmp_path)])
     rows = json.loads((tmp_path / 'pretrain_cpu_float32.json').read_text())['rows']
     assert rows[0]['model'] == 'mlit_xxs' and rows[0]['img_s'] > 0
+
+
+def test_matmul_width_benchmark_pairs_each_width_with_its_padded_one(tmp_path):
+    matmul_widths.main(['--rows', '64', '--dim', '8', '--widths', '30', '33', '--repeats', '1', '--out', str(tmp_path)])
+    rows = json.loads((tmp_path / 'matmul_widths_cpu.json').read_text())['rows']
+    assert [(r['width'], r['padded_width']) for r in rows] == [(30, 32), (31, 32), (32, 32), (33, 48)]
+    same = next(r for r in rows if r['width'] == 32)
+    assert same['ms'] == same['padded_ms'] and same['pad/plain'] == 1

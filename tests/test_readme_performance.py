@@ -69,3 +69,21 @@ def test_targets_table_names_every_layer_over_the_target():
     assert f'over 1.3 on {len(over)} of the {shapes} shapes' in line
     for r in over:
         assert re.search(rf"\(hidden {r['hidden']}\) {r['auto/swiglu']:.2f}", line), r
+
+
+def test_prose_figures_are_the_committed_benchmarks():
+    widths = {r['width']: r for r in json.loads((RESULTS / 'matmul_widths_cpu.json').read_text())['rows']}
+    quoted = re.findall(r'(\d+\.\d+) ms at (\d+) columns against (\d+\.\d+) ms at (\d+)|'
+                        r'(\d+\.\d+) ms at (\d+) against (\d+\.\d+) ms at (\d+), for', README)
+    assert len(quoted) == 2
+    for groups in quoted:
+        plain_ms, width, padded_ms, padded = [g for g in groups if g]
+        row = widths[int(width)]
+        assert f"{row['ms']:.2f}" == plain_ms and f"{row['padded_ms']:.2f}" == padded_ms
+        assert row['padded_width'] == int(padded)
+    train = [r for r in LAYER['rows'] if r['mode'] == 'train']
+    noise = max(abs(r['auto/swiglu'] - r['sparse/swiglu']) for r in train)
+    assert f'in training up to {noise:.2f} at one shape in this run' in README
+    rows = {r['model']: r for r in MODELS['rows']}
+    dense_vs_loop = rows['mlit_xxs@dense']['eval_img_s'] / rows['mlit_xxs@loop']['eval_img_s']
+    assert f"runs {dense_vs_loop:.2f}× `'loop'` ({rows['mlit_xxs@dense']['eval_img_s']:.0f} img/s)" in README

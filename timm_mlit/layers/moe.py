@@ -5,9 +5,11 @@
 Pieces, one job each:
   * gate math as pure functions: `softmax_k` (eq. 4), `top_k_thresholds` (Ψ, eq. 6), `prob_in_top_k` (eq. 5),
     `cv_squared`, `moe_balance_loss` (eq. 10-12)
-  * `NoisyTopKGate`: noisy top-k gating (eq. 2-3) and the load / importance the loss needs
+  * `NoisyTopKGate`: noisy top-k gating (eq. 2-3) and the load / importance the loss needs; in training its math
+    runs in `_NoisyTopKFunction`, an autograd Function with a hand-written backward
   * `SwiGLUExperts`: the SwiGLU experts of eq. 13 with some of their matrices shared across the layer
-  * `MoE`: routing + dispatch/combine, dropout, and the auxiliary loss
+  * `MoE`: routing + dispatch/combine, dropout, and the auxiliary loss; its sparse dispatch runs in
+    `_SortedExpertMix`, another autograd Function
   * `AddAuxiliaryLoss`: an autograd hook that lets the auxiliary loss reach the gradients through a training loop
     that only back-propagates its own criterion (timm's train.py)
 
@@ -16,7 +18,7 @@ importance, which is not a scalar. The implementation the paper cites (D. Rau, s
 squared coefficient of variation of both, so `L_moe = w * (CV²(importance) + CV²(load))`, w = 1e-2.
 """
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,6 +31,9 @@ __all__ = [
 ]
 
 MOE_IMPLS = ('auto', 'loop', 'dense', 'sparse')
+
+# Floor of the noise standard deviation in eq. 5's division: only guards a softplus that underflowed to 0.
+_MIN_NOISE_STD = 1e-6
 
 # Which two of the three SwiGLU matrices (W, V, W2 of eq. 13) all experts of a layer share (paper Table 9).
 EXPERT_SHARING = (('v', 'w2'), ('v', 'w'), ('w', 'w2'))
@@ -90,8 +95,7 @@ def prob_in_top_k(
         top_vals: noisy_logits.topk(k + 1).values, if already computed.
     """
     psi = top_k_thresholds(noisy_logits, k, top_vals)
-    # the clamp only guards a softplus that underflowed to 0
-    return torch.special.ndtr((clean_logits - psi) / noise_std.clamp_min(1e-6))
+    return torch.special.ndtr((clean_logits - psi) / noise_std.clamp_min(_MIN_NOISE_STD))
 
 
 @register_notrace_function
@@ -137,7 +141,7 @@ class _NoisyTopKFunction(torch.autograd.Function):
         gates = torch.zeros_like(noisy).scatter_(1, top_idx, p)
         kth, k1th = vals[:, k - 1:k], vals[:, k:k + 1]
         in_top = noisy >= kth
-        std_c = std.clamp_min(1e-6)  # as prob_in_top_k: only guards a softplus that underflowed to 0
+        std_c = std.clamp_min(_MIN_NOISE_STD)
         u = (clean - torch.where(in_top, k1th, kth)).div_(std_c)
         load = torch.special.ndtr(u).sum(0)
         ctx.save_for_backward(raw, std, eps, idx, p, in_top, u)
@@ -147,6 +151,7 @@ class _NoisyTopKFunction(torch.autograd.Function):
         return gates, top_idx, gates.sum(0), load
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_gates, _d_idx, d_importance, d_load):
         raw, std, eps, idx, p, in_top, u = ctx.saved_tensors
         k = ctx.k
@@ -159,22 +164,19 @@ class _NoisyTopKFunction(torch.autograd.Function):
         if dg is not None:
             dp = dg.gather(1, top_idx)
             d_noisy.scatter_(1, top_idx, p * (dp - (p * dp).sum(-1, keepdim=True)))
-        d_logits = eps.new_empty(n, 2 * t)
-        d_clean, d_std = d_logits[:, :t], d_logits[:, t:]
         if d_load is not None:
-            std_c = std.clamp_min(1e-6)
+            std_c = std.clamp_min(_MIN_NOISE_STD)
             q = u.square().mul_(-0.5).exp_().mul_(d_load * (1 / math.sqrt(2 * math.pi))).div_(std_c)
             s_top = (q * in_top).sum(-1, keepdim=True)
             s_all = q.sum(-1, keepdim=True)
             d_noisy.scatter_add_(1, idx[:, k - 1:k + 1], torch.cat([s_top - s_all, -s_top], 1))  # dΨ = -q
-            torch.add(d_noisy, q, out=d_clean)
-            d_std_load = (q * u).neg_().masked_fill_(std < 1e-6, 0.)  # the clamp passes no gradient below 1e-6
-            torch.addcmul(d_std_load, d_noisy, eps, out=d_std)
+            d_clean = d_noisy + q
+            d_std = (q * u).neg_().masked_fill_(std < _MIN_NOISE_STD, 0.)  # the clamp passes nothing below it
+            d_std.addcmul_(d_noisy, eps)
         else:
-            d_clean.copy_(d_noisy)
-            torch.mul(d_noisy, eps, out=d_std)
-        d_std.mul_(torch.sigmoid(raw))  # softplus' derivative
-        return d_logits, None, None
+            d_clean, d_std = d_noisy, d_noisy * eps
+        # (a new tensor, not out= into column slices: torch.compile cannot trace out= into strided tensors)
+        return torch.cat([d_clean, d_std.mul_(torch.sigmoid(raw))], 1), None, None  # softplus' derivative
 
 
 @register_notrace_function  # torch.fx: a leaf (an autograd Function and a random draw); fx skips _-names
@@ -232,6 +234,8 @@ class NoisyTopKGate(nn.Module):
         k = self.top_k
         if self.draws_noise and not torch.jit.is_scripting():
             return self._route_noisy(logits)
+        # without noise only W_g's logits count (a scripted model in train mode routes here, without noise)
+        logits = logits[:, :self.num_experts]
         top_vals, top_idx = logits.topk(k, dim=-1)
         gates = softmax_k(logits, k, (top_vals, top_idx))  # eq. 2
         return gates, top_idx, gates.sum(0), (gates > 0).sum(0).to(gates.dtype)
@@ -336,9 +340,10 @@ class AddAuxiliaryLoss(torch.autograd.Function):
 
 def _gemm_pad(width: int, multiple: int = 16) -> int:
     """Zero rows to add to a weight so that a matmul's output width is a multiple of 16. On this project's CPU
-    (MKL sgemm, 2 cores) a [18560, 108] @ [108, w] product takes 1.28 ms at w = 27 and 0.76 ms at w = 32, 2.0 ms at
-    w = 47 and 1.1 ms at w = 48: odd widths fall off the fast kernels, and padding costs less than it saves. (GPU
-    tensor cores want multiples of 8 or 16 too, so the padding is not made device-dependent.)"""
+    (MKL sgemm, 2 cores) odd output widths fall off the fast kernels: `python benchmarks/matmul_widths.py` times
+    a [18560, 108] @ [108, w] product at every w from 24 to 100 beside the next multiple of 16
+    (benchmarks/results/matmul_widths_cpu.md). (GPU tensor cores want multiples of 8 or 16 too, so the padding is
+    not made device-dependent.)"""
     return -width % multiple
 
 
@@ -349,6 +354,16 @@ def _weighted_slot_sum(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     for j in range(1, v.shape[1]):
         out.addcmul_(v[:, j], w[:, j:j + 1])
     return out
+
+
+def _sort_by_expert(top_idx: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Group the (token, expert) pairs of top_idx [N, k] by expert: `order` maps a sorted position to its flat pair
+    index token·k + slot (any order within an expert's block), `token` is each sorted pair's token, `counts` the
+    pairs per expert, read back to the host (a synchronisation on CUDA)."""
+    flat = top_idx.reshape(-1)
+    order = flat.argsort()
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, order.div(top_idx.shape[1], rounding_mode='floor'), counts
 
 
 class _SortedExpertMix(torch.autograd.Function):
@@ -366,11 +381,8 @@ class _SortedExpertMix(torch.autograd.Function):
     def forward(ctx, x, p, top_idx, weight, bias, u, silu: bool):
         n, k = top_idx.shape
         t, d, _ = weight.shape
-        flat = top_idx.reshape(-1)
-        order = flat.argsort()  # sorted pair -> flat (token, slot) index; any order within an expert's block
+        order, token, counts = _sort_by_expert(top_idx, t)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        counts = torch.bincount(flat, minlength=t).tolist()
-        token = order.div(k, rounding_mode='floor')
         xs = x.index_select(0, token)  # [N·k, m], grouped by expert
         z = x.new_empty(n * k, d)
         start = 0
@@ -385,6 +397,7 @@ class _SortedExpertMix(torch.autograd.Function):
         return mixed * u
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
         xs, z, a, p, token, order, inverse, weight, u, mixed = ctx.saved_tensors
         n, k = p.shape
@@ -393,18 +406,24 @@ class _SortedExpertMix(torch.autograd.Function):
         dz = d_mixed.mul_(p.reshape(-1).index_select(0, order).unsqueeze(1))
         if ctx.silu:
             dz = torch.ops.aten.silu_backward(dz, z)
-        dw = torch.zeros_like(weight)
-        db = weight.new_zeros(weight.shape[:2])
-        dxs = torch.empty_like(xs)
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dw = torch.zeros_like(weight) if need_w else None
+        db = weight.new_zeros(weight.shape[:2]) if need_b else None
+        dxs = torch.empty_like(xs) if need_x else None
         start = 0
         for i, c in enumerate(ctx.counts):
             if c:
                 dzi = dz[start:start + c]
-                torch.mm(dzi.t(), xs[start:start + c], out=dw[i])
-                torch.sum(dzi, 0, out=db[i])
-                torch.mm(dzi, weight[i], out=dxs[start:start + c])
+                if dw is not None:
+                    torch.mm(dzi.t(), xs[start:start + c], out=dw[i])
+                if db is not None:
+                    torch.sum(dzi, 0, out=db[i])
+                if dxs is not None:
+                    torch.mm(dzi, weight[i], out=dxs[start:start + c])
             start += c
-        dx = xs.new_zeros(n, xs.shape[1]).index_add_(0, token, dxs)  # Σ over each token's k pairs
+        dx = None
+        if dxs is not None:
+            dx = xs.new_zeros(n, xs.shape[1]).index_add_(0, token, dxs)  # Σ over each token's k pairs
         return dx, dp, None, dw, db, dh * mixed, None
 
 
@@ -421,11 +440,11 @@ class MoE(nn.Module):
         token. No data-dependent shapes: good for small t, torch.compile and export.
       * 'sparse': the same identity, but the private matrix only for the k chosen experts of each token
         (tokens sorted by expert, one matmul each, forward and backward written out in `_SortedExpertMix`).
+      * 'auto' (default): 'sparse' on a CPU, else 'dense' (see `_auto_impl`).
+
     Both fast paths compute the gate's logits in the same matmul as the experts' input projections, run the
-    training gate's hand-written backward (`_NoisyTopKFunction`) and pad matmul widths with zeros to multiples
-    of 16 where that measured faster (`_gemm_pad`).
-      * 'auto' (default): on a CPU 'sparse' in training, and in inference when t >= 4k; else 'dense' (see
-        `_auto_impl`).
+    training gate's hand-written backward (`_NoisyTopKFunction`) and pad that matmul's width with zero rows to a
+    multiple of 16 (`_gemm_pad`); 'sparse' also pads the hidden size when that adds at most 5 units.
 
     After each training forward `self.aux_loss` holds the unweighted balance loss (eq. 12) for the caller to
     read; if `aux_loss_weight > 0` it also reaches the gradients through `AddAuxiliaryLoss`.
@@ -481,19 +500,14 @@ class MoE(nn.Module):
 
     @torch.jit.unused
     def _auto_impl(self, x: torch.Tensor) -> str:
-        """What 'auto' runs, from measurements (benchmarks/moe_layer.py, README "Performance"). On a CPU: 'sparse'
-        whenever gradients are computed (it is the faster one in training at every mLiT layer shape), and in
-        inference once a layer has 4x more experts than it picks (t >= 4k); at mLiT's t = 3..5, k = 2 the dense
-        path's in-place inference is as fast or faster. 'dense' on CUDA (the sparse path reads the tokens-per-expert
-        counts back to the host) and whenever a graph is being compiled, exported or traced (fixed shapes)."""
+        """What 'auto' runs, from measurements (benchmarks/moe_layer.py, README "Performance"): 'sparse' on a CPU
+        (the faster one in training at every mLiT layer shape, and in inference at most of them); 'dense' on CUDA
+        (the sparse path reads the tokens-per-expert counts back to the host) and whenever a graph is being
+        compiled, exported or traced (fixed shapes)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
                 or _is_fx_symbolic_tracing():
             return 'dense'  # (checked before touching x: under torch.fx it is a Proxy)
-        if x.device.type != 'cpu':
-            return 'dense'
-        if torch.is_grad_enabled() or self.gate.num_experts >= 4 * self.gate.top_k:
-            return 'sparse'
-        return 'dense'
+        return 'sparse' if x.device.type == 'cpu' else 'dense'
 
     @torch.jit.unused
     def _forward_loop(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -505,49 +519,30 @@ class MoE(nn.Module):
         return y
 
     def _forward_fused(self, x: torch.Tensor, sparse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """'dense' and 'sparse': the experts' input-side projections and the gate's logits come out of one matmul
-        (the gate's own [m, 2t] matmul is too narrow to run fast alone), then routing and the mix."""
+        """'dense' and 'sparse' with a private W or V: (y, importance, load)."""
         e = self.experts
+        if e.private == 'w2':
+            return self._forward_fused_private_w2(x, sparse)
         n, d, t = x.shape[0], e.hidden_dim, e.num_experts
         if e.private == 'w':
             pw, pb, sw, sb = e.w.weight, e.w.bias, e.v.weight, e.v.bias
         else:
             pw, pb, sw, sb = e.v.weight, e.v.bias, e.w.weight, e.w.bias
-        # Zero hidden units up to a multiple of 16 (`_gemm_pad`): every matmul of the layer gets a fast width, and
-        # they stay zero through silu, the mix and W2 (whose padded input columns are zero too).
-        pad = _gemm_pad(d) if sparse and e.private != 'w2' and _gemm_pad(d) <= 5 else 0
+        # 'sparse': zero hidden units up to a multiple of 16 when that adds at most 5 (`_gemm_pad`; measured: 27 -> 32
+        # and 47 -> 48 made the layer faster, 33 -> 48 or 54 -> 64 slower). They stay zero through silu, the mix and
+        # W2, whose padded input columns are zero too.
+        pad = _gemm_pad(d) if sparse else 0
+        if pad > 5:
+            pad = 0
         if pad:
             pw, pb = F.pad(pw, (0, 0, 0, pad)), F.pad(pb, (0, pad))
             sw, sb = F.pad(sw, (0, 0, 0, pad)), F.pad(sb, (0, pad))
         d += pad
-        if e.private == 'w2':  # both input matrices shared
-            weights, biases, sizes = [e.w.weight, e.v.weight], [e.w.bias, e.v.bias], [d, d]
-        elif sparse:  # the shared one only; the private one runs per expert on its tokens
-            weights, biases, sizes = [sw], [sb], [d]
-        else:  # the private one for every expert, then the shared one
-            weights, biases, sizes = [pw.reshape(-1, e.dim), sw], [pb.reshape(-1), sb], [t * d, d]
-        gate_w = self.gate.logit_weight()
-        gate_rows = 2 * t if self.gate.draws_noise else t  # (from attributes, not shapes: torch.fx traces this)
-        weights.append(gate_w)
-        biases.append(gate_w.new_zeros(gate_rows))
-        sizes.append(gate_rows)
-        num_parts = len(sizes)
-        cols = _gemm_pad(sum(sizes))
-        if cols:
-            weights.append(gate_w.new_zeros(cols, e.dim))
-            biases.append(gate_w.new_zeros(cols))
-            sizes.append(cols)
-        parts = F.linear(x, torch.cat(weights), torch.cat(biases)).split(sizes, dim=1)
-        gates, top_idx, importance, load = self.gate.route(parts[num_parts - 1])
-
-        if e.private == 'w2':
-            h = F.silu(parts[0]) * parts[1]  # [N, d], shared by all experts
-            if sparse:
-                return self._mix_w2_sparse(h, gates, top_idx), importance, load
-            # Σ_i G_i (h·W2_i + b2_i) = [G_i·h]_i · [W2_i]_i + G·b2
-            mixed = (gates[:, :, None] * h[:, None, :]).reshape(n, -1)  # [N, t·d]
-            w2 = e.w2.weight.permute(1, 0, 2).reshape(e.dim, -1)  # [m, t·d]
-            return F.linear(mixed, w2) + gates @ e.w2.bias, importance, load
+        if sparse:  # the shared matrix only; the private one runs per expert on its tokens
+            parts, gates, top_idx, importance, load = self._project_and_route(x, [sw], [sb], [d])
+        else:  # the private matrix for every expert, then the shared one
+            parts, gates, top_idx, importance, load = self._project_and_route(
+                x, [pw.reshape(-1, e.dim), sw], [pb.reshape(-1), sb], [t * d, d])
         w2 = F.pad(e.w2.weight, (0, pad)) if pad else e.w2.weight
         if sparse:
             shared = parts[0] if e.private == 'w' else F.silu(parts[0])
@@ -568,24 +563,62 @@ class MoE(nn.Module):
                 h = torch.bmm(gates.unsqueeze(1), z).squeeze(1).mul_(F.silu(shared, inplace=True))
         return F.linear(h, w2, e.w2.bias), importance, load
 
+    def _forward_fused_private_w2(self, x: torch.Tensor, sparse: bool) \
+            -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """'dense' and 'sparse' with a private W2 (both input matrices shared)."""
+        e = self.experts
+        n, d = x.shape[0], e.hidden_dim
+        parts, gates, top_idx, importance, load = self._project_and_route(
+            x, [e.w.weight, e.v.weight], [e.w.bias, e.v.bias], [d, d])
+        h = F.silu(parts[0]) * parts[1]  # [N, d], shared by all experts
+        if sparse:
+            return self._mix_w2_sparse(h, gates, top_idx), importance, load
+        # Σ_i G_i (h·W2_i + b2_i) = [G_i·h]_i · [W2_i]_i + G·b2
+        mixed = (gates[:, :, None] * h[:, None, :]).reshape(n, -1)  # [N, t·d]
+        w2 = e.w2.weight.permute(1, 0, 2).reshape(e.dim, -1)  # [m, t·d]
+        return F.linear(mixed, w2) + gates @ e.w2.bias, importance, load
+
+    def _project_and_route(self, x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
+                           sizes: List[int]):
+        """The experts' input-side projections (`weights`, `biases`, output `sizes`) and the gate's logits in one
+        matmul - the gate's own [m, 2t] one is too narrow to run fast - then routing. The matmul's width is
+        padded with zero rows to a multiple of 16 (`_gemm_pad`: a few columns, always cheaper than an odd width).
+
+        Returns: the projections split as `sizes`, then the gate's (gates, top_idx, importance, load).
+        """
+        t = self.gate.num_experts
+        gate_w = self.gate.logit_weight()
+        gate_rows = 2 * t if self.gate.draws_noise else t  # (from attributes, not shapes: torch.fx traces this)
+        weights = weights + [gate_w]
+        biases = biases + [gate_w.new_zeros(gate_rows)]
+        sizes = sizes + [gate_rows]
+        num_parts = len(sizes)
+        cols = _gemm_pad(sum(sizes))
+        if cols:
+            weights.append(gate_w.new_zeros(cols, gate_w.shape[1]))
+            biases.append(gate_w.new_zeros(cols))
+            sizes.append(cols)
+        parts = F.linear(x, torch.cat(weights), torch.cat(biases)).split(sizes, dim=1)
+        gates, top_idx, importance, load = self.gate.route(parts[num_parts - 1])
+        return parts[:num_parts - 1], gates, top_idx, importance, load
+
     @torch.jit.unused
     def _mix_sparse(self, x: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """(Σ_j G_j f(x·W_j + b_j)) ⊙ shared over each token's chosen experts j, f = silu when W is eq. 13's W."""
-        return _SortedExpertMix.apply(
-            x, gates.gather(1, top_idx), top_idx, weight, bias, shared, self.experts.private == 'w')
+        if torch.is_autocast_enabled(x.device.type):  # autocast skips the Function's matmuls (they write out=)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        p = gates.gather(1, top_idx).to(x.dtype)
+        return _SortedExpertMix.apply(x, p, top_idx, weight, bias, shared.to(x.dtype), self.experts.private == 'w')
 
     @torch.jit.unused
     def _mix_w2_sparse(self, h: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         """Σ_j G_j (h·W2_j + b2_j) over each token's chosen experts j, tokens sorted by expert."""
         w2 = self.experts.w2
-        k = top_idx.shape[1]
-        flat_expert = top_idx.reshape(-1)  # [N·k]
-        order = flat_expert.argsort()
-        token_of = order // k  # token index of each sorted (token, expert) pair
+        order, token, counts = _sort_by_expert(top_idx, self.experts.num_experts)
         gate_of = gates.gather(1, top_idx).reshape(-1)[order, None]  # [N·k, 1]
-        counts = torch.bincount(flat_expert, minlength=self.experts.num_experts).tolist()
-        hs = (h[token_of] * gate_of).split(counts)
+        hs = (h[token] * gate_of).split(counts)
         outs = [F.linear(hi, w2.weight[i]) for i, hi in enumerate(hs)]
-        y = h.new_zeros(h.shape[0], w2.weight.shape[1]).index_add(0, token_of, torch.cat(outs))
+        y = h.new_zeros(h.shape[0], w2.weight.shape[1]).index_add(0, token, torch.cat(outs))
         return y + gates @ w2.bias
