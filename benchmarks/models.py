@@ -2,7 +2,8 @@
 
 For each model: batch-1 latency (eval), batch-256 throughput (eval), training-step images/s (forward, cross-entropy,
 backward, AdamW step) and the peak memory of a training step. Models:
-  * mlit_xxs / mlit_xs / mlit_s, and the 'loop' reference MoE of mlit_xxs
+  * mlit_xxs / mlit_xs / mlit_s, and the 'loop' reference MoE of mlit_xxs (`--specs` also takes `name@sparse`: the
+    model with moe_impl='sparse' in inference too)
   * each one made dense: num_experts=(1, 1, 1), top_k=1 (one SwiGLU expert of the same hidden size per layer)
   * a dense ViT of the same width and depth from timm's VisionTransformer (patch 3, MLP ratio 2)
   * small timm CNNs: resnet10t, mobilenetv3_small_050
@@ -32,7 +33,7 @@ VIT_TWINS = dict(mlit_xxs=(108, 9, 6), mlit_xs=(128, 12, 8), mlit_s=(144, 15, 8)
 
 
 def build(spec: str, num_classes: int = 100):
-    """`name`, `name@dense` (one expert per layer), `name@loop` (reference MoE) or `vit_twin@name`."""
+    """`name`, `name@dense` (one expert per layer), `name@loop` / `name@sparse` (that moe_impl) or `vit_twin@name`."""
     if spec.startswith('vit_twin@'):
         dim, depth, heads = VIT_TWINS[spec.split('@')[1]]
         return timm.create_model(
@@ -42,8 +43,8 @@ def build(spec: str, num_classes: int = 100):
     kwargs = {}
     if variant == 'dense':
         kwargs = dict(num_experts=(1, 1, 1), top_k=1)
-    elif variant == 'loop':
-        kwargs = dict(moe_impl='loop')
+    elif variant in ('loop', 'sparse'):
+        kwargs = dict(moe_impl=variant)
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 

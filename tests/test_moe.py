@@ -8,6 +8,7 @@ from timm_mlit.layers.moe import (
     MoE,
     NoisyTopKGate,
     _NoisyTopKFunction,
+    _PairedExpertMix,
     _SortedExpertMix,
     cv_squared,
     moe_balance_loss,
@@ -208,11 +209,13 @@ def test_bad_arguments_name_the_problem(kwargs, match):
         MoE(**args)
 
 
-def test_auto_picks_sparse_on_a_cpu_and_dense_elsewhere():
+def test_auto_picks_sparse_for_training_and_many_experts_dense_for_mlit_inference():
     x = torch.randn(10, 16)
-    assert MoE(16, 12, 5, 2)._auto_impl(x) == 'sparse'
+    assert MoE(16, 12, 5, 2)._auto_impl(x) == 'sparse'  # gradients are computed
+    assert MoE(16, 12, 8, 2)._auto_impl(x) == 'sparse'
     with torch.no_grad():
-        assert MoE(16, 12, 5, 2)._auto_impl(x) == 'sparse'
+        assert MoE(16, 12, 5, 2)._auto_impl(x) == 'dense'
+        assert MoE(16, 12, 8, 2)._auto_impl(x) == 'sparse'
     assert MoE(16, 12, 8, 2).to('meta')._auto_impl(x.to('meta')) == 'dense'  # not a CPU: no host synchronisation
 
 
@@ -249,9 +252,10 @@ def test_gate_function_passes_gradcheck():
     assert torch.autograd.gradcheck(f, (logits,))
 
 
+@pytest.mark.parametrize('mix', [_SortedExpertMix, _PairedExpertMix])
 @pytest.mark.parametrize('silu', [True, False])
-def test_sorted_expert_mix_passes_gradcheck_with_an_idle_expert(silu):
-    """The sparse path's Function, float64, with expert 3 of 4 chosen by no token (its weight gradient is zero)."""
+def test_expert_mix_functions_pass_gradcheck_with_an_idle_expert(mix, silu):
+    """The sparse path's Functions, float64, with expert 3 of 4 chosen by no token (its weight gradient is zero)."""
     torch.manual_seed(0)
     n, k, t, m, d = 30, 2, 4, 6, 5
     top_idx = torch.stack([torch.randint(0, 3, (n,)), torch.full((n,), 0)], 1)
@@ -260,7 +264,7 @@ def test_sorted_expert_mix_passes_gradcheck_with_an_idle_expert(silu):
     args = [a.double().requires_grad_() if a.is_floating_point() else a for a in args]
 
     def f(x, p, weight, bias, u):
-        return _SortedExpertMix.apply(x, p, top_idx, weight, bias, u, silu)
+        return mix.apply(x, p, top_idx, weight, bias, u, silu)
     x, p, _, weight, bias, u = args
     assert torch.autograd.gradcheck(f, (x, p, weight, bias, u))
     f(x, p, weight, bias, u).sum().backward()
@@ -344,3 +348,14 @@ def test_second_order_gradients_are_refused_clearly():
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match='once_differentiable'):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize('experts, top_k', [(8, 2), (5, 3), (4, 1)])
+def test_sorted_dispatch_equals_the_loop_reference(experts, top_k):
+    """'sparse' groups tokens by expert pair for top-2 with up to 5 experts; the other shapes take the sorted
+    (token, expert) dispatch, which must equal the reference too."""
+    torch.manual_seed(0)
+    ref = MoE(16, 12, experts, top_k, drop=0., impl='loop').train()
+    fast = MoE(16, 12, experts, top_k, drop=0., impl='sparse').train()
+    fast.load_state_dict(ref.state_dict())
+    _assert_same_outputs_and_gradients(ref, fast, torch.randn(3, 11, 16), seed=2)

@@ -45,7 +45,8 @@ def _fmt_rate(v: float) -> str:
 
 def test_models_table_is_the_committed_benchmark():
     rows = {r['model']: r for r in MODELS['rows']}
-    order = ['mlit_xxs', 'mlit_xxs@loop', 'mlit_xxs@dense', 'vit_twin@mlit_xxs', 'resnet10t', 'mobilenetv3_small_050']
+    order = ['mlit_xxs', 'mlit_xxs@sparse', 'mlit_xxs@loop', 'mlit_xxs@dense', 'vit_twin@mlit_xxs', 'resnet10t',
+             'mobilenetv3_small_050']
     table = _table('models')
     assert len(table) == len(order)
     for cells, spec in zip(table, order):
@@ -62,13 +63,18 @@ def test_targets_table_quotes_the_model_ratios(figure):
     assert f'| {xxs[figure]:.2f}× (' in README
 
 
-def test_targets_table_names_every_layer_over_the_target():
-    over = [r for r in LAYER['rows'] if r['mode'] == 'train' and r['experts'] <= 5 and r['auto/swiglu'] > 1.3]
-    shapes = sum(1 for r in LAYER['rows'] if r['mode'] == 'train' and r['experts'] <= 5)
+def test_targets_table_quotes_the_worst_layer_and_every_one_over_the_target():
+    rows = [r for r in LAYER['rows'] if r['mode'] == 'train' and r['experts'] <= 5]
+    over = [r for r in rows if r['auto/swiglu'] > 1.3]
+    worst = max(rows, key=lambda r: r['auto/swiglu'])
     line = next(line for line in README.splitlines() if line.startswith('| MoE layer fwd+bwd ≤ 1.3×'))
-    assert f'over 1.3 on {len(over)} of the {shapes} shapes' in line
-    for r in over:
-        assert re.search(rf"\(hidden {r['hidden']}\) {r['auto/swiglu']:.2f}", line), r
+    assert f"max {worst['auto/swiglu']:.2f} ({worst['model']}'s" in line
+    if over:
+        assert f'over 1.3 on {len(over)} of the {len(rows)} shapes' in line
+        for r in over:
+            assert re.search(rf"\(hidden {r['hidden']}\) {r['auto/swiglu']:.2f}", line), r
+    else:
+        assert f'met on all {len(rows)} shapes in this run' in line
 
 
 def test_prose_figures_are_the_committed_benchmarks():
