@@ -8,8 +8,8 @@ Pieces, one job each:
   * `NoisyTopKGate`: noisy top-k gating (eq. 2-3) and the load / importance the loss needs; in training its math
     runs in `_NoisyTopKFunction`, an autograd Function with a hand-written backward
   * `SwiGLUExperts`: the SwiGLU experts of eq. 13 with some of their matrices shared across the layer
-  * `MoE`: routing + dispatch/combine, dropout, and the auxiliary loss; its sparse dispatch runs in
-    `_SortedExpertMix`, another autograd Function
+  * `MoE`: routing + dispatch/combine, dropout, and the auxiliary loss; its sparse dispatch runs in two more
+    autograd Functions, `_PairedExpertMix` (top-2, few experts) and `_SortedExpertMix` (any k)
   * `AddAuxiliaryLoss`: an autograd hook that lets the auxiliary loss reach the gradients through a training loop
     that only back-propagates its own criterion (timm's train.py)
 
@@ -34,6 +34,11 @@ MOE_IMPLS = ('auto', 'loop', 'dense', 'sparse')
 
 # 'sparse' with top-2 routing groups tokens by expert pair up to this many experts (`_PairedExpertMix`).
 _MAX_EXPERTS_FOR_PAIRS = 5
+
+# 'sparse' pads the hidden size to a multiple of 16 (`_gemm_pad`) only when that adds at most this many units:
+# timing a layer's training step with and without, small pads paid off or were even, while 33 -> 48 and 40 -> 48
+# cost more than they saved.
+_MAX_HIDDEN_PAD = 5
 
 # Floor of the noise standard deviation in eq. 5's division: only guards a softplus that underflowed to 0.
 _MIN_NOISE_STD = 1e-6
@@ -217,9 +222,14 @@ class NoisyTopKGate(nn.Module):
     def draws_noise(self) -> bool:
         return self.training and self.noisy
 
+    @property
+    def num_logits(self) -> int:
+        """How many logits `route` needs per token: 2t (W_g and W_noise) when it draws noise, else t."""
+        return 2 * self.num_experts if self.draws_noise else self.num_experts
+
     def logit_weight(self) -> torch.Tensor:
         """The rows of `weight` that `route` needs: [W_g; W_noise] when it draws noise, else W_g."""
-        return self.weight if self.draws_noise else self.weight[:self.num_experts]
+        return self.weight[:self.num_logits]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Route tokens x [N, m]; see `route`."""
@@ -350,6 +360,12 @@ def _gemm_pad(width: int, multiple: int = 16) -> int:
     return -width % multiple
 
 
+def _hidden_pad(hidden: int, max_pad: int = _MAX_HIDDEN_PAD) -> int:
+    """Zero hidden units 'sparse' adds: `_gemm_pad(hidden)` when that is at most `max_pad`, else none."""
+    pad = _gemm_pad(hidden)
+    return pad if pad <= max_pad else 0
+
+
 def _weighted_slot_sum(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ_j w[:, j] · v[:, j] for v [N, k, d], w [N, k]: k fused multiply-adds, several times faster on a CPU than
     `bmm` or a `sum` over a middle dimension of size k."""
@@ -440,9 +456,9 @@ class _PairedExpertMix(torch.autograd.Function):
     by expert: each token is gathered once (not k = 2 times), one matmul per pair {i, j} computes both of its
     experts' projections side by side, and the two slots are mixed within the row, so there is no second gather to
     bring a token's two results together and the input gradient is a permutation back, not a scatter-add.
-    Measured against `_SortedExpertMix` in a whole training step of the layer: 3-11% faster at mLiT's 4- and
-    5-expert layers, even at 3 experts, slower from 8 (18% at 8, 35% at 12: the pairs grow as t², their blocks
-    shrink), so `MoE` uses it for t <= `_MAX_EXPERTS_FOR_PAIRS` only.
+    Timed against `_SortedExpertMix` over a training step of the layer at mLiT's shapes: faster at 4 and 5
+    experts, even at 3, slower from 8 (the pairs grow as t² and their blocks shrink), so `MoE` uses it for
+    t <= `_MAX_EXPERTS_FOR_PAIRS` only.
     """
 
     @staticmethod
@@ -464,9 +480,9 @@ class _PairedExpertMix(torch.autograd.Function):
         for key, c in enumerate(counts):
             if c:
                 i, j = key // t, key % t
-                w_ij = torch.cat([weight[i], weight[j]])  # [2d, m]
+                w_ij = torch.cat([weight[i], weight[j]])  # [2d, m], kept for the backward
                 torch.addmm(torch.cat([bias[i], bias[j]]), xs[start:start + c], w_ij.t(), out=z[start:start + c])
-                blocks.append((i, j, start, c))
+                blocks.append((i, j, start, c, w_ij))
             start += c
         a = F.silu(z) if silu else z
         mixed = (a[:, :d] * ps[:, :1]).addcmul_(a[:, d:], ps[:, 1:]).index_select(0, inverse)  # Σ_j p_j f(z_j)
@@ -486,7 +502,7 @@ class _PairedExpertMix(torch.autograd.Function):
         if ctx.silu:
             dz = torch.ops.aten.silu_backward(dz, z)
         dw, db, dxs = _expert_grad_buffers(ctx, xs, weight)
-        for i, j, start, c in ctx.blocks:
+        for i, j, start, c, w_ij in ctx.blocks:
             dzb = dz[start:start + c]
             if dw is not None:
                 g = dzb.t() @ xs[start:start + c]  # [2d, m]: both experts' weight gradients
@@ -497,7 +513,7 @@ class _PairedExpertMix(torch.autograd.Function):
                 db[i] += g[:d]
                 db[j] += g[d:]
             if dxs is not None:
-                torch.mm(dzb, torch.cat([weight[i], weight[j]]), out=dxs[start:start + c])
+                torch.mm(dzb, w_ij, out=dxs[start:start + c])
         dx = dxs.index_select(0, inverse) if dxs is not None else None
         return dx, dp, None, dw, db, dh * mixed, None
 
@@ -513,8 +529,9 @@ class MoE(nn.Module):
       * 'dense': the shared-matrix identity (SPEC §2) - only the private matrix differs per expert, so it is run
         for all experts in one matmul and the per-expert results mixed with G; the shared ones run once per
         token. No data-dependent shapes: good for small t, torch.compile and export.
-      * 'sparse': the same identity, but the private matrix only for the k chosen experts of each token
-        (tokens sorted by expert, one matmul each, forward and backward written out in `_SortedExpertMix`).
+      * 'sparse': the same identity, but the private matrix only for the k chosen experts of each token, forward
+        and backward written out: tokens grouped by expert pair, one matmul per pair (`_PairedExpertMix`, top-2
+        with t <= 5), else (token, expert) pairs sorted by expert, one matmul per expert (`_SortedExpertMix`).
       * 'auto' (default): on a CPU 'sparse' in training, and in inference when t >= 4k; else 'dense' (see
         `_auto_impl`).
 
@@ -579,7 +596,7 @@ class MoE(nn.Module):
         """What 'auto' runs, from measurements (benchmarks/moe_layer.py and models.py, README "Performance"). On a
         CPU: 'sparse' whenever gradients are computed (the faster one in training at every mLiT layer shape), and
         in inference once a layer has 4x more experts than it picks (t >= 4k); below that the dense path's in-place
-        inference has the lower latency at small batches and is within a few percent at batch 256. 'dense' on CUDA
+        inference has the lower latency at small batches and was within 7% at batch 256. 'dense' on CUDA
         (the sparse path reads the tokens-per-expert counts back to the host) and whenever a graph is being
         compiled, exported or traced (fixed shapes)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
@@ -610,12 +627,9 @@ class MoE(nn.Module):
             pw, pb, sw, sb = e.w.weight, e.w.bias, e.v.weight, e.v.bias
         else:
             pw, pb, sw, sb = e.v.weight, e.v.bias, e.w.weight, e.w.bias
-        # 'sparse': zero hidden units up to a multiple of 16 when that adds at most 5 (`_gemm_pad`; measured: 27 -> 32
-        # and 47 -> 48 made the layer faster, 33 -> 48 or 54 -> 64 slower). They stay zero through silu, the mix and
-        # W2, whose padded input columns are zero too.
-        pad = _gemm_pad(d) if sparse else 0
-        if pad > 5:
-            pad = 0
+        # 'sparse': zero hidden units up to a multiple of 16 (`_MAX_HIDDEN_PAD`). They stay zero through silu, the
+        # mix and W2, whose padded input columns are zero too.
+        pad = _hidden_pad(d) if sparse else 0
         if pad:
             pw, pb = F.pad(pw, (0, 0, 0, pad)), F.pad(pb, (0, pad))
             sw, sb = F.pad(sw, (0, 0, 0, pad)), F.pad(sb, (0, pad))
@@ -668,9 +682,8 @@ class MoE(nn.Module):
 
         Returns: the projections split as `sizes`, then the gate's (gates, top_idx, importance, load).
         """
-        t = self.gate.num_experts
         gate_w = self.gate.logit_weight()
-        gate_rows = 2 * t if self.gate.draws_noise else t  # (from attributes, not shapes: torch.fx traces this)
+        gate_rows = self.gate.num_logits  # (an attribute, not gate_w's shape: torch.fx traces this)
         weights = weights + [gate_w]
         biases = biases + [gate_w.new_zeros(gate_rows)]
         sizes = sizes + [gate_rows]
