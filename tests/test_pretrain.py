@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import timm_mlit  # noqa: F401
-from timm_mlit.pretrain import PretrainError, main, write_loss_plot
+from timm_mlit.pretrain import PretrainError, main
 
 # a 3-layer encoder, no gate noise / MoE dropout: small, fast and deterministic up to the data pipeline
 TINY = ['--model', 'mlit_xxs', '--model-kwargs', 'depth=3', '--workers', '0', '--warmup-epochs', '1',
@@ -238,15 +238,6 @@ def test_fp16_on_cpu_is_refused(tmp_path, image_folder):
               '--output', str(tmp_path)])
 
 
-def test_loss_plot_is_a_valid_png(tmp_path):
-    path = tmp_path / 'p.png'
-    write_loss_plot(str(path), [1, 2, 5, 10, 100], [1.0, 0.5, 0.2, 0.1, 0.03])
-    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    pix = np.asarray(Image.open(path).convert('RGB'))
-    assert pix.shape == (320, 480, 3)
-    assert ((pix == (31, 119, 180)).all(-1)).sum() > 100  # the curve is drawn
-
-
 @pytest.mark.parametrize('argv, match', [
     (['--mask-ratio', '0'], r'mask_ratio must be in \(0, 1\)'),
     (['--mae-kwargs', 'decoder_nosiy_gating=False'], 'decoder_nosiy_gating'),
@@ -255,3 +246,189 @@ def test_bad_mae_settings_are_refused_before_anything_is_written(tmp_path, image
     with pytest.raises(SystemExit, match=match):
         main(['--data-dir', image_folder, '--output', str(tmp_path), *argv])
     assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------- resume: the schedule follows the arguments
+
+@pytest.mark.slow
+def test_extending_a_run_trains_the_new_epochs_on_the_new_schedule(tmp_path, image_folder, caplog):
+    args = ['-b', '8', *NOISE_FREE, '--warmup-epochs', '0', '--lr', '1e-3']
+    short = run(tmp_path, image_folder, 'short', *args, '--epochs', '2')
+    before = state(short / 'last.pth.tar')
+    caplog.set_level('WARNING')
+    resume = ['--resume', str(short / 'last.pth.tar')]
+    assert main(['--data-dir', image_folder, *TINY, *args, '--epochs', '4', *resume]) == 0
+    rows = summary(short)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2', '3']
+    # the lr of the new epochs is the 4-epoch schedule's, as in an uninterrupted 4-epoch run (not the finished
+    # 2-epoch schedule's 0); summary.csv holds the lr at the end of each epoch
+    full = summary(run(tmp_path, image_folder, 'full', *args, '--epochs', '4'))
+    assert float(rows[2]['lr']) > 0
+    for extended, uninterrupted in zip(rows[2:], full[2:]):
+        assert float(extended['lr']) == pytest.approx(float(uninterrupted['lr']), rel=1e-6, abs=1e-12)
+    after = state(short / 'last.pth.tar')
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the new epochs trained
+    assert any('--epochs 2 -> 4' in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, image_folder):
+    out = run(tmp_path, image_folder, 'done', '-b', '8', '--epochs', '2')
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    for epochs in ('1', '2'):
+        with pytest.raises(SystemExit, match='finished 2 epoch.*nothing left to train.*--epochs larger than 2'):
+            main(['--data-dir', image_folder, *TINY, '-b', '8', '--epochs', epochs,
+                  '--resume', str(out / 'last.pth.tar')])
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+
+
+def test_train_py_checkpoint_is_named_with_what_to_do(tmp_path, image_folder):
+    import argparse
+    model = timm.create_model('mlit_xxs', num_classes=10, depth=3)
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save({'epoch': 4, 'arch': 'mlit_xxs', 'state_dict': model.state_dict(), 'optimizer': {},
+                'args': argparse.Namespace(model='mlit_xxs', lr=1e-3)}, path)
+    for flag in ('--resume', '--export-only'):
+        with pytest.raises(SystemExit) as e:
+            main(['--data-dir', image_folder, *TINY, flag, str(path), '--output', str(tmp_path / 'out')])
+        msg = str(e.value)
+        assert 'timm train.py checkpoint (mlit_xxs, epoch 4)' in msg and 'timm-mlit-run train.py --resume' in msg
+        assert '\x1b[' not in msg and 'weights_only' not in msg
+    assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------- bad arguments: one line, before anything is written
+
+@pytest.mark.parametrize('argv, match', [
+    (['-b', '0'], '--batch-size must be at least 1, got 0'),
+    (['--epochs', '0'], '--epochs must be at least 1, got 0'),
+    (['--workers', '-1'], '--workers must be at least 0, got -1'),
+    (['--lr', 'nan'], '--lr must be a finite number, got nan'),
+    (['--lr', '-1'], '--lr must be above 0'),
+    (['--sched', 'bogus'], "--sched 'bogus' is not a timm schedule"),
+    (['--opt', 'bogus'], "--opt 'bogus' is not a timm optimizer"),
+    (['--grad-accum-steps', '0'], '--grad-accum-steps must be at least 1'),
+    (['--amp', '--amp-dtype', 'int8'], '--amp-dtype must be float16 or bfloat16'),
+    (['--device', 'gpu0'], "--device 'gpu0' is not a device"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, image_folder, argv, match):
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit, match=match) as e:
+        main(['--data-dir', image_folder, '--output', str(out), *argv])
+    assert str(e.value).startswith('timm-mlit-pretrain: error: ') and '\n' not in str(e.value)
+    assert not out.exists()
+
+
+def test_bad_values_in_a_config_file_are_caught_too(tmp_path, image_folder):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('batch_size: 0\n')
+    with pytest.raises(SystemExit, match='--batch-size must be at least 1'):
+        main(['-c', str(cfg), '--data-dir', image_folder, '--output', str(tmp_path / 'out')])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_cuda_without_a_gpu_is_refused(tmp_path, image_folder):
+    with pytest.raises(SystemExit, match='--device cuda: no CUDA GPU is available here'):
+        main(['--data-dir', image_folder, '--output', str(tmp_path / 'out'), '--device', 'cuda'])
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path, image_folder):
+    a_file = tmp_path / 'file'
+    a_file.write_text('x')
+    cases = [
+        (['--output', str(a_file / 'runs')], f'--output {a_file / "runs"}: {a_file} is a file'),
+        (['--output', str(tmp_path), '--export-path', str(tmp_path)], f'--export-path {tmp_path} is a folder'),
+        (['--output', str(tmp_path), '--export-path', str(a_file / 'enc.safetensors')], 'is a file, not a folder'),
+        (['--resume', str(tmp_path)], f'--resume {tmp_path} is a folder; give a checkpoint file'),
+        (['--resume', str(tmp_path / 'nope.pth.tar')], 'nope.pth.tar: no such file'),
+    ]
+    for argv, match in cases:
+        with pytest.raises(SystemExit) as e:
+            main(['--data-dir', image_folder, '--experiment', 'x', *argv])
+        assert match in str(e.value), (argv, str(e.value))
+    assert sorted(os.listdir(tmp_path)) == ['file']
+
+
+def test_every_option_has_help_and_there_is_a_version(capsys):
+    from timm_mlit.pretrain import _parser
+    parser = _parser()[1]
+    assert [a.option_strings for a in parser._actions if not a.help] == []
+    with pytest.raises(SystemExit) as e:
+        main(['--version'])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f'timm-mlit-pretrain {timm_mlit.__version__}'
+    main_help = parser.format_help()
+    assert '(default: 256)' in main_help  # -b: defaults are shown
+
+
+# ---------------------------------------------------------------- interrupted writes leave nothing behind
+
+def _dead_pid():
+    pid = 999_999
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+@pytest.mark.slow
+def test_files_left_by_a_killed_run_are_removed_on_resume(tmp_path, image_folder):
+    out = run(tmp_path, image_folder, 'k', '-b', '8', '--epochs', '1')
+    dead = out / f'checkpoint-1.pth.tar.tmp.{_dead_pid()}'  # what a SIGKILL during torch.save leaves
+    dead.write_bytes(b'partial')
+    live = out / f'checkpoint-1.pth.tar.tmp.{os.getppid()}'  # a writer that is still running: not ours to remove
+    live.write_bytes(b'in progress')
+    assert main(['--data-dir', image_folder, *TINY, '-b', '8', '--epochs', '2',
+                 '--resume', str(out / 'last.pth.tar')]) == 0
+    assert not dead.exists() and live.exists()
+
+
+# ---------------------------------------------------------------- plots
+
+def test_loss_plot_draws_every_loss_term(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from timm_mlit.plots import loss_figure, plot_losses
+    csv_path = tmp_path / 'summary.csv'
+    with open(csv_path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['epoch', 'train_loss', 'train_loss_masked', 'train_loss_unmasked', 'train_loss_moe', 'lr'])
+        for e in range(30):
+            w.writerow([e, 1 / (e + 1), 0.9 / (e + 1), 0.5 / (e + 1), 0.015, 1e-3])
+    fig = loss_figure(str(csv_path))
+    ax = fig.axes[0]
+    assert ax.get_legend_handles_labels()[1] == [  # one line per loss term, none for lr
+        'train_loss', 'train_loss_masked', 'train_loss_unmasked', 'train_loss_moe']
+    assert (ax.get_xscale(), ax.get_yscale(), ax.get_xlabel(), ax.get_ylabel()) == ('log', 'log', 'epoch', 'loss')
+    assert list(ax.lines[0].get_xdata()) == list(range(1, 31))  # epochs counted from 1 on the log axis
+    plt.close(fig)
+    assert plot_losses(str(csv_path), str(tmp_path / 'loss.png')) == str(tmp_path / 'loss.png')
+    assert Image.open(tmp_path / 'loss.png').size == (640, 420)
+    assert plot_losses(str(tmp_path / 'missing.csv'), str(tmp_path / 'x.png')) is None
+
+
+def test_expert_load_plot_has_one_panel_per_layer(tmp_path):
+    from timm_mlit.plots import plot_expert_load, read_expert_load
+    csv_path = tmp_path / 'expert_load.csv'
+    with open(csv_path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['epoch', 'layer', 'expert', 'share'])
+        for e in range(3):
+            for layer, n in (('blocks.0.mlp', 3), ('blocks.1.mlp', 5)):
+                for j in range(n):
+                    w.writerow([e, layer, j, 1 / n])
+    loads = read_expert_load(str(csv_path))
+    assert list(loads) == ['blocks.0.mlp', 'blocks.1.mlp'] and len(loads['blocks.1.mlp'][2]) == 5
+    assert plot_expert_load(str(csv_path), str(tmp_path / 'load.png'))
+    assert Image.open(tmp_path / 'load.png').size == (640, 240)  # two panels side by side
+
+
+@pytest.mark.slow
+def test_plots_are_redrawn_every_epoch(tmp_path, image_folder):
+    out = run(tmp_path, image_folder, 'p', '-b', '8', '--epochs', '1')
+    for name in ('loss.png', 'expert_load.png'):
+        assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -5,14 +5,20 @@
     timm-mlit-pretrain --export-only output/pretrain/RUN/last.pth.tar
 
 Arguments come from a YAML file (-c) overridden by the command line; the names are those of timm's train.py where
-the two overlap. Optimizer, schedule and datasets come from timm's factories. Each epoch writes a checkpoint
-atomically (temporary file, fsync, rename) and keeps the last --checkpoint-hist; --resume restores model,
-optimizer, scheduler, loss scaler and the RNG state of every rank, and every sample's augmentation and mask are
-drawn from (seed, epoch, index) (data.MAEPretrainDataset), so a resumed run repeats an uninterrupted one.
+the two overlap; every value, from the file or the command line, is checked before anything is written. Optimizer,
+schedule and datasets come from timm's factories. Each epoch writes a checkpoint atomically (temporary file, fsync,
+rename; the temporary files of a killed run are removed when the folder is used again) and keeps the last
+--checkpoint-hist. --resume restores model, optimizer, loss scaler and the RNG state of every rank, and rebuilds
+the learning-rate schedule from the arguments given now, stepped to the resume point (as timm's train.py does):
+resuming with a larger --epochs extends the run on the longer schedule, and arguments that change the schedule
+are named in a warning. Every sample's augmentation and mask are drawn from (seed, epoch, index)
+(data.MAEPretrainDataset), so a run resumed with unchanged arguments repeats an uninterrupted one.
 
 Outputs in the experiment folder: args.yaml, summary.csv (one row per epoch, as timm's train.py), expert_load.csv
-(each expert's share of the routing, ΣP of eq. 5, per MoE layer per epoch), loss.png (log-log loss curve, the
-paper's Fig. 6), checkpoint-<epoch>.pth.tar, last.pth.tar, and at the end encoder.safetensors: the head-less encoder for
+(each expert's share of the routing, ΣP of eq. 5, per MoE layer per epoch), loss.png (every loss term of eq. 16
+on log-log axes, the paper's Fig. 6) and expert_load.png (one panel per MoE layer: each expert's share per epoch
+beside the even share), both redrawn after every epoch, checkpoint-<epoch>.pth.tar, last.pth.tar, and at the end
+encoder.safetensors (its metadata records the arch and the model kwargs): the head-less encoder for
 `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=0))` or timm's
 `train.py --pretrained-path PATH`.
 
@@ -21,9 +27,9 @@ Multi-process runs: the MoE gate noise and dropout draw from each rank's own RNG
 β = 0, a run on n processes with batch b computes the same gradients as one process with batch n·b.
 """
 import argparse
-import csv
-import io
+import json
 import logging
+import math
 import os
 import random
 import re
@@ -41,7 +47,6 @@ import torch
 import torch.distributed as dist
 import torch.utils.data
 import yaml
-from PIL import Image, ImageDraw
 from timm.data import create_dataset, create_transform
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -56,85 +61,107 @@ from timm.utils import (
     update_summary,
 )
 
+from . import __version__
 from .data import MAEPretrainDataset
+from .files import atomic_write, check_writable_path, remove_stale_temporaries, temporary_name
 from .layers import MoE
 from .mae import MaskedAutoencoderMLiT
 from .mlit import MLiT
+from .plots import append_expert_load, plot_expert_load, plot_losses, truncate_csv
 
-__all__ = ['main', 'train_one_epoch', 'export_encoder', 'save_checkpoint', 'load_checkpoint', 'write_loss_plot']
+__all__ = ['main', 'train_one_epoch', 'export_encoder', 'save_checkpoint', 'load_checkpoint', 'PretrainError']
 
 _logger = logging.getLogger('timm_mlit.pretrain')
 CHECKPOINT_FORMAT = 'timm-mlit-pretrain/1'
 
-config_parser = argparse.ArgumentParser(description='Pre-training config', add_help=False)
-config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
-                           help='YAML config file; the command line overrides its values')
+def _parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(config parser, parser): -c is read first, its YAML values become the second parser's defaults."""
+    config_parser = argparse.ArgumentParser(description='Pre-training config', add_help=False)
+    config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                               help='YAML config file (a path, or the name of a packaged recipe); the command line '
+                                    'overrides its values')
+    parser = argparse.ArgumentParser(
+        prog='timm-mlit-pretrain', description='mmLiT masked-autoencoder pre-training', parents=[config_parser],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    group = parser.add_argument_group('Model')
+    group.add_argument('--model', default='mlit_xxs', type=str, help='mLiT encoder: mlit_s, mlit_xs or mlit_xxs')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='encoder kwargs, e.g. depth=3 noisy_gating=False')
+    group.add_argument('--mae-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='MaskedAutoencoderMLiT kwargs, e.g. decoder_moe_drop_rate=0 decoder_noisy_gating=False')
+    group.add_argument('--mask-ratio', default=0.75, type=float, help='fraction of patches masked')
+    group.add_argument('--alpha', default=0.1, type=float, help='weight of the MSE over unmasked patches (eq. 16)')
+    group.add_argument('--beta', default=0.5, type=float, help='weight of the MoE balance losses (eq. 16)')
+    group.add_argument('--norm-pix-loss', action='store_true', help='regress per-patch normalised pixels')
 
-parser = argparse.ArgumentParser(description='mmLiT masked-autoencoder pre-training', parents=[config_parser])
-group = parser.add_argument_group('Model')
-group.add_argument('--model', default='mlit_xxs', type=str, help='mLiT encoder (default: mlit_xxs)')
-group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                   help='encoder kwargs, e.g. depth=3 noisy_gating=False')
-group.add_argument('--mae-kwargs', nargs='*', default={}, action=ParseKwargs,
-                   help='MaskedAutoencoderMLiT kwargs, e.g. decoder_moe_drop_rate=0 decoder_noisy_gating=False')
-group.add_argument('--mask-ratio', default=0.75, type=float, help='fraction of patches masked')
-group.add_argument('--alpha', default=0.1, type=float, help='weight of the MSE over unmasked patches (eq. 16)')
-group.add_argument('--beta', default=0.5, type=float, help='weight of the MoE balance losses (eq. 16)')
-group.add_argument('--norm-pix-loss', action='store_true', help='regress per-patch normalised pixels')
+    group = parser.add_argument_group('Data')
+    group.add_argument('--data-dir', default=None, type=str, help='dataset root')
+    group.add_argument('--dataset', default='', type=str,
+                       help='timm dataset name: "" for an image folder, torch/cifar100, torch/fashion_mnist, ...')
+    group.add_argument('--train-split', default='train', type=str, help='dataset split to train on')
+    group.add_argument('--dataset-download', action='store_true', help='let torchvision datasets download')
+    group.add_argument('--train-num-samples', default=None, type=int, help='use only the first N samples')
+    group.add_argument('--scale', default=[0.6, 1.0], type=float, nargs=2, help='RandomResizedCrop scale (Table 3)')
+    group.add_argument('--ratio', default=[3. / 4., 4. / 3.], type=float, nargs=2,
+                       help='RandomResizedCrop aspect ratio range')
+    group.add_argument('--hflip', default=0.5, type=float, help='horizontal flip probability')
+    group.add_argument('--mean', default=[0.5, 0.5, 0.5], type=float, nargs='+', help='normalisation mean')
+    group.add_argument('--std', default=[0.5, 0.5, 0.5], type=float, nargs='+', help='normalisation std')
+    group.add_argument('--train-interpolation', default='bilinear', type=str,
+                       help='resize interpolation of the crop: bilinear, bicubic, nearest')
+    group.add_argument('--workers', '-j', default=4, type=int, help='data loading processes per rank')
 
-group = parser.add_argument_group('Data')
-group.add_argument('--data-dir', default=None, type=str, help='dataset root')
-group.add_argument('--dataset', default='', type=str,
-                   help='timm dataset name: "" for an image folder, torch/cifar100, torch/fashion_mnist, ...')
-group.add_argument('--train-split', default='train', type=str)
-group.add_argument('--dataset-download', action='store_true', help='let torchvision datasets download')
-group.add_argument('--train-num-samples', default=None, type=int, help='use only the first N samples')
-group.add_argument('--scale', default=[0.6, 1.0], type=float, nargs=2, help='RandomResizedCrop scale (Table 3)')
-group.add_argument('--ratio', default=[3. / 4., 4. / 3.], type=float, nargs=2, help='RandomResizedCrop ratio')
-group.add_argument('--hflip', default=0.5, type=float, help='horizontal flip probability')
-group.add_argument('--mean', default=[0.5, 0.5, 0.5], type=float, nargs='+', help='normalisation mean')
-group.add_argument('--std', default=[0.5, 0.5, 0.5], type=float, nargs='+', help='normalisation std')
-group.add_argument('--train-interpolation', default='bilinear', type=str)
-group.add_argument('--workers', '-j', default=4, type=int, help='data loading processes per rank')
+    group = parser.add_argument_group('Optimization')
+    group.add_argument('--opt', default='adamw', type=str, help="optimizer, any of timm's (timm.optim)")
+    group.add_argument('--opt-eps', default=None, type=float, help="optimizer epsilon (default: the optimizer's)")
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+',
+                       help="optimizer betas (default: the optimizer's)")
+    group.add_argument('--momentum', default=0.9, type=float, help='momentum of SGD-like optimizers')
+    group.add_argument('--weight-decay', default=0.05, type=float, help='weight decay')
+    group.add_argument('--clip-grad', default=None, type=float, help='gradient clipping value (off by default)')
+    group.add_argument('--clip-mode', default='norm', type=str, help='gradient clipping mode: norm, value or agc')
+    group.add_argument('--lr', default=None, type=float, help='learning rate (default: lr_base x global batch / '
+                                                                'lr_base_size)')
+    group.add_argument('--lr-base', default=3e-4, type=float, help='base learning rate (eq. 17)')
+    group.add_argument('--lr-base-size', default=256, type=int, help='batch size the base lr refers to')
+    group.add_argument('--sched', default='cosine', type=str,
+                       help="learning rate schedule, any of timm's (cosine, tanh, step, poly, ...) or none")
+    group.add_argument('--sched-on-updates', default=True, action=argparse.BooleanOptionalAction,
+                       help='step the schedule every optimizer update rather than every epoch')
+    group.add_argument('--epochs', default=100, type=int, help='epochs to train (the total, also when resuming)')
+    group.add_argument('--warmup-epochs', default=5, type=int, help='linear warm-up epochs')
+    group.add_argument('--warmup-lr', default=1e-6, type=float, help='learning rate the warm-up starts from')
+    group.add_argument('--warmup-prefix', action='store_true',
+                       help='warm-up epochs come before the schedule instead of being its first epochs')
+    group.add_argument('--min-lr', default=0., type=float, help='lowest learning rate of the schedule')
+    group.add_argument('--cooldown-epochs', default=0, type=int, help='epochs at min-lr after the schedule')
+    group.add_argument('-b', '--batch-size', default=256, type=int, help='batch size per process')
+    group.add_argument('--grad-accum-steps', default=1, type=int, help='micro-batches per optimizer update')
 
-group = parser.add_argument_group('Optimization')
-group.add_argument('--opt', default='adamw', type=str)
-group.add_argument('--opt-eps', default=None, type=float)
-group.add_argument('--opt-betas', default=None, type=float, nargs='+')
-group.add_argument('--momentum', default=0.9, type=float)
-group.add_argument('--weight-decay', default=0.05, type=float)
-group.add_argument('--clip-grad', default=None, type=float, help='gradient clipping value (off by default)')
-group.add_argument('--clip-mode', default='norm', type=str, help='norm, value or agc')
-group.add_argument('--lr', default=None, type=float, help='default: lr_base · global batch / lr_base_size')
-group.add_argument('--lr-base', default=3e-4, type=float, help='base learning rate (eq. 17)')
-group.add_argument('--lr-base-size', default=256, type=int, help='batch size the base lr refers to')
-group.add_argument('--sched', default='cosine', type=str)
-group.add_argument('--sched-on-updates', default=True, action=argparse.BooleanOptionalAction,
-                   help='step the schedule every optimizer update (default) rather than every epoch')
-group.add_argument('--epochs', default=100, type=int)
-group.add_argument('--warmup-epochs', default=5, type=int)
-group.add_argument('--warmup-lr', default=1e-6, type=float)
-group.add_argument('--warmup-prefix', action='store_true')
-group.add_argument('--min-lr', default=0., type=float)
-group.add_argument('--cooldown-epochs', default=0, type=int)
-group.add_argument('-b', '--batch-size', default=256, type=int, help='batch size per process')
-group.add_argument('--grad-accum-steps', default=1, type=int)
-
-group = parser.add_argument_group('Run')
-group.add_argument('--amp', default=False, action=argparse.BooleanOptionalAction, help='mixed precision (autocast)')
-group.add_argument('--amp-dtype', default='float16', type=str, help='float16 (CUDA, with a loss scaler) or bfloat16')
-group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str)
-group.add_argument('--dist-backend', default=None, type=str, help='default: nccl on CUDA, gloo on CPU')
-group.add_argument('--seed', default=42, type=int)
-group.add_argument('--output', default='', type=str, help='root of the experiment folders (./output/pretrain)')
-group.add_argument('--experiment', default='', type=str, help='experiment folder name')
-group.add_argument('--resume', default='', type=str, help='checkpoint to continue from')
-group.add_argument('--checkpoint-hist', default=10, type=int, help='number of epoch checkpoints kept')
-group.add_argument('--log-interval', default=50, type=int, help='optimizer updates between log lines')
-group.add_argument('--export-only', default='', type=str, metavar='CHECKPOINT',
-                   help='export the encoder of this checkpoint as safetensors and exit')
-group.add_argument('--export-path', default='', type=str, help='where to write the encoder (.safetensors)')
-_DEFAULTS = {a.dest: a.default for a in parser._actions if a.dest != 'help'}
+    group = parser.add_argument_group('Run')
+    group.add_argument('--amp', default=False, action=argparse.BooleanOptionalAction,
+                       help='mixed precision (autocast)')
+    group.add_argument('--amp-dtype', default='float16', type=str,
+                       help='float16 (CUDA, with a loss scaler) or bfloat16')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
+                       help='cpu, cuda or cuda:N')
+    group.add_argument('--dist-backend', default=None, type=str, help='default: nccl on CUDA, gloo on CPU')
+    group.add_argument('--seed', default=42, type=int, help='random seed (data, masks, initialisation)')
+    group.add_argument('--output', default='', type=str,
+                       help='root of the experiment folders (default: ./output/pretrain)')
+    group.add_argument('--experiment', default='', type=str,
+                       help='experiment folder name (default: date-time-model-mae)')
+    group.add_argument('--resume', default='', type=str,
+                       help='pre-training checkpoint to continue from; the schedule follows the arguments given now')
+    group.add_argument('--checkpoint-hist', default=10, type=int, help='number of epoch checkpoints kept')
+    group.add_argument('--log-interval', default=50, type=int, help='optimizer updates between log lines')
+    group.add_argument('--export-only', default='', type=str, metavar='CHECKPOINT',
+                       help='export the encoder of this checkpoint as safetensors and exit')
+    group.add_argument('--export-path', default='', type=str,
+                       help='where to write the encoder (.safetensors; default: encoder.safetensors in the '
+                            'experiment folder)')
+    return config_parser, parser
 
 
 class PretrainError(SystemExit):
@@ -145,8 +172,8 @@ class PretrainError(SystemExit):
 
 
 def _parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    config_parser, parser = _parser()
     args_config, remaining = config_parser.parse_known_args(argv)
-    defaults = {}
     if args_config.config:
         try:
             with open(args_config.config) as f:
@@ -161,10 +188,64 @@ def _parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if unknown:
             verb = 'is not an argument' if len(unknown) == 1 else 'are not arguments'
             parser.error(f'config {args_config.config}: {", ".join(unknown)} {verb}')
-        defaults = cfg
-    parser.set_defaults(**_DEFAULTS)  # a config read by an earlier main() call must not leak into this one
-    parser.set_defaults(**defaults)
+        parser.set_defaults(**cfg)
     return parser.parse_args(remaining)
+
+
+def _check_args(args: argparse.Namespace):
+    """Raise ValueError naming the first argument whose value cannot work; the config file's values included."""
+    def number(name, minimum=None, integer=False, allow_none=False, above=False):
+        v = getattr(args, name)
+        flag = '--' + name.replace('_', '-')
+        if v is None and allow_none:
+            return
+        if integer and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f'{flag} must be an integer, got {v!r}')
+        if not integer and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f'{flag} must be a finite number, got {v!r}')
+        if minimum is not None and (v <= minimum if above else v < minimum):
+            raise ValueError(f'{flag} must be {"above" if above else "at least"} {minimum}, got {v!r}')
+
+    for name in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'lr_base_size'):
+        number(name, 1, integer=True)
+    for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'checkpoint_hist'):
+        number(name, 0, integer=True)
+    number('train_num_samples', 1, integer=True, allow_none=True)
+    number('seed', integer=True)
+    number('lr', 0, above=True, allow_none=True)
+    for name in ('lr_base', 'weight_decay', 'warmup_lr', 'min_lr', 'alpha', 'beta', 'hflip', 'momentum'):
+        number(name, 0)
+    number('clip_grad', 0, above=True, allow_none=True)
+    try:  # the installed timm is the judge of which schedules exist
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.)
+        known = create_scheduler_v2(probe, sched=args.sched, num_epochs=2, updates_per_epoch=1)[0] is not None
+    except (ValueError, KeyError, AssertionError):
+        known = False
+    if not known and args.sched != 'none':
+        raise ValueError(f'--sched {args.sched!r} is not a timm schedule (cosine, tanh, step, multistep, poly, '
+                         f'plateau, ... or none)')
+    opt = args.opt.lower().split('_')[-1]
+    if opt not in timm.optim.list_optimizers():
+        raise ValueError(f'--opt {args.opt!r} is not a timm optimizer (timm.optim.list_optimizers())')
+    if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
+        raise ValueError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f'--device {args.device!r} is not a device: use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {args.device}: no CUDA GPU is available here; use --device cpu')
+    if args.amp and args.amp_dtype == 'float16' and device.type == 'cpu':
+        raise ValueError('float16 autocast needs CUDA; on CPU use --amp-dtype bfloat16')
+    for flag, path in (('--resume', args.resume), ('--export-only', args.export_only)):
+        if path and os.path.isdir(path):
+            raise ValueError(f'{flag} {path} is a folder; give a checkpoint file such as {path}/last.pth.tar')
+        if path and not os.path.isfile(path):
+            raise ValueError(f'{flag} {path}: no such file')
+    if args.export_path:
+        check_writable_path(args.export_path, '--export-path')
+    if args.output:
+        check_writable_path(args.output, '--output', folder=True)
 
 
 # ---------------------------------------------------------------- model, data
@@ -229,26 +310,12 @@ def _set_rng_state(state: Dict[str, Any]):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _atomic_write(write_fn, path: str):
-    """Write through `write_fn(file)` to a temporary file, fsync it, and rename it over `path`."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, keep: int) -> str:
     """Write checkpoint-<epoch>.pth.tar and last.pth.tar atomically; keep the newest `keep` epoch checkpoints."""
     path = os.path.join(output_dir, f'checkpoint-{epoch}.pth.tar')
-    _atomic_write(lambda f: torch.save(state, f), path)
+    atomic_write(path, lambda f: torch.save(state, f))
     last = os.path.join(output_dir, 'last.pth.tar')
-    tmp = f'{last}.tmp.{os.getpid()}'
+    tmp = temporary_name(last)
     if os.path.exists(tmp):
         os.remove(tmp)
     try:
@@ -266,65 +333,64 @@ def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, keep: in
     return path
 
 
+_ANSI_RE = re.compile(r'\x1b\[[0-9;]*m')
+
+
+def _what_else(path: str) -> str:
+    """What a file that is not a pre-training checkpoint is, and what to do with it, in a sentence (or '')."""
+    if path.endswith('.safetensors'):
+        return ('it is a safetensors file (an exported encoder or published weights: weights only, no optimizer '
+                'state); fine-tune it with `timm-mlit-run train.py --pretrained-path FILE`, publish it with '
+                '`timm-mlit-publish FILE --model ...`')
+    try:  # a timm train.py checkpoint stores its arguments as an argparse.Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:
+        return ''
+    if isinstance(ckpt, dict) and 'state_dict' in ckpt and ('arch' in ckpt or 'args' in ckpt):
+        arch, epoch = ckpt.get('arch', '?'), ckpt.get('epoch', '?')
+        return (f'it is a timm train.py checkpoint ({arch}, epoch {epoch}) of supervised training, not of MAE '
+                f'pre-training; continue it with `timm-mlit-run train.py --resume {path} ...`, evaluate it with '
+                f'`timm-mlit-run validate.py --checkpoint {path} ...`, publish it with '
+                f'`timm-mlit-publish {path} --model {arch}`')
+    return ''
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a pre-training checkpoint, or raise PretrainError saying why it cannot be used."""
+    """Read a pre-training checkpoint, or raise PretrainError saying what the file is and why it cannot be used."""
+    if os.path.isdir(path):
+        raise PretrainError(f'{path} is a folder; give a checkpoint file such as {os.path.join(path, "last.pth.tar")}')
     if not os.path.isfile(path):
         raise PretrainError(f'checkpoint {path} does not exist')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        raise PretrainError(f'checkpoint {path} is unreadable (damaged or not a torch file): {e}')
+        other = _what_else(path)
+        if other:
+            raise PretrainError(f'{path} is not a timm-mlit pre-training checkpoint: {other}')
+        first = _ANSI_RE.sub('', str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PretrainError(f'checkpoint {path} is unreadable (damaged, or not a torch file): {first}')
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        raise PretrainError(f'{path} is not a timm-mlit pre-training checkpoint')
+        other = _what_else(path)
+        raise PretrainError(f'{path} is not a timm-mlit pre-training checkpoint' + (f': {other}' if other else ''))
     return ckpt
 
 
-def export_encoder(state_dict: Dict[str, torch.Tensor], path: str, arch: str = '') -> str:
-    """Save the encoder of an MAE state dict, head-less, as a safetensors file timm's loaders read."""
+def export_encoder(state_dict: Dict[str, torch.Tensor], path: str, arch: str = '',
+                   model_kwargs: Optional[Dict[str, Any]] = None) -> str:
+    """Save the encoder of an MAE state dict, head-less, as a safetensors file timm's loaders read.
+
+    The metadata records `arch` and, as JSON, the encoder's creation kwargs (`model_kwargs`), so that
+    `timm-mlit-publish` builds the model it was trained as."""
     tensors = {k[len('encoder.'):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
                if k.startswith('encoder.')}
     if not tensors:
         raise PretrainError('the checkpoint holds no encoder weights')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    metadata = {'format': 'pt', 'arch': arch, 'source': 'timm-mlit mmLiT pre-training'}
-    _atomic_write(lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)), path)
+    metadata = {'format': 'pt', 'arch': arch, 'source': 'timm-mlit mmLiT pre-training',
+                'model_kwargs': json.dumps(dict(model_kwargs or {}))}
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
     return path
-
-
-# ---------------------------------------------------------------- the loss curve (Pillow: no matplotlib needed)
-
-def write_loss_plot(path: str, epochs: Sequence[float], losses: Sequence[float], size: Tuple[int, int] = (480, 320)):
-    """Loss against epoch on log-log axes with a grid and labels at every decade (the paper's Fig. 6), as a PNG."""
-    pts = [(float(e), float(v)) for e, v in zip(epochs, losses) if e > 0 and v > 0 and np.isfinite(v)]
-    if not pts:
-        return
-    W, H = size
-    left, right, top, bottom = 44, 12, 10, 22
-    lx = np.log10([p[0] for p in pts])
-    ly = np.log10([p[1] for p in pts])
-    x0, x1 = np.floor(lx.min()), max(np.ceil(lx.max()), np.floor(lx.min()) + 1)
-    y0, y1 = np.floor(ly.min()), max(np.ceil(ly.max()), np.floor(ly.min()) + 1)
-
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right),
-                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
-
-    img = Image.new('RGB', (W, H), 'white')
-    draw = ImageDraw.Draw(img)
-    for d in range(int(x0), int(x1) + 1):  # vertical grid: decades dark, 2..9 light
-        for m in range(1, 10) if d < x1 else (1,):
-            x = px(d + np.log10(m), y0)[0]
-            draw.line([(x, top), (x, H - bottom)], fill=(200, 200, 200) if m == 1 else (235, 235, 235))
-        draw.text((px(d, y0)[0] - 8, H - bottom + 6), f'1e{d}', fill='black')
-    for d in range(int(y0), int(y1) + 1):
-        for m in range(1, 10) if d < y1 else (1,):
-            y = px(x0, d + np.log10(m))[1]
-            draw.line([(left, y), (W - right, y)], fill=(200, 200, 200) if m == 1 else (235, 235, 235))
-        draw.text((2, px(x0, d)[1] - 5), f'1e{d}', fill='black')
-    draw.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill='black')
-    draw.line([px(x, y) for x, y in zip(lx, ly)] if len(pts) > 1 else [px(lx[0], ly[0])] * 2,
-              fill=(31, 119, 180), width=2)
-    _atomic_write(lambda f: img.save(f, format='PNG'), path)
 
 
 # ---------------------------------------------------------------- training
@@ -335,6 +401,11 @@ def _reduce_mean(values: Dict[str, torch.Tensor], distributed: bool) -> Dict[str
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return dict(zip(values.keys(), t.tolist()))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
 def train_one_epoch(
@@ -360,7 +431,8 @@ def train_one_epoch(
     rate = AverageMeter()
     world = args.world_size
     optimizer.zero_grad(set_to_none=True)
-    t_log = time.time()
+    t_log = t_start = time.time()
+    num_epochs = getattr(args, 'num_epochs', epoch + 1)  # for the time left of the run
     n_micro = updates_per_epoch * accum
     for i, (imgs, noise) in enumerate(loader):
         if i >= n_micro:
@@ -393,15 +465,22 @@ def train_one_epoch(
             lr_scheduler.step_update(num_updates=num_updates)
         update_idx = (i + 1) // accum
         if update_idx % args.log_interval == 0 or update_idx == updates_per_epoch:
-            elapsed = time.time() - t_log
+            now = time.time()
+            elapsed = now - t_log
             n_imgs = imgs.shape[0] * accum * world * (update_idx - rate.count)
             rate.update(n_imgs / max(elapsed, 1e-9), update_idx - rate.count)
             m = _reduce_mean({k: v / (i + 1) for k, v in sums.items()}, args.distributed)
             if args.rank == 0:
+                per_update = (now - t_start) / update_idx
+                left_epoch = per_update * (updates_per_epoch - update_idx)
+                left_run = left_epoch + per_update * updates_per_epoch * (num_epochs - epoch - 1)
                 _logger.info(
-                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch}] loss {m["loss"]:.5f} '
-                    f'(masked {m["loss_masked"]:.5f} unmasked {m["loss_unmasked"]:.5f} moe {m["loss_moe"]:.5f}) '
-                    f'lr {optimizer.param_groups[0]["lr"]:.3e} {n_imgs / max(elapsed, 1e-9):.1f} img/s')
+                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                    f'({100. * update_idx / updates_per_epoch:>3.0f}%)] '
+                    f'loss {m["loss"]:.5f} (masked {m["loss_masked"]:.5f} unmasked {m["loss_unmasked"]:.5f} '
+                    f'moe {m["loss_moe"]:.5f}) lr {optimizer.param_groups[0]["lr"]:.3e} '
+                    f'{n_imgs / max(elapsed, 1e-9):.1f} img/s, time left: epoch {_hms(left_epoch)}, '
+                    f'run {_hms(left_run)}')
             t_log = time.time()
     metrics = _reduce_mean({k: v / max(n_micro, 1) for k, v in sums.items()}, args.distributed)
     metrics['img_per_sec'] = rate.avg
@@ -414,59 +493,93 @@ def train_one_epoch(
     return metrics, shares
 
 
-def _write_expert_load(path: str, epoch: int, shares: Dict[str, torch.Tensor]):
-    new = not os.path.exists(path)
-    with open(path, 'a', newline='') as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(['epoch', 'layer', 'expert', 'share'])
-        for name, s in shares.items():
-            for j, v in enumerate(s.tolist()):
-                w.writerow([epoch, name, j, f'{v:.6f}'])
-
-
-def _truncate_csv(path: str, start_epoch: int):
-    """Drop the rows of epochs that a resumed run will train again."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline='') as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) < start_epoch]
-    text = io.StringIO()
-    csv.writer(text, lineterminator='\n').writerows(kept)
-    _atomic_write(lambda f: f.write(text.getvalue().encode()), path)
-
-
-def _read_losses(path: str) -> Tuple[List[float], List[float]]:
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    return [int(r['epoch']) + 1 for r in rows], [float(r['train_loss']) for r in rows]
-
-
 def _export_only(args) -> int:
     ckpt = load_checkpoint(args.export_only)
     path = args.export_path or os.path.join(os.path.dirname(os.path.abspath(args.export_only)), 'encoder.safetensors')
-    export_encoder(ckpt['state_dict'], path, arch=ckpt.get('arch', ''))
+    check_writable_path(path, '--export-path')
+    export_encoder(ckpt['state_dict'], path, arch=ckpt.get('arch', ''), model_kwargs=ckpt.get('model_kwargs'))
     _logger.info(f'Exported the {ckpt.get("arch")} encoder of {args.export_only} (epoch {ckpt["epoch"]}) to {path}')
     return 0
+
+
+# what decides the learning rate of every update: a resumed run rebuilds its schedule from these
+_SCHEDULE_ARGS = ('epochs', 'sched', 'sched_on_updates', 'lr', 'lr_base', 'lr_base_size', 'min_lr', 'warmup_epochs',
+                  'warmup_lr', 'warmup_prefix', 'cooldown_epochs', 'batch_size', 'grad_accum_steps',
+                  'train_num_samples', 'world_size')
+
+
+def _resume(ckpt: Dict[str, Any], args, optimizer, lr_scheduler, loss_scaler, updates_per_epoch: int,
+            num_epochs: int) -> int:
+    """Restore the optimizer, loss scaler and RNG state of `ckpt` and move the schedule, rebuilt from `args` (as
+    timm's train.py does), to the first update after it. Returns the first epoch to train."""
+    start_epoch = ckpt['epoch'] + 1
+    if start_epoch >= num_epochs:
+        raise PretrainError(
+            f'{args.resume} has finished {start_epoch} epoch(s) and this run is {num_epochs} epochs long: nothing '
+            f'left to train. To extend the run, pass --epochs larger than {start_epoch}')
+    before = ckpt.get('args') or {}
+    changed = [f'--{k.replace("_", "-")} {before[k]} -> {getattr(args, k)}' for k in _SCHEDULE_ARGS
+               if k in before and before[k] != getattr(args, k)]
+    if changed and args.rank == 0:
+        _logger.warning(f'Resuming {args.resume} with other arguments than it was trained with ({", ".join(changed)}); '
+                        f'the learning rate schedule follows the new arguments from epoch {start_epoch} on')
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if loss_scaler is not None and 'scaler' in ckpt:
+        loss_scaler.load_state_dict(ckpt['scaler'])
+    if lr_scheduler is not None:
+        lr_scheduler.step(start_epoch)  # each sets the lr only in its own mode (per epoch or per update)
+        lr_scheduler.step_update(start_epoch * updates_per_epoch)
+    rng = ckpt['rng']
+    if len(rng) == args.world_size:
+        _set_rng_state(rng[args.rank])
+    else:
+        _logger.warning(f'{args.resume} was written by {len(rng)} processes, not {args.world_size}: RNG states '
+                        f're-seeded')
+        random_seed(args.seed + start_epoch, args.rank)
+    return start_epoch
+
+
+def _output_dir(args) -> str:
+    if args.resume and not args.experiment and not args.output:
+        return os.path.dirname(os.path.abspath(args.resume))
+    name = args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}-mae'
+    return os.path.join(args.output or os.path.join('output', 'pretrain'), name)
+
+
+def _plain_args(args) -> Dict[str, Any]:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(args).items()}
+
+
+def _log_epoch(output_dir: str, epoch: int, metrics: Dict[str, float], shares: Dict[str, torch.Tensor], lr: float):
+    """summary.csv and expert_load.csv rows of `epoch`, and the plots redrawn from them."""
+    min_share = min((float(s.min()) * len(s) for s in shares.values()), default=1.)
+    if min_share < 0.1:
+        _logger.warning(f'epoch {epoch}: an expert gets {min_share:.3f}x its even share of the routing (collapse?)')
+    metrics['min_expert_share'] = min_share  # least-used expert's share relative to an even split
+    summary = os.path.join(output_dir, 'summary.csv')
+    update_summary(epoch, metrics, None, summary, lr=lr,
+                   write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)  # timm < 1.0.31
+    load_csv = os.path.join(output_dir, 'expert_load.csv')
+    append_expert_load(load_csv, epoch, {name: sh.tolist() for name, sh in shares.items()})
+    try:  # a plot is a view of the logs: never worth losing the run over
+        plot_losses(summary, os.path.join(output_dir, 'loss.png'), title='mmLiT pre-training loss (eq. 16)')
+        plot_expert_load(load_csv, os.path.join(output_dir, 'expert_load.png'))
+    except Exception as e:
+        _logger.warning(f'could not draw the plots: {type(e).__name__}: {e}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_default_logging()
     args = _parse_args(argv)
+    try:
+        _check_args(args)
+    except ValueError as e:
+        raise PretrainError(str(e)) from None
     if args.export_only:
         return _export_only(args)
-    if args.grad_accum_steps < 1:
-        raise PretrainError('--grad-accum-steps must be at least 1')
 
     # everything that can be wrong with the request is checked before anything is written
     device = init_distributed_device(args)
-    if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
-        raise PretrainError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
-    if args.amp and args.amp_dtype == 'float16' and device.type == 'cpu':
-        raise PretrainError('float16 autocast needs CUDA; on CPU use --amp-dtype bfloat16')
     random_seed(args.seed, args.rank)  # per-rank: MoE gate noise and dropout differ between ranks
     model = build_model(args)
     dataset = build_dataset(args, model)
@@ -504,39 +617,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             loss_scaler = NativeScaler(device=device.type)
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=True), updates_per_epoch=updates_per_epoch)
-
+    args.num_epochs = num_epochs  # epochs + cooldown (+ warm-up as a prefix): for the time left
     start_epoch = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        lr_scheduler.load_state_dict(ckpt['scheduler'])
-        if loss_scaler is not None and 'scaler' in ckpt:
-            loss_scaler.load_state_dict(ckpt['scaler'])
-        rng = ckpt['rng']
-        if len(rng) == world:
-            _set_rng_state(rng[args.rank])
-        else:
-            _logger.warning(f'{args.resume} was written by {len(rng)} processes, not {world}: RNG states re-seeded')
-            random_seed(args.seed + ckpt['epoch'] + 1, args.rank)
-        start_epoch = ckpt['epoch'] + 1
+        start_epoch = _resume(ckpt, args, optimizer, lr_scheduler, loss_scaler, updates_per_epoch, num_epochs)
 
     model_ddp = model
     if args.distributed:
         model_ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == 'cuda' else None)
 
-    output_dir = None
+    output_dir = _output_dir(args)
+    export_path = args.export_path or os.path.join(output_dir, 'encoder.safetensors')
     if args.rank == 0:
-        if args.resume and not args.experiment and not args.output:
-            output_dir = os.path.dirname(os.path.abspath(args.resume))
-        else:
-            name = args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}-mae'
-            output_dir = os.path.join(args.output or os.path.join('output', 'pretrain'), name)
         os.makedirs(output_dir, exist_ok=True)
-        _atomic_write(lambda f: f.write(yaml.safe_dump(
-            {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(args).items()}).encode()),
-            os.path.join(output_dir, 'args.yaml'))
+        removed = remove_stale_temporaries(output_dir)
+        if removed:
+            _logger.warning(f'Removed {len(removed)} incomplete file(s) an interrupted run left in {output_dir}: '
+                            + ', '.join(os.path.basename(p) for p in removed))
+        atomic_write(os.path.join(output_dir, 'args.yaml'),
+                     lambda f: f.write(yaml.safe_dump(_plain_args(args)).encode()))
         for name in ('summary.csv', 'expert_load.csv'):
-            _truncate_csv(os.path.join(output_dir, name), start_epoch)
+            truncate_csv(os.path.join(output_dir, name), start_epoch)
         _logger.info(
             f'mmLiT pre-training {args.model}: {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M encoder '
             f'+ {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M decoder params, {len(dataset)} images, '
@@ -548,36 +650,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sampler.set_epoch(epoch)
         metrics, shares = train_one_epoch(
             epoch, model_ddp, loader, optimizer, args, device, lr_scheduler, loss_scaler, amp_autocast)
-        lr_scheduler.step(epoch + 1)
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1)
         rng = [_rng_state()]
         if args.distributed:
             rng = [None] * world
             dist.all_gather_object(rng, _rng_state())
         if args.rank != 0:
             continue
-        min_share = min((float(s.min()) * len(s) for s in shares.values()), default=1.)
-        if min_share < 0.1:
-            _logger.warning(f'epoch {epoch}: an expert gets {min_share:.3f}x its even share of the routing (collapse?)')
-        metrics['min_expert_share'] = min_share  # least-used expert's share relative to an even split
-        summary = os.path.join(output_dir, 'summary.csv')
-        update_summary(epoch, metrics, None, summary, lr=optimizer.param_groups[0]['lr'],
-                       write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)  # timm < 1.0.31
-        _write_expert_load(os.path.join(output_dir, 'expert_load.csv'), epoch, shares)
+        _log_epoch(output_dir, epoch, metrics, shares, optimizer.param_groups[0]['lr'])
         state = dict(
             format=CHECKPOINT_FORMAT, epoch=epoch, arch=args.model, model_kwargs=dict(args.model_kwargs),
-            state_dict=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=lr_scheduler.state_dict(),
-            rng=rng, metrics=metrics)
+            args=_plain_args(args), state_dict=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
+            metrics=metrics)
         if loss_scaler is not None:
             state['scaler'] = loss_scaler.state_dict()
         save_checkpoint(state, output_dir, epoch, args.checkpoint_hist)
 
     if args.rank == 0:
-        summary = os.path.join(output_dir, 'summary.csv')
-        if os.path.exists(summary):
-            write_loss_plot(os.path.join(output_dir, 'loss.png'), *_read_losses(summary))
-        path = export_encoder(model.state_dict(), args.export_path or os.path.join(output_dir, 'encoder.safetensors'),
-                              arch=args.model)
-        _logger.info(f'Done. Encoder exported to {path}; loss curve in {os.path.join(output_dir, "loss.png")}')
+        path = export_encoder(model.state_dict(), export_path, arch=args.model, model_kwargs=args.model_kwargs)
+        _logger.info(f'Done. Encoder exported to {path}; loss curve in {os.path.join(output_dir, "loss.png")}, '
+                     f'expert load in {os.path.join(output_dir, "expert_load.png")}')
     if args.distributed:
         dist.barrier()
         dist.destroy_process_group()
