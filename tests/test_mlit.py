@@ -204,3 +204,109 @@ def test_grad_checkpointing_gives_the_same_gradients():
         model(x).sum().backward()
         grads.append(model.blocks[4].mlp.experts.w.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize('name, value, error', [
+    ('num_experts', (), ValueError),
+    ('num_experts', (3, 0, 5), ValueError),
+    ('num_experts', 0, ValueError),
+    ('num_experts', (3.5, 4, 5), TypeError),
+    ('num_experts', '345', TypeError),
+    ('depth', 0, ValueError),
+    ('depth', 9.0, TypeError),
+    ('top_k', 2.5, TypeError),
+    ('top_k', 0, ValueError),
+    ('drop_path_rate', 2, ValueError),
+    ('drop_rate', -0.1, ValueError),
+    ('pos_drop_rate', 1.0, ValueError),
+    ('proj_drop_rate', float('nan'), ValueError),
+    ('attn_drop_rate', '0.1', TypeError),
+    ('moe_drop_rate', 1.5, ValueError),
+    ('moe_loss_coef', -1e-2, ValueError),
+    ('moe_loss_weight', -1., ValueError),
+    ('embed_dim', 100, ValueError),
+    ('embed_dim', 0, ValueError),
+    ('num_heads', 0, ValueError),
+    ('num_kv_heads', 4, ValueError),
+    ('hidden_dims', (81,), ValueError),
+    ('hidden_dims', (81, 0), ValueError),
+    ('num_classes', -1, ValueError),
+    ('in_chans', 3.0, TypeError),
+    ('patch_size', 0, ValueError),
+    ('img_size', (36,), ValueError),
+    ('img_size', 36.0, TypeError),
+    ('noisy_gating', 'no', TypeError),
+    ('norm_layer', 'layernorm', TypeError),
+    ('expert_shared', 3, TypeError),
+    ('dtype', torch.int64, TypeError),
+])
+def test_bad_constructor_argument_is_refused_at_once_by_name_and_value(name, value, error):
+    with pytest.raises(error) as e:
+        timm.create_model('mlit_xxs', **{name: value})
+    assert name in str(e.value) and repr(value) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize('dtype, match', [
+    (torch.uint8, 'floating-point images, got a tensor of dtype torch.uint8'),
+    (torch.int64, 'floating-point images, got a tensor of dtype torch.int64'),
+    (torch.float16, 'torch.float16 images, but its parameters are torch.float32'),
+])
+def test_input_of_the_wrong_dtype_gets_an_error_that_names_it(dtype, match):
+    model = timm.create_model('mlit_xxs').eval()
+    with pytest.raises(TypeError, match=match):
+        model(torch.zeros(1, 3, 36, 36, dtype=dtype))
+    with pytest.raises(TypeError, match='mLiT expects a torch.Tensor'):
+        model(torch.zeros(1, 3, 36, 36).numpy())
+
+
+def test_autocast_runs_a_model_on_input_of_another_dtype():
+    torch.manual_seed(0)
+    model = timm.create_model('mlit_xxs').eval()
+    x = torch.randn(2, 3, 36, 36)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            mixed = model(x.half())  # float16 in, float32 parameters, bfloat16 compute
+        out_bf16 = model.to(torch.bfloat16)(x.bfloat16())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16_model = model(x)  # float32 in, bfloat16 parameters
+    for out in (mixed, out_bf16, bf16_model):
+        assert out.shape == ref.shape and (out.float() - ref).abs().max() < 0.2
+
+
+def test_fx_traced_and_scripted_models_keep_the_input_checks():
+    from timm.models import create_feature_extractor, get_graph_node_names
+    model = timm.create_model('mlit_xxs').eval()
+    x = torch.randn(2, 3, 36, 36)
+    last = get_graph_node_names(model)[1][-1]
+    traced = create_feature_extractor(model, return_nodes=[last])
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        assert torch.allclose(traced(x)[last], model(x), atol=1e-5)
+        assert torch.allclose(scripted(x), model(x), atol=1e-5)
+    for m in (traced, scripted):
+        with pytest.raises(Exception, match='floating-point images'):
+            m(x.to(torch.uint8))
+        with pytest.raises(Exception, match='built for 36x36 images, got 32x32'):
+            m(x[..., :32, :32])
+    with pytest.raises(TypeError, match='torch.float64 images'):
+        traced(x.double())
+
+
+def test_model_code_imports_timm_names_from_its_public_modules_where_timm_exports_them():
+    """A private timm module (`timm.x._y`) only for a name that its public package does not export."""
+    import ast
+    import importlib
+    from pathlib import Path
+    pkg = Path(timm_mlit.__file__).parent
+    private = []
+    for path in [pkg / 'mlit.py', pkg / 'mae.py', *sorted((pkg / 'layers').glob('*.py'))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] == 'timm':
+                parts = node.module.split('.')
+                public = '.'.join(parts[:next((i for i, p in enumerate(parts) if p.startswith('_')), len(parts))])
+                if public != node.module:
+                    exported = importlib.import_module(public)
+                    private += [f'{path.name}: {a.name} from {node.module}, timm exports it as {public}.{a.name}'
+                                for a in node.names if hasattr(exported, a.name)]
+    assert not private, private

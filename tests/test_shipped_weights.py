@@ -155,6 +155,59 @@ def test_main_job_refuses_a_model_without_fashion_mnist_weights(capsys):
         main(['--model', ENC])
 
 
+@pytest.mark.parametrize('name, match', [
+    ('resnet18', r'error: resnet18 is not an mLiT model'),
+    ('mlit_s', r'error: cannot load mlit_s with pretrained=True: .*mlit_s\.untrained'),
+    (ENC, r'error: .*not a Fashion-MNIST classifier'),
+    ('no_such_model', r"error: unknown model 'no_such_model'"),
+])
+def test_main_job_refuses_a_model_before_loading_any_weights(name, match, monkeypatch):
+    # the check reads timm's registry and pretrained cfgs: no weights are loaded (for resnet18, from the Hub)
+    loads = []
+    monkeypatch.setattr(timm.models._builder, 'load_pretrained', lambda *args, **kwargs: loads.append(args))
+    with pytest.raises(SystemExit, match=f'(?s)^python -m timm_mlit: {match}.*Fashion-MNIST classifiers shipped: '
+                                         f'{FT}$') as e:
+        main(['--model', name])
+    assert loads == [] and '\n' not in str(e.value)
+
+
+def job_parser():
+    from timm_mlit import __main__ as job
+    return job.build_parser()
+
+
+def test_main_job_prints_its_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['--version'])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f'timm-mlit {timm_mlit.__version__}\n'
+
+
+def test_main_job_help_explains_every_option_and_shows_its_default(capsys):
+    import argparse
+    with pytest.raises(SystemExit):
+        main(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    for action in job_parser()._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        assert action.option_strings[-1] in text
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f'(default: {action.default})' in text, action.option_strings
+
+
+def test_main_job_logs_its_progress_to_stderr(tmp_path):
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', rng.integers(0, 256, (20, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', (np.arange(20) % 10).astype(np.uint8))
+    env = dict(os.environ, HF_HUB_OFFLINE='1')
+    proc = subprocess.run([sys.executable, '-m', 'timm_mlit', '--data-dir', str(tmp_path), '-b', '8', '--log-freq',
+                           '2'], capture_output=True, text=True, check=True, env=env, timeout=300)
+    progress = re.findall(r'^Test: \[\s*(\d+)/(\d+)\]\s+Time: .*Acc@1: .*$', proc.stderr, flags=re.M)
+    assert progress == [('0', '3'), ('2', '3')], proc.stderr  # every 2nd of the 3 batches, and the last one
+    assert re.search(r'Fashion-MNIST test \(.*\): 20 images, top-1 [0-9.]+%', proc.stdout), proc.stdout
+    assert 'Test: [' not in proc.stdout
+
+
 def test_main_job_lists_every_model(capsys):
     main(['--list'])
     out = capsys.readouterr().out

@@ -4,6 +4,7 @@
     python -m timm_mlit --limit 1000          # the first 1,000 test images only
     python -m timm_mlit --data-dir DIR        # Fashion-MNIST idx files in DIR (flat, or torchvision's layout)
     python -m timm_mlit --list                # every mLiT model with its parameter count
+    python -m timm_mlit --log-freq 5          # a progress line (stderr) every 5 batches instead of 10
 
 The model is `timm.create_model('mlit_xxs', pretrained=True)`: its default tag's weights, embedded in the package
 (timm_mlit/weights/), so nothing is downloaded. The test images come from --data-dir when it is given (nothing is
@@ -11,22 +12,27 @@ downloaded into it); otherwise from Debian's `dataset-fashion-mnist` (/usr/share
 from a copy in $XDG_CACHE_HOME/timm_mlit/fashion-mnist (~/.cache/...), which torchvision downloads where there is
 network. With none of these the command stops and says how to get them. The images go through timm's own
 evaluation pipeline (resolve_data_config + create_loader: resize to 36, bicubic, mean = std = 0.5), as timm's
-validate.py would.
+validate.py would, and the progress is logged as validate.py logs it, to stderr.
 """
 import argparse
+import logging
 import os
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import timm
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.models import get_pretrained_cfg, is_model, parse_model_name, split_model_name_tag
+from timm.utils import AverageMeter, accuracy, setup_default_logging
 
-import timm_mlit  # noqa: F401  (registers the models)
+import timm_mlit  # (registers the models)
 from timm_mlit.data import DEBIAN_FASHION_MNIST
+
+_logger = logging.getLogger('timm_mlit')
 
 
 def cache_dir() -> Path:
@@ -53,7 +59,7 @@ DOWNLOAD_TIMEOUT_S = 30.
 
 
 def _fail(msg: str):
-    sys.exit(f'python -m timm_mlit: {msg}')
+    sys.exit(f'python -m timm_mlit: error: {msg}')
 
 
 def _read_test_set(folder: Path, download: bool = False):
@@ -70,7 +76,7 @@ def open_test_set(data_dir: Optional[str]):
         try:
             return _read_test_set(Path(data_dir)), Path(data_dir)
         except _READ_ERRORS as e:
-            _fail(f'no readable Fashion-MNIST test set in --data-dir {data_dir} ({type(e).__name__}: {e}).\n{get_it}')
+            _fail(f'no readable Fashion-MNIST test set in --data-dir {data_dir} ({type(e).__name__}: {e}). {get_it}')
     cache = cache_dir()
     for folder in (Path(DEBIAN_FASHION_MNIST), cache):
         if folder.is_dir():
@@ -80,7 +86,7 @@ def open_test_set(data_dir: Optional[str]):
                 continue
             except _READ_ERRORS as e:  # e.g. a download cut short: say so, do not guess
                 _fail(f'the Fashion-MNIST files in {folder} cannot be read ({type(e).__name__}: {e}); remove them '
-                      f'to download again, or pass --data-dir.\n{get_it}')
+                      f'to download again, or pass --data-dir. {get_it}')
     # torchvision's download, into the cache; its urlopen has no timeout of its own
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
@@ -89,40 +95,89 @@ def open_test_set(data_dir: Optional[str]):
         return _read_test_set(cache, download=True), cache
     except Exception as e:  # no network, no permission, a mirror down, ...
         _fail(f'the Fashion-MNIST test set is not in {DEBIAN_FASHION_MNIST} nor in {cache}, and could not be '
-              f'downloaded into {cache} ({type(e).__name__}: {e}).\n{get_it}')
+              f'downloaded into {cache} ({type(e).__name__}: {e}). {get_it}')
     finally:
         socket.setdefaulttimeout(previous)
 
 
+def _is_fashion_mnist_classifier(cfg) -> bool:
+    return cfg.get('num_classes') == 10 and 'fashion_mnist' in (cfg.get('tag') or '')
+
+
+def check_model_name(model_name: str, shipped: List[str]):
+    """Exit unless `model_name` is an mLiT whose default (or named) weights classify Fashion-MNIST, from timm's
+    registry and pretrained cfgs alone: nothing is created or downloaded (`--model resnet18` would otherwise first
+    fetch resnet18's weights). A name with a source (hf-hub:, local-dir:) brings its cfg with the weights: it is
+    checked once loaded."""
+    also = f'Fashion-MNIST classifiers shipped: {", ".join(shipped)}'
+    try:
+        source, name = parse_model_name(model_name)
+    except (AssertionError, ValueError) as e:  # an unknown source prefix (timm 1.0.28 asserts)
+        _fail(f'cannot parse the model name {model_name!r} ({e}); {also}')
+    if source:
+        return
+    arch, _ = split_model_name_tag(name)
+    if not is_model(arch):
+        _fail(f'unknown model {model_name!r}; {also}')
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as e:  # a tag the arch does not have
+        _fail(f'cannot load {model_name} with pretrained=True ({e}); {also}')
+    cfg = cfg.to_dict() if cfg is not None else {}
+    weights = f'{arch}.{cfg.get("tag")}'
+    if arch not in timm.list_models('mlit_*'):
+        _fail(f'{model_name} is not an mLiT model (its pretrained weights are {weights}); {also}')
+    if not (cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url')):
+        _fail(f'cannot load {model_name} with pretrained=True: no weights exist for {weights}; {also}')
+    if not _is_fashion_mnist_classifier(cfg):
+        _fail(f'{model_name} with pretrained=True is {weights} ({cfg.get("num_classes")} classes), not a '
+              f'Fashion-MNIST classifier; {also}')
+
+
 def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch_size: int = 256,
-             limit: int = 0) -> Dict[str, object]:
-    """Top-1 of `model_name` with pretrained=True on the Fashion-MNIST test set (the first `limit` images if > 0)."""
+             limit: int = 0, log_freq: int = 10) -> Dict[str, object]:
+    """Top-1 of `model_name` with pretrained=True on the Fashion-MNIST test set (the first `limit` images if > 0),
+    logging the running accuracy every `log_freq` batches (never if 0)."""
     shipped = [n for n in timm.list_pretrained('mlit_*') if n.endswith('.mae_ft_fashion_mnist')]
+    check_model_name(model_name, shipped)
     try:
         model = timm.create_model(model_name, pretrained=True).eval()
-    except Exception as e:  # unknown name, no weights for it, weights not in the package nor reachable, ...
-        _fail(f'cannot load {model_name} with pretrained=True ({type(e).__name__}: {e})\n'
+    except Exception as e:  # weights not in the package nor reachable, a hub name that does not exist, ...
+        _fail(f'cannot load {model_name} with pretrained=True ({type(e).__name__}: {e}); '
               f'Fashion-MNIST classifiers shipped: {", ".join(shipped)}')
     cfg = model.pretrained_cfg
-    if model.num_classes != 10 or 'fashion_mnist' not in (cfg.get('tag') or ''):
+    if model.num_classes != 10 or not _is_fashion_mnist_classifier(cfg):
         _fail(f'{model_name} with pretrained=True is {cfg.get("architecture")}.{cfg.get("tag")}, not a Fashion-MNIST '
-              f'classifier; shipped: {", ".join(shipped)}')
+              f'classifier; Fashion-MNIST classifiers shipped: {", ".join(shipped)}')
     labels = cfg['label_names']
     dataset, folder = open_test_set(data_dir)
     if limit > 0:  # (not a Subset: create_loader sets the transform on the dataset it is given)
         dataset.data, dataset.targets = dataset.data[:limit], dataset.targets[:limit]
     if len(dataset) == 0:
         _fail(f'the Fashion-MNIST test set in {folder} has no images')
+    _logger.info(f'Fashion-MNIST test set: {len(dataset)} images from {folder}')
     loader = create_loader(dataset, batch_size=batch_size, is_training=False, num_workers=0, use_prefetcher=False,
                            device=torch.device('cpu'), **resolve_data_config({}, model=model))
     forward_s = 0.
     preds = []
-    start = time.perf_counter()
+    batch_time, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    start = end = time.perf_counter()
     with torch.inference_mode():
-        for images, _ in loader:
+        for i, (images, target) in enumerate(loader):
             t = time.perf_counter()
-            preds.append(model(images).argmax(dim=-1))
+            output = model(images)
             forward_s += time.perf_counter() - t
+            preds.append(output.argmax(dim=-1))
+            acc1, acc5 = accuracy(output, target, topk=(1, 5))
+            top1.update(acc1.item(), images.shape[0])
+            top5.update(acc5.item(), images.shape[0])
+            batch_time.update(time.perf_counter() - end)
+            end = time.perf_counter()
+            if log_freq and (i % log_freq == 0 or i == len(loader) - 1):  # as timm's validate.py logs
+                _logger.info(
+                    f'Test: [{i:>4d}/{len(loader)}]  '
+                    f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {top1.count / batch_time.sum:>7.2f}/s)  '
+                    f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
     total_s = time.perf_counter() - start
     preds, targets = torch.cat(preds), dataset.targets
     hits = torch.bincount(targets[preds == targets], minlength=len(labels))
@@ -135,21 +190,44 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
         per_class={name: 100. * float(h) / c for name, h, c in zip(labels, hits, counts) if c})
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m timm_mlit', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='mlit_xxs', help='a model whose default weights classify Fashion-MNIST')
-    parser.add_argument('--data-dir', default=None, help='folder of the Fashion-MNIST idx files')
-    parser.add_argument('-b', '--batch-size', type=int, default=256)
-    parser.add_argument('--limit', type=int, default=0, help='evaluate only the first N test images')
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default after its help (a flag's False and a None, whose
+    help says what happens, are not shown)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m timm_mlit', description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument('--model', default='mlit_xxs',
+                        help='an mLiT model (arch or arch.tag) whose pretrained weights classify Fashion-MNIST')
+    parser.add_argument('--data-dir', default=None,
+                        help=f'folder of the Fashion-MNIST idx files (default: {DEBIAN_FASHION_MNIST}, else '
+                             f'$XDG_CACHE_HOME/timm_mlit/fashion-mnist, downloaded there if missing)')
+    parser.add_argument('-b', '--batch-size', type=int, default=256, help='images per forward')
+    parser.add_argument('--limit', type=int, default=0, help='evaluate only the first N test images (0: all)')
+    parser.add_argument('--log-freq', type=int, default=10,
+                        help='log the running accuracy to stderr every N batches (0: never)')
     parser.add_argument('--list', action='store_true', help='list the mLiT models and their sizes, and exit')
+    parser.add_argument('--version', action='version', version=f'timm-mlit {timm_mlit.__version__}',
+                        help="print the package's version and exit")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not logging.root.handlers:  # (a caller that set up logging keeps its own)
+        setup_default_logging()
     if args.list:
         list_models()
         return None
-    if args.batch_size < 1 or args.limit < 0:
-        parser.error('--batch-size must be >= 1 and --limit >= 0')
-    r = evaluate(args.model, args.data_dir, args.batch_size, args.limit)
+    if args.batch_size < 1 or args.limit < 0 or args.log_freq < 0:
+        parser.error('--batch-size must be >= 1, --limit and --log-freq >= 0')
+    r = evaluate(args.model, args.data_dir, args.batch_size, args.limit, args.log_freq)
     print(f'{r["model"]}: {r["params"]:,d} params, weights {r["weights"]}')
     print(f'Fashion-MNIST test ({r["data"]}): {r["images"]} images, top-1 {r["top1"]:.2f}%, '
           f'{r["img_s"]:.0f} images/s (model; {r["img_s_total"]:.0f} with data loading; batch {args.batch_size}, '
