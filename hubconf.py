@@ -4,7 +4,7 @@
     model = torch.hub.load('path/to/timm-mlit', 'mlit_xxs', source='local', pretrained=True)
 
 Every keyword goes to timm.create_model: num_classes, in_chans, img_size, global_pool, drop_path_rate, a pretrained
-tag (pretrained_cfg='mae_ft_cifar100'), ...
+tag (pretrained_cfg='mae_in_fashion_mnist'), ...
 """
 import os as _os
 import sys as _sys

@@ -8,17 +8,22 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import torch
+import yaml
+from PIL import Image
 from readme import snippet
 from timm.layers import resample_abs_pos_embed
 from timm.models import _registry
@@ -30,6 +35,7 @@ from timm_mlit.mlit import _cfg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = 'timm-mlit/mlit_xxs.mae_ft_cifar100'
+SHIPPED = _weights.WEIGHTS_DIR / 'mlit_xxs.mae_ft_fashion_mnist'
 
 # README snippets, read from README.md and executed verbatim below (test_readme_snippet_*).
 SNIPPET_PRETRAINED = snippet('hub-pretrained')
@@ -164,7 +170,8 @@ def embedded(published, tmp_path, monkeypatch):
 
 def test_publish_writes_safetensors_timm_config_and_model_card(published):
     folder = published['folder']
-    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in folder.iterdir()) == [
+        'README.md', 'config.json', 'model.safetensors', 'training_args.yaml']  # the checkpoint carries train args
     assert _same_weights(published['model'], safetensors.torch.load_file(folder / 'model.safetensors'))
 
     config = json.loads((folder / 'config.json').read_text())
@@ -285,15 +292,68 @@ def test_existing_output_is_an_error_unless_overwrite(published, tmp_path, capsy
     model = _model(100, seed=5)
     safetensors.torch.save_file(model.state_dict(), checkpoint)
     out = tmp_path / 'out'
-    out.mkdir()
-    (out / 'keep.txt').write_text('mine')
+    shutil.copytree(published['folder'], out)  # a folder timm-mlit-publish wrote
     assert _publish(tmp_path, checkpoint, out) == 1
-    assert 'exists' in capsys.readouterr().err and (out / 'keep.txt').read_text() == 'mine'
+    assert 'exists' in capsys.readouterr().err
+    assert _same_weights(published['model'], safetensors.torch.load_file(out / 'model.safetensors'))
 
     assert _publish(tmp_path, checkpoint, out, '--overwrite') == 0
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'w.safetensors']  # no temp or old folder left
     assert _same_weights(model, safetensors.torch.load_file(out / 'model.safetensors'))
+
+
+def test_overwrite_of_an_empty_folder_publishes_into_it(tmp_path):
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    (tmp_path / 'out').mkdir()
+    assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--overwrite') == 0
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+
+
+def _run_folder(tmp: Path) -> Path:
+    """A training run's folder, as train.py leaves it: the checkpoint beside the logs."""
+    run = tmp / 'runs' / 'RUN'
+    run.mkdir(parents=True)
+    torch.save({'state_dict': _model(10, seed=6).state_dict(), 'arch': 'mlit_xxs'}, run / 'last.pth.tar')
+    (run / 'summary.csv').write_text('epoch,loss\n0,1.0\n')
+    return run
+
+
+@pytest.mark.parametrize('where', ['run_folder', 'checkpoint_itself', 'above_the_run_folder'])
+def test_overwrite_refuses_an_output_that_is_or_holds_the_checkpoint(where, tmp_path, capsys):
+    run = _run_folder(tmp_path)
+    checkpoint = run / 'last.pth.tar'
+    out = {'run_folder': run, 'checkpoint_itself': checkpoint, 'above_the_run_folder': run.parent}[where]
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert _publish(tmp_path, checkpoint, out, '--overwrite') == 1
+    err = capsys.readouterr().err
+    assert 'holds the checkpoint' in err and str(checkpoint) in err and 'Traceback' not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert [p.name for p in run.parent.iterdir()] == ['RUN']  # no temporary folder beside it either
+
+
+@pytest.mark.parametrize('kind', ['file', 'folder_with_other_files', 'link_to_a_published_folder'])
+def test_overwrite_replaces_only_a_folder_that_timm_mlit_publish_wrote(kind, published, tmp_path, capsys):
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    out = tmp_path / 'out'
+    if kind == 'file':
+        out.write_text('notes')
+    elif kind == 'folder_with_other_files':
+        shutil.copytree(published['folder'], out)
+        (out / 'notes.txt').write_text('mine')
+    else:
+        shutil.copytree(published['folder'], tmp_path / 'real')
+        out.symlink_to(tmp_path / 'real')
+
+    def snapshot():
+        return {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+
+    before = snapshot()
+    assert _publish(tmp_path, checkpoint, out, '--overwrite') == 1
+    err = capsys.readouterr().err
+    assert 'is not a folder timm-mlit-publish wrote' in err and str(out) in err
+    assert snapshot() == before and out.is_symlink() == (kind == 'link_to_a_published_folder')
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
 
 def test_unknown_model_and_bad_flags_are_clear_errors(tmp_path, capsys):
@@ -471,36 +531,86 @@ def test_readme_snippet_torch_hub(embedded, published, offline_hf, monkeypatch):
     assert torch.equal(_out(namespace['model'], _x()), published['expected'])
 
 
-def test_readme_snippet_hf_hub(published, offline_hf, capsys):
-    put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
+def _readme_hf_hub_repo() -> str:
+    """The Hub repository the README's hf-hub snippet loads."""
+    model_id, = set(re.findall(r"'hf-hub:([^']+)'", SNIPPET_HF_HUB))
+    return model_id
+
+
+def test_readme_snippet_hf_hub_names_a_registered_tag():
+    hub_ids = {cfg.hf_hub_id: name for arch in ('mlit_s', 'mlit_xs', 'mlit_xxs')
+               for name, cfg in timm.models.get_arch_pretrained_cfgs(arch).items() if cfg.has_weights}
+    repo = _readme_hf_hub_repo()
+    assert repo in hub_ids, f'{repo} is no tag of timm_mlit/mlit.py'
+    assert (_weights.WEIGHTS_DIR / hub_ids[repo]).is_dir()  # the folder that will be uploaded there ships
+
+
+def test_readme_snippet_hf_hub(offline_hf, capsys):
+    put_in_hf_cache(SHIPPED, offline_hf, _readme_hf_hub_repo())  # the shipped folder, as it would be uploaded
     namespace = {}
     exec(SNIPPET_HF_HUB, namespace)
-    assert torch.equal(_out(namespace['model'], _x()), published['expected'])
-    assert all(name in _weights.LABEL_NAMES['cifar100'] for name in eval(capsys.readouterr().out.strip()))
+    assert _same_weights(namespace['model'], safetensors.torch.load_file(SHIPPED / 'model.safetensors'))
+    names = eval(capsys.readouterr().out.strip())
+    assert names and all(name in _weights.LABEL_NAMES['fashion_mnist'] for name in names)
 
 
 @pytest.mark.slow
-def test_readme_snippet_hf_hub_in_a_fresh_offline_process(published, offline_hf, tmp_path):
-    put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
+def test_readme_snippet_hf_hub_in_a_fresh_offline_process(offline_hf, tmp_path):
+    put_in_hf_cache(SHIPPED, offline_hf, _readme_hf_hub_repo())
     check = (
         '\nimport safetensors.torch\n'
-        f'saved = safetensors.torch.load_file({str(published["folder"] / "model.safetensors")!r})\n'
+        f'saved = safetensors.torch.load_file({str(SHIPPED / "model.safetensors")!r})\n'
         'assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())\n'
     )
     proc = subprocess.run([sys.executable, '-c', SNIPPET_HF_HUB + check], cwd=tmp_path, env=dict(os.environ),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert all(name in _weights.LABEL_NAMES['cifar100'] for name in eval(proc.stdout.strip().splitlines()[-1]))
+    assert all(name in _weights.LABEL_NAMES['fashion_mnist'] for name in eval(proc.stdout.strip().splitlines()[-1]))
 
 
-def test_model_card_usage_snippet_runs(published, offline_hf):
+def test_hubconf_docstring_names_tags_that_exist(embedded, offline_hf):
+    hubconf = torch.hub._import_module('hubconf', str(REPO_ROOT / 'hubconf.py'))
+    tags = re.findall(r"pretrained_cfg='(\w+)'", hubconf.__doc__)
+    assert tags
+    for tag in tags:
+        assert f'mlit_xxs.{tag}' in timm.list_pretrained('mlit_xxs.*'), tag
+        model = torch.hub.load(str(REPO_ROOT), 'mlit_xxs', source='local', pretrained=True, pretrained_cfg=tag)
+        assert model.pretrained_cfg['tag'] == tag
+
+
+def _card_python_blocks(folder: Path):
+    return re.findall(r'```python\n(.*?)```', (folder / 'README.md').read_text(), re.S)
+
+
+def test_model_card_usage_snippets_run_as_written(published, offline_hf):
+    """Every python block of the card, verbatim, against the folder placed in a Hugging Face cache."""
     put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
-    text = (published['folder'] / 'README.md').read_text()
-    code = text.split('```python\n', 1)[1].split('```', 1)[0]
+    blocks = _card_python_blocks(published['folder'])
+    assert len(blocks) == 3  # image classification, feature map extraction, image embeddings
+    for code in blocks:
+        namespace = {}
+        exec(compile(code, 'model card', 'exec'), namespace)
+        model = namespace['model']
+        assert isinstance(namespace['output'], (torch.Tensor, list))
+        assert model.pretrained_cfg.get('tag') == 'mae_ft_cifar100'
+    # the classification block gives the published model's outputs on its image
     namespace = {}
-    exec(code, namespace)
-    assert torch.equal(_out(namespace['model'], _x()), published['expected'])
-    assert namespace['output'].shape == (1, 100)
+    exec(blocks[0], namespace)
+    x = namespace['transforms'](namespace['img']).unsqueeze(0)
+    assert torch.equal(namespace['output'], _out(published['model'], x))
+
+
+def test_encoder_card_usage_snippets_run_as_written(tmp_path, offline_hf):
+    expected = _model(0, seed=2)
+    out = hub.publish(_encoder_safetensors(tmp_path, expected), 'mlit_xxs', tmp_path / 'enc', tag='mae_in_cifar100',
+                      repo_id='me/mlit_xxs.mae_in_cifar100')
+    put_in_hf_cache(out, offline_hf, 'me/mlit_xxs.mae_in_cifar100')
+    blocks = _card_python_blocks(out)
+    assert blocks and 'Image Classification' not in (out / 'README.md').read_text()  # no head to classify with
+    for code in blocks:
+        namespace = {}
+        exec(compile(code, 'model card', 'exec'), namespace)
+        assert namespace['model'].pretrained_cfg.get('tag') == 'mae_in_cifar100'
 
 
 @pytest.mark.slow
@@ -508,8 +618,11 @@ def test_embedded_weights_ship_in_the_wheel_and_load_offline_from_the_install(pu
     """A fresh install of a wheel holding weights in timm_mlit/weights/ loads them with no network and no cache."""
     src = tmp_path / 'src'
     shutil.copytree(REPO_ROOT / 'timm_mlit', src / 'timm_mlit', ignore=shutil.ignore_patterns('__pycache__'))
-    for name in ('pyproject.toml', 'README.md'):
-        shutil.copy(REPO_ROOT / name, src / name)
+    for name in ('pyproject.toml', 'README.md', 'LICENSE'):  # what the build reads beside the package
+        if (REPO_ROOT / name).is_file():
+            shutil.copy(REPO_ROOT / name, src / name)
+    if (REPO_ROOT / 'train_configs').is_dir():  # the recipes, packaged from the top of the checkout
+        shutil.copytree(REPO_ROOT / 'train_configs', src / 'train_configs')
     shutil.copytree(published['folder'], src / 'timm_mlit/weights/mlit_xxs.embedtest')
     pip = [sys.executable, '-m', 'pip', '-q', '--disable-pip-version-check']
     subprocess.run(pip + ['wheel', '--no-deps', '--no-build-isolation', '--no-index', '-w', str(tmp_path / 'dist'),
@@ -549,3 +662,294 @@ def test_publish_builds_the_model_with_the_train_py_model_kwargs(tmp_path):
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert loaded.global_pool == 'avg'
     assert torch.equal(_out(loaded, _x()), _out(model, _x()))
+
+
+# ------------------------------------------------------------------------------- model kwargs of a pre-training run
+
+PRETRAIN_MODEL_KWARGS = ['depth=3', 'top_k=1', 'global_pool=avg', 'num_experts=(2,2,2)']
+
+
+@pytest.fixture(scope='module')
+def pretrain_run(tmp_path_factory):
+    """A real tiny pre-training run (timm_mlit.pretrain) of an encoder built with routing, pooling and
+    shape-changing kwargs: its last.pth.tar and encoder.safetensors."""
+    from timm_mlit import pretrain
+    root = tmp_path_factory.mktemp('pretrain')
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / 'imgs' / 'train' / f'c{c}').mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                root / 'imgs' / 'train' / f'c{c}' / f'{i}.png')
+    argv = ['--data-dir', str(root / 'imgs'), '--output', str(root), '--experiment', 'run', '--model', 'mlit_xxs',
+            '--model-kwargs', *PRETRAIN_MODEL_KWARGS, '--workers', '0', '--epochs', '1', '--warmup-epochs', '0',
+            '-b', '8', '--log-interval', '1', '--no-amp', '--device', 'cpu']
+    assert pretrain.main(argv) == 0
+    return root / 'run'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', ['last.pth.tar', 'last.pth.tar without args', 'encoder.safetensors'])
+def test_publish_builds_a_pretrained_encoder_with_the_kwargs_it_was_trained_with(source, pretrain_run, tmp_path):
+    checkpoint = pretrain_run / source.split()[0]
+    if source.endswith('without args'):  # a checkpoint recording only arch and model_kwargs
+        ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        del ckpt['args']
+        checkpoint = tmp_path / 'last.pth.tar'
+        torch.save(ckpt, checkpoint)
+    out = hub.publish(checkpoint, 'mlit_xxs', tmp_path / 'out')
+    model_args = json.loads((out / 'config.json').read_text())['model_args']
+    assert model_args['top_k'] == 1 and model_args['global_pool'] == 'avg' and model_args['depth'] == 3
+    assert list(model_args['num_experts']) == [2, 2, 2]
+
+    training_args = out / 'training_args.yaml'
+    assert training_args.is_file() == (source == 'last.pth.tar')  # the only one of the three recording its args
+    if source == 'last.pth.tar':
+        assert yaml.safe_load(training_args.read_text())['model_kwargs']['num_experts'] == [2, 2, 2]
+
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert loaded.global_pool == 'avg' and len(loaded.blocks) == 3
+    assert [(b.mlp.gate.top_k, b.mlp.gate.num_experts) for b in loaded.blocks] == [(1, 2)] * 3
+    # the encoder as the run itself records it: built from the checkpoint's kwargs, given its encoder weights
+    ckpt = torch.load(pretrain_run / 'last.pth.tar', map_location='cpu', weights_only=True)
+    encoder = timm.create_model(ckpt['arch'], num_classes=0, **ckpt['model_kwargs']).eval()
+    encoder.load_state_dict({k[len('encoder.'):]: v for k, v in ckpt['state_dict'].items() if k.startswith('encoder.')})
+    assert torch.equal(_out(loaded, _x()), _out(encoder, _x()))
+
+
+def test_encoder_metadata_naming_another_architecture_is_an_error(tmp_path, capsys):
+    path = tmp_path / 'encoder.safetensors'
+    safetensors.torch.save_file(_model(0).state_dict(), path, metadata={'arch': 'mlit_s', 'model_kwargs': '{}'})
+    assert _publish(tmp_path, path, tmp_path / 'out') == 1
+    assert "trained as 'mlit_s'" in capsys.readouterr().err
+
+
+def test_encoder_metadata_with_broken_model_kwargs_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / 'encoder.safetensors'
+    safetensors.torch.save_file(_model(0).state_dict(), path, metadata={'arch': 'mlit_xxs', 'model_kwargs': '{top'})
+    assert _publish(tmp_path, path, tmp_path / 'out') == 1
+    err = capsys.readouterr().err
+    assert 'model_kwargs' in err and str(path) in err and 'Traceback' not in err
+
+
+# ------------------------------------------------------------------------------- interrupted publishes
+
+def _hidden(folder: Path, name: str = 'out'):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f'.{name}.'))
+
+
+def _interrupted_publish(checkpoint: Path, out: Path, at: str, *extra: str):
+    """Run timm-mlit-publish in a child process that dies at `at` with os._exit (no clean-up runs, as with a
+    SIGKILL): 'build' while it writes the folder, 'swap' between the two renames of --overwrite."""
+    code = f'''
+import os, sys
+from timm_mlit import hub
+if {at!r} == 'build':
+    def write_model_card(*args, **kwargs):
+        os._exit(9)
+    hub.write_model_card = write_model_card
+else:
+    real_replace = os.replace
+    def replace(src, dst):
+        real_replace(src, dst)
+        os._exit(9)
+    os.replace = replace
+hub.main(sys.argv[1:])
+'''
+    proc = subprocess.run([sys.executable, '-c', code, str(checkpoint), '--model', 'mlit_xxs', '--output-dir',
+                           str(out), *extra], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+
+
+@pytest.mark.slow
+def test_the_folder_of_a_killed_publish_is_removed_by_the_next(tmp_path, caplog):
+    caplog.set_level('INFO')
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    out = tmp_path / 'out'
+    _interrupted_publish(checkpoint, out, 'build')
+    leftovers = _hidden(tmp_path)
+    assert len(leftovers) == 1 and (tmp_path / leftovers[0] / 'model.safetensors').is_file() and not out.exists()
+
+    assert _publish(tmp_path, checkpoint, out) == 0
+    assert _hidden(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ['encoder.safetensors', 'out']
+    assert leftovers[0] in caplog.text
+
+
+@pytest.mark.slow
+def test_a_publish_killed_while_replacing_the_output_gets_the_old_folder_back(published, tmp_path, caplog):
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    out = tmp_path / 'out'
+    shutil.copytree(published['folder'], out)
+    _interrupted_publish(checkpoint, out, 'swap', '--overwrite')
+    assert not out.exists() and len(_hidden(tmp_path)) == 2  # the old copy moved aside, the new one not yet in
+
+    assert _publish(tmp_path, checkpoint, out) == 1  # no --overwrite: the restored folder is kept, not replaced
+    assert _same_weights(published['model'], safetensors.torch.load_file(out / 'model.safetensors'))
+    assert _hidden(tmp_path) == []
+    assert f'restored {out}' in caplog.text
+
+
+@pytest.mark.slow
+def test_the_folder_of_a_running_publish_is_left_alone(tmp_path):
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    out = tmp_path / 'out'
+    code = ('import sys, time\nfrom timm_mlit import hub\n'
+            'def write_model_card(*args, **kwargs):\n    print("building", flush=True)\n    time.sleep(300)\n'
+            'hub.write_model_card = write_model_card\nhub.main(sys.argv[1:])\n')
+    proc = subprocess.Popen([sys.executable, '-c', code, str(checkpoint), '--model', 'mlit_xxs', '--output-dir',
+                             str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == 'building'
+        running = _hidden(tmp_path)
+        assert len(running) == 1
+        assert _publish(tmp_path, checkpoint, out) == 0
+        assert _hidden(tmp_path) == running  # still there: its process is alive
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _publish(tmp_path, checkpoint, out, '--overwrite') == 0
+    assert _hidden(tmp_path) == []
+
+
+def test_leftovers_of_an_older_publish_are_named_or_restored(published, tmp_path, caplog):
+    """Folders an older timm-mlit-publish left (`.<name>.<random>.tmp/.old`, no process id to check): a hidden old
+    copy of a missing output is put back, an unfinished folder is named with how to remove it."""
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    out = tmp_path / 'out'
+    unfinished = Path(tempfile.mkdtemp(prefix='.out.', suffix='.tmp', dir=tmp_path))
+    (unfinished / 'model.safetensors').write_bytes(b'weights')
+    old = Path(tempfile.mkdtemp(prefix='.out.', suffix='.old', dir=tmp_path))
+    shutil.copytree(published['folder'], old / 'out')
+
+    assert _publish(tmp_path, checkpoint, out) == 1  # the old copy is back in place: it exists
+    assert _same_weights(published['model'], safetensors.torch.load_file(out / 'model.safetensors'))
+    assert not old.exists() and f'restored {out}' in caplog.text
+    assert unfinished.is_dir() and str(unfinished) in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+@pytest.mark.parametrize('name,content,problem', [
+    ('labels.json', '["apple", "bear",', 'line 1 column'),
+    ('labels.json', '{"0": "apple"}', 'a JSON list'),
+    ('labels.json', '[["apple"], "bear"]', 'a JSON list'),
+    ('labels.txt', b'\xff\xfe\x00apple', 'UTF-8'),
+    ('missing.json', None, 'No such file'),
+])
+def test_a_bad_label_names_file_is_a_one_line_error(name, content, problem, tmp_path, capsys):
+    checkpoint = tmp_path / 'w.safetensors'
+    safetensors.torch.save_file(_model(2).state_dict(), checkpoint)
+    labels = tmp_path / name
+    if isinstance(content, str):
+        labels.write_text(content)
+    elif content is not None:
+        labels.write_bytes(content)
+    assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--label-names', str(labels)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'timm-mlit-publish: error: --label-names {labels}') and err.count('\n') == 1
+    assert problem in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_version_and_help_with_defaults_for_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        hub.main(['--version'])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f'timm-mlit-publish {timm_mlit.__version__}'
+    parser = hub._parser()
+    text = ' '.join(parser.format_help().split())
+    for action in parser._actions:
+        assert action.help, action.option_strings or action.dest
+        if action.nargs != 0 and action.default not in (None, '', [], argparse.SUPPRESS):  # flags: on or off
+            assert f'default: {action.default}' in text, action.option_strings
+
+
+# ----------------------------------------------------------------------------------------------- the model card
+
+def test_model_stats_count_macs_and_the_outputs_of_conv_linear_and_attention():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, kernel_size=2, stride=2)  # [1, 4, 4, 4]
+            self.norm = torch.nn.LayerNorm(4)  # not a matmul: its output is not counted
+            self.fc = torch.nn.Linear(4, 6)  # [1, 16, 6]
+
+        def forward(self, x):
+            x = self.norm(self.conv(x).flatten(2).transpose(1, 2))  # [1, 16, 4]
+            q = k = v = self.fc(x).reshape(1, 16, 2, 3).transpose(1, 2)  # [1, 2, 16, 3]
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).relu()
+
+    stats = hub.model_stats(Tiny(), (3, 8, 8))
+    tokens, heads, head_dim = 16, 2, 3
+    conv_out, fc_out, scores = 4 * 4 * 4, tokens * 6, heads * tokens * tokens
+    assert stats['params'] == sum(p.numel() for p in Tiny().parameters())
+    assert stats['activations'] == conv_out + fc_out + scores + heads * tokens * head_dim
+    assert stats['macs'] == conv_out * 3 * 2 * 2 + fc_out * 4 + 2 * scores * head_dim
+
+
+def test_model_stats_do_not_depend_on_the_attention_kernel_or_the_moe_implementation():
+    model = _model(10)
+    stats = hub.model_stats(model, (3, 36, 36))
+    for block in model.blocks:
+        block.attn.fused_attn = not block.attn.fused_attn
+    assert hub.model_stats(model, (3, 36, 36)) == stats
+    for impl in ('dense', 'loop'):
+        for block in model.blocks:
+            block.mlp.impl = impl
+        assert hub.model_stats(model, (3, 36, 36)) == stats
+        assert all(block.mlp.impl == impl for block in model.blocks)  # the model is left as it was
+
+
+def _card_stats(text: str):
+    return {k: float(v) for k, v in re.findall(r'^ {2}- (Params \(M\)|GMACs|Activations \(M\)): ([0-9.]+)$', text,
+                                                re.M)}
+
+
+def test_model_card_has_timm_layout_and_measured_stats(published):
+    card = huggingface_hub.ModelCard.load(published['folder'] / 'README.md')
+    text = card.text
+    for heading in ('# Model card for mlit_xxs.mae_ft_cifar100', '## Model Details', '## Model Usage',
+                    '### Image Classification', '### Feature Map Extraction', '### Image Embeddings', '## Citation'):
+        assert re.search(rf'^{re.escape(heading)}$', text, re.M), heading
+    assert text.index('## Model Details') < text.index('## Model Usage') < text.index('## Citation')
+    for item in ('- **Model Type:** Image classification / feature backbone', '- **Model Stats:**',
+                 '  - Image size: 36 x 36', '- **Papers:**', '  - How Lightweight Can A Vision Transformer Be: ',
+                 '  - Masked Autoencoders Are Scalable Vision Learners: ', '- **Dataset:** cifar100',
+                 '- **Pretrain Dataset:** cifar100', '- **Original:** '):
+        assert item in text, item
+    stats = hub.model_stats(published['model'], (3, 36, 36))
+    assert _card_stats(text) == {'Params (M)': round(stats['params'] / 1e6, 3),
+                                 'GMACs': round(stats['macs'] / 1e9, 3),
+                                 'Activations (M)': round(stats['activations'] / 1e6, 3)}
+
+
+def test_fine_tuned_card_names_its_base_model_and_publishes_the_training_args(tmp_path):
+    model = _model(10, seed=7)
+    args = argparse.Namespace(model='mlit_xxs', lr=5e-3, epochs=30, input_size=(3, 36, 36), model_kwargs={},
+                              pretrained_path='output/pretrain/run/encoder.safetensors', gp=None)
+    checkpoint = tmp_path / 'model_best.pth.tar'
+    torch.save({'state_dict': model.state_dict(), 'arch': 'mlit_xxs', 'args': args}, checkpoint)
+    out = tmp_path / 'out'
+    assert _publish(tmp_path, checkpoint, out, '--tag', 'mae_ft_fashion_mnist', '--dataset', 'fashion_mnist',
+                    '--base-model', 'timm-mlit/mlit_xxs.mae_in_fashion_mnist') == 0
+    card = huggingface_hub.ModelCard.load(out / 'README.md')
+    assert card.data.base_model == 'timm-mlit/mlit_xxs.mae_in_fashion_mnist'
+    assert 'timm-mlit/mlit_xxs.mae_in_fashion_mnist' in card.text and 'training_args.yaml' in card.text
+    recorded = yaml.safe_load((out / 'training_args.yaml').read_text())
+    assert recorded == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)  # the extra file does not disturb timm
+    assert torch.equal(_out(loaded, _x()), _out(model, _x()))
+
+
+def test_a_base_model_that_is_no_hub_repository_is_an_error(tmp_path, capsys):
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--base-model', 'not a repo') == 1
+    assert '--base-model' in capsys.readouterr().err and not (tmp_path / 'out').exists()
+
+
+def test_no_training_args_leaves_them_out(tmp_path):
+    checkpoint = tmp_path / 'last.pth.tar'
+    torch.save({'state_dict': _model(10).state_dict(), 'arch': 'mlit_xxs',
+                'args': argparse.Namespace(model='mlit_xxs', data_dir='/home/me/data')}, checkpoint)
+    assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--no-training-args') == 0
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert 'training_args' not in (tmp_path / 'out' / 'README.md').read_text()
