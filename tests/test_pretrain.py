@@ -432,3 +432,14 @@ def test_plots_are_redrawn_every_epoch(tmp_path, image_folder):
     out = run(tmp_path, image_folder, 'p', '-b', '8', '--epochs', '1')
     for name in ('loss.png', 'expert_load.png'):
         assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_config_by_recipe_name(capsys):
+    from timm_mlit.pretrain import _parse_args
+    from timm_mlit.recipes import resolve_recipe
+    args = _parse_args(['-c', 'pretrain/mmlit_xxs_cifar100'])
+    assert args.config == resolve_recipe('pretrain/mmlit_xxs_cifar100') and args.epochs == 8000
+    with pytest.raises(SystemExit):
+        _parse_args(['-c', 'pretrain/mmlit_xxs_cifar10'])
+    err = capsys.readouterr().err
+    assert 'is neither a file nor a recipe name' in err and 'pretrain/mmlit_xxs_cifar100' in err

@@ -89,3 +89,223 @@ def test_python_dash_m_runs_a_script(scripts_dir, tmp_path):
     r = subprocess.run([sys.executable, '-m', 'timm_mlit.run', 'nonexistent.py'], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and "timm-mlit-run: error: script 'nonexistent.py' not found" in r.stderr
+
+
+# --- the launcher's own options, recipe names, and what it records of a training run ---
+
+ARGV_SCRIPT = '''
+import json, os, sys
+with open(os.environ['SEEN'], 'w') as f:
+    json.dump(sys.argv[1:], f)
+'''
+
+# A stand-in for train.py's config handling: `-c/--config FILE`, read as YAML.
+CONFIG_SCRIPT = '''
+import argparse, json, os, sys
+import yaml
+parser = argparse.ArgumentParser()
+parser.add_argument('-c', '--config', default='', type=str, metavar='FILE')
+args, rest = parser.parse_known_args()
+with open(args.config) as f:
+    cfg = yaml.safe_load(f)
+with open(os.environ['SEEN'], 'w') as f:
+    json.dump(dict(config=args.config, model=cfg['model'], rest=rest), f)
+'''
+
+
+def _seen(tmp_path, monkeypatch, script_text, name, *args):
+    script = tmp_path / name
+    script.write_text(script_text)
+    seen = tmp_path / f'{name}.json'
+    monkeypatch.setenv('SEEN', str(seen))
+    assert main([str(script), *args]) == 0
+    return json.loads(seen.read_text())
+
+
+def test_version_is_printed_only_as_the_first_argument(tmp_path, monkeypatch, capsys):
+    import timm_mlit
+    assert main(['--version']) == 0
+    assert capsys.readouterr().out.strip() == f'timm-mlit-run {timm_mlit.__version__}'
+    assert _seen(tmp_path, monkeypatch, ARGV_SCRIPT, 'show.py', '--version', '-h') == ['--version', '-h']
+
+
+def test_help_lists_the_options_and_the_current_scripts_dir(scripts_dir, capsys):
+    assert main(['--help']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('usage: timm-mlit-run SCRIPT [ARGS...]')
+    for option in ('--version', '--list-recipes', '-c NAME'):
+        assert option in out
+    assert f'(now: {scripts_dir})' in out
+
+
+def test_list_recipes_prints_names_that_resolve_to_recipe_files(capsys):
+    from timm_mlit.recipes import resolve_recipe
+    assert main(['--list-recipes']) == 0
+    names = capsys.readouterr().out.split()
+    assert 'scratch/mlit_xxs_fashion_mnist' in names and 'pretrain/mmlit_xxs_cifar100' in names
+    for name in names:
+        assert name.split('/')[0] in ('finetune', 'pretrain', 'scratch', 'transfer')
+        path = resolve_recipe(name)
+        assert os.path.isfile(path) and path.endswith(f'{name}.yaml')
+
+
+@pytest.mark.parametrize('form', [['-c', 'scratch/mlit_xs_svhn'], ['--config', 'scratch/mlit_xs_svhn.yaml'],
+                                  ['--config=scratch/mlit_xs_svhn'], ['-cscratch/mlit_xs_svhn'],
+                                  ['-c', 'train_configs/scratch/mlit_xs_svhn.yaml']])
+def test_a_recipe_name_becomes_the_packaged_recipe_for_a_script_with_a_config_option(tmp_path, monkeypatch, form):
+    monkeypatch.chdir(tmp_path)  # not in a checkout: names resolve to the package's recipes
+    seen = _seen(tmp_path, monkeypatch, CONFIG_SCRIPT, 'train.py', *form, '--epochs', '1')
+    assert seen['model'] == 'mlit_xs' and os.path.isabs(seen['config'])
+    assert seen['config'].replace(os.sep, '/').endswith('train_configs/scratch/mlit_xs_svhn.yaml')
+    assert seen['rest'] == ['--epochs', '1']
+
+
+def test_an_existing_config_file_wins_over_a_recipe_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'scratch').mkdir()
+    (tmp_path / 'scratch' / 'mlit_xs_svhn.yaml').write_text('model: my_model\n')
+    seen = _seen(tmp_path, monkeypatch, CONFIG_SCRIPT, 'train.py', '-c', 'scratch/mlit_xs_svhn.yaml')
+    assert seen == dict(config='scratch/mlit_xs_svhn.yaml', model='my_model', rest=[])
+
+
+def test_an_unknown_recipe_is_a_clear_error_naming_close_recipes(tmp_path):
+    script = tmp_path / 'train.py'
+    script.write_text(CONFIG_SCRIPT)
+    with pytest.raises(SystemExit, match=r"timm-mlit-run: error: 'scratch/mlit_xxs_cifr10' is neither a file nor a "
+                                         r"recipe name; did you mean scratch/mlit_xxs_cifar10") as e:
+        main([str(script), '-c', 'scratch/mlit_xxs_cifr10'])
+    assert e.value.code != 0
+
+
+def test_config_values_are_left_alone_for_scripts_without_a_config_option_and_after_double_dash(tmp_path,
+                                                                                                monkeypatch):
+    assert _seen(tmp_path, monkeypatch, ARGV_SCRIPT, 'show.py', '-c', 'scratch/mlit_xs_svhn') == [
+        '-c', 'scratch/mlit_xs_svhn']
+    from timm_mlit.run import resolve_config_args
+    assert resolve_config_args(['--', '-c', 'no/such']) == ['--', '-c', 'no/such']
+    assert resolve_config_args(['-c', '']) == ['-c', '']
+
+
+# A stand-in for train.py's loop, as far as the recorder sees it: the model from timm's create_model, training
+# forwards (and, not counted, evaluation forwards and an EMA copy's), one update_summary call per epoch. It writes
+# what the model itself reported after each training forward, for the test to compare with the summary.
+TRAIN_SCRIPT = '''
+import copy, json, os, sys
+from collections import OrderedDict
+import torch
+from timm import utils
+from timm.models import create_model
+
+out = sys.argv[1]
+torch.manual_seed(0)
+model = create_model('mlit_xxs', num_classes=3)
+ema = copy.deepcopy(model).train()  # a copy carries the hooks: it must not count
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+own = []
+for epoch in range(2):
+    model.train()
+    losses, shares = [], []
+    for step in range(3):
+        ema(torch.randn(4, 3, 36, 36))  # were it counted, it would count the model's layers' previous values
+        loss = model(torch.randn(4, 3, 36, 36)).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(model.moe_loss().item())
+        shares.append([(m.last_load / m.last_load.sum()).tolist() for m in model.moe_layers()])
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 36, 36))
+    own.append(dict(moe_loss=sum(losses) / len(losses),
+                    shares=[[sum(s[layer][j] for s in shares) / len(shares) for j in range(len(shares[0][layer]))]
+                            for layer in range(len(shares[0]))]))
+    utils.update_summary(epoch, OrderedDict(loss=1.0), OrderedDict(top1=50.0), filename=os.path.join(out,
+                         'summary.csv'), lr=0.1, write_header=epoch == 0)
+with open(os.path.join(out, 'own.json'), 'w') as f:
+    json.dump(dict(own=own, layers=[n for n, m in model.named_modules() if type(m).__name__ == 'MoE']), f)
+'''
+
+
+def _csv(path):
+    import csv
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_records_the_moe_loss_in_the_summary_and_expert_shares_beside_it(tmp_path):
+    import timm
+    import timm.models
+    import timm.utils
+    before = (timm.create_model, timm.models.create_model, timm.utils.update_summary)
+    script = tmp_path / 'my_train.py'
+    script.write_text(TRAIN_SCRIPT)
+    out = tmp_path / 'run'
+    out.mkdir()
+    assert main([str(script), str(out)]) == 0
+    assert (timm.create_model, timm.models.create_model, timm.utils.update_summary) == before  # restored
+
+    own = json.loads((out / 'own.json').read_text())
+    rows = _csv(out / 'summary.csv')
+    assert list(rows[0]) == ['epoch', 'train_loss', 'train_moe_loss', 'eval_top1', 'lr']
+    assert [float(r['train_moe_loss']) for r in rows] == pytest.approx([e['moe_loss'] for e in own['own']], rel=1e-5)
+
+    loads = _csv(out / 'expert_load.csv')
+    for epoch, expected in enumerate(own['own']):
+        for layer, layer_shares in zip(own['layers'], expected['shares']):
+            got = [float(r['share']) for r in loads if r['epoch'] == str(epoch) and r['layer'] == layer]
+            assert [r['expert'] for r in loads if r['epoch'] == str(epoch) and r['layer'] == layer] == [
+                str(j) for j in range(len(layer_shares))]
+            assert got == pytest.approx(layer_shares, abs=2e-6)
+    assert len(loads) == 2 * sum(len(s) for s in own['own'][0]['shares'])
+
+
+def test_a_model_without_moe_layers_changes_nothing():
+    import torch
+
+    from timm_mlit.run import MoERecorder
+    recorder = MoERecorder()
+    model = recorder.watch(torch.nn.Linear(2, 2))
+    model(torch.randn(1, 2))
+    assert recorder.end_epoch(0) is None and not model._forward_hooks
+
+
+SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR', '')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SCRIPTS_DIR, 'train.py')),
+                    reason='TIMM_SCRIPTS_DIR is not set (or has no train.py)')
+def test_timm_train_py_run_records_moe_loss_and_expert_load_per_epoch(tmp_path):
+    """The real, unmodified train.py, from a packaged recipe named on the command line, on a tiny image folder."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    import timm_mlit  # noqa: F401
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 8), ('validation', 4)):
+        for c in range(3):
+            d = tmp_path / 'images' / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f'{i}.png')
+    r = subprocess.run([sys.executable, '-m', 'timm_mlit.run', 'train.py', '-c', 'scratch/mlit_xxs_fashion_mnist',
+                        '--data-dir', str(tmp_path / 'images'), '--dataset', '', '--num-classes', '3', '--epochs', '2',
+                        '--warmup-epochs', '1', '-b', '8', '-j', '1', '--device', 'cpu',
+                        '--output', str(tmp_path / 'out'), '--experiment', 'e'],
+                       cwd=tmp_path, env=dict(os.environ, TIMM_SCRIPTS_DIR=SCRIPTS_DIR), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = tmp_path / 'out' / 'e'
+    rows = _csv(run / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    assert all(0 < float(r['train_moe_loss']) < 1 for r in rows)  # 1e-2 * (CV^2 + CV^2) per layer, 9 layers
+
+    model = timm.create_model('mlit_xxs', num_classes=3)
+    experts = {name: m.gate.num_experts for name, m in model.named_modules() if type(m).__name__ == 'MoE'}
+    loads = _csv(run / 'expert_load.csv')
+    for epoch in ('0', '1'):
+        for layer, n in experts.items():
+            shares = [float(r['share']) for r in loads if r['epoch'] == epoch and r['layer'] == layer]
+            assert len(shares) == n and sum(shares) == pytest.approx(1, abs=1e-5)
+    assert len(loads) == 2 * sum(experts.values())

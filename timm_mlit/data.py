@@ -6,9 +6,10 @@
    torchvision cannot read. Their grey images are returned as RGB by default, the 3 channels every mLiT (and
    timm's default transforms) expect.
 
-   Importing this module puts them in the table behind timm's `create_dataset('torch/<name>')`, so timm's own
-   train.py uses them through its plugin hook. It also adds `torch/svhn` and `torch/flowers102`, which timm's table
-   lacks (torchvision's SVHN and Flowers102 behind timm's `train=` call: the train split, else the test split)::
+   Importing this module puts them in the table behind timm's `create_dataset('torch/<name>')` (timm has no
+   registration API; see `register_timm_datasets`), so timm's own train.py uses them through its plugin hook. It
+   also adds `torch/svhn` and `torch/flowers102`, which timm's table lacks (torchvision's SVHN and Flowers102 behind
+   timm's `train=` call: the train split, else the test split)::
 
        python train.py --device-modules timm_mlit.data --dataset torch/fashion_mnist \
            --data-dir /usr/share/datasets/fashion-mnist --model mlit_xxs ...
@@ -22,7 +23,8 @@ import gzip
 import os
 import random
 import struct
-from typing import Callable, Optional, Tuple, Union
+import warnings
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST, Flowers102
 
 __all__ = [
     'DEBIAN_FASHION_MNIST', 'read_idx', 'write_idx', 'IdxMNIST', 'IdxKMNIST', 'IdxFashionMNIST', 'TrainTestSVHN',
-    'TrainTestFlowers102', 'register_timm_datasets', 'MAEPretrainDataset',
+    'TrainTestFlowers102', 'TIMM_TORCH_DATASETS', 'register_timm_datasets', 'MAEPretrainDataset',
 ]
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'  # apt-get install dataset-fashion-mnist
@@ -180,17 +182,39 @@ class TrainTestFlowers102(Flowers102):
         super().__init__(root, split='train' if train else 'test', **kwargs)
 
 
-def register_timm_datasets():
-    """Make timm's `create_dataset('torch/mnist' | 'torch/kmnist' | 'torch/fashion_mnist')` use the classes above,
-    and add 'torch/svhn' and 'torch/flowers102'.
+# What `create_dataset('torch/<name>')` gets from this module. Each class reads everything the torchvision class of
+# timm's table (if any) reads, so it may stand in for that one.
+TIMM_TORCH_DATASETS = dict(mnist=IdxMNIST, kmnist=IdxKMNIST, fashion_mnist=IdxFashionMNIST, svhn=TrainTestSVHN,
+                           flowers102=TrainTestFlowers102)
 
-    timm keeps its torchvision datasets in a module-level table and has no registration API; train.py loads
-    plugins only by importing them (`--device-modules`), so the entries are replaced on import.
+
+def register_timm_datasets() -> Dict[str, type]:
+    """Make timm's `create_dataset('torch/mnist' | 'torch/kmnist' | 'torch/fashion_mnist')` use the classes above,
+    and add 'torch/svhn' and 'torch/flowers102'. Returns the entries set.
+
+    timm (1.0.28 to 1.0.31 at least) has no public way to add a dataset: `create_dataset` looks 'torch/<name>' up in
+    the module-level dict `timm.data.dataset_factory._TORCH_BASIC_DS` and calls `cls(root=, train=, download=,
+    **kwargs)`, and train.py loads plugins only by importing them (`--device-modules`). So the entries go into that
+    dict, in place, on import. A name is set only where it is missing or holds the torchvision class ours extends;
+    an entry that something else put there (another plugin, a later timm) is kept, with a warning, as is the rest
+    of timm's table.
     """
     from timm.data import dataset_factory
-    dataset_factory._TORCH_BASIC_DS.update(
-        mnist=IdxMNIST, kmnist=IdxKMNIST, fashion_mnist=IdxFashionMNIST, svhn=TrainTestSVHN,
-        flowers102=TrainTestFlowers102)
+    table = getattr(dataset_factory, '_TORCH_BASIC_DS', None)
+    if not isinstance(table, dict):
+        warnings.warn('timm.data.dataset_factory has no _TORCH_BASIC_DS table in this timm version: '
+                      f'create_dataset cannot find torch/{{{",".join(TIMM_TORCH_DATASETS)}}} through timm_mlit.data; '
+                      'use its classes directly')
+        return {}
+    added = {}
+    for name, cls in TIMM_TORCH_DATASETS.items():
+        current = table.get(name)
+        if current is None or (isinstance(current, type) and issubclass(cls, current)):
+            table[name] = added[name] = cls
+        else:
+            warnings.warn(f"create_dataset('torch/{name}') keeps {current.__module__}.{current.__qualname__}, "
+                          f'registered by something else; {cls.__module__}.{cls.__qualname__} is not put in its place')
+    return added
 
 
 register_timm_datasets()

@@ -68,6 +68,7 @@ from .layers import MoE
 from .mae import MaskedAutoencoderMLiT
 from .mlit import MLiT
 from .plots import append_expert_load, plot_expert_load, plot_losses, truncate_csv
+from .recipes import resolve_recipe
 
 __all__ = ['main', 'train_one_epoch', 'export_encoder', 'save_checkpoint', 'load_checkpoint', 'PretrainError']
 
@@ -176,6 +177,10 @@ def _parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
         try:
+            args_config.config = resolve_recipe(args_config.config)
+        except FileNotFoundError as e:
+            parser.error(f'-c: {e}')
+        try:
             with open(args_config.config) as f:
                 cfg = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as e:
@@ -188,7 +193,7 @@ def _parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if unknown:
             verb = 'is not an argument' if len(unknown) == 1 else 'are not arguments'
             parser.error(f'config {args_config.config}: {", ".join(unknown)} {verb}')
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**cfg, config=args_config.config)  # args.yaml records the file read
     return parser.parse_args(remaining)
 
 

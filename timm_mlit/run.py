@@ -1,30 +1,41 @@
 """ Run one of timm's scripts with the mLiT plugin registered
 
     timm-mlit-run validate.py --model mlit_xxs --checkpoint output/train/RUN/model_best.pth.tar ...
-    timm-mlit-run train -c train_configs/scratch/mlit_xxs_cifar10.yaml --data-dir data/cifar10
+    timm-mlit-run train -c scratch/mlit_xxs_cifar10 --data-dir data/cifar10
     python -m timm_mlit.run /path/to/pytorch-image-models/benchmark.py --model mlit_xxs
 
-timm's train.py imports plugins itself (`--device-modules timm_mlit`, which every recipe in train_configs/ sets),
-but validate.py, benchmark.py, inference.py and onnx_export.py have no such hook. This runs SCRIPT as `__main__`,
+timm's train.py imports plugins itself (`--device-modules timm_mlit`, which every packaged recipe sets), but
+validate.py, benchmark.py, inference.py and onnx_export.py have no such hook. This runs SCRIPT as `__main__`,
 unmodified, after importing `timm_mlit` (the models) and `timm_mlit.data` (the torch/svhn, torch/flowers102 and
 idx-file MNIST-family datasets), with `sys.argv` = [SCRIPT, ARGS...] and the script's folder first on `sys.path`,
 as `python SCRIPT ARGS...` would have them.
 
 SCRIPT is a path to a file, or a bare name (`validate.py` or `validate`) looked up in $TIMM_SCRIPTS_DIR, a checkout
 of https://github.com/huggingface/pytorch-image-models (timm's wheel does not ship the scripts).
+
+For a script with a `-c/--config FILE` option (timm's train.py), `-c NAME` may name a packaged recipe
+(`scratch/mlit_xxs_cifar10`, see `--list-recipes` and `timm_mlit.recipes`); the script is given its path.
+
+While the script runs, the first model with MoE layers it creates through `timm.create_model` is watched
+(`MoERecorder`), and each `timm.utils.update_summary` call (train.py's one summary row per epoch) gets the mean MoE
+balance loss of the training forwards since the previous row as `train_moe_loss` in summary.csv, and appends each
+MoE layer's expert shares to `expert_load.csv` beside it. Under DDP these are the primary process's own forwards.
 """
+import csv
+import functools
+import math
 import os
+import re
 import runpy
 import sys
-from typing import Optional, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, List, Optional, Sequence
 
-__all__ = ['main', 'resolve_script', 'SCRIPTS_DIR_ENV']
+__all__ = ['main', 'resolve_script', 'resolve_config_args', 'MoERecorder', 'SCRIPTS_DIR_ENV', 'EXPERT_LOAD_CSV']
 
 SCRIPTS_DIR_ENV = 'TIMM_SCRIPTS_DIR'
-USAGE = f"""usage: timm-mlit-run SCRIPT [ARGS...]
-
-Run a timm script (train.py, validate.py, benchmark.py, inference.py, onnx_export.py, ...) with the mLiT models
-and datasets registered. SCRIPT is a path, or a bare name looked up in ${SCRIPTS_DIR_ENV}."""
+EXPERT_LOAD_CSV = 'expert_load.csv'
+_CONFIG_OPTION = re.compile(r"""['"]--config['"]""")
 
 
 class RunError(SystemExit):
@@ -32,6 +43,37 @@ class RunError(SystemExit):
 
     def __init__(self, msg: str):
         super().__init__(f'timm-mlit-run: error: {msg}')
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _usage() -> str:
+    from .recipes import list_recipes, recipes_dir
+    scripts_dir = os.environ.get(SCRIPTS_DIR_ENV, '')
+    folder = recipes_dir()
+    return f"""usage: timm-mlit-run SCRIPT [ARGS...]
+       timm-mlit-run {{-h,--help | --version | --list-recipes}}
+
+Run a timm script (train.py, validate.py, benchmark.py, inference.py, onnx_export.py, ...) with the mLiT models
+and datasets registered.
+
+positional arguments:
+  SCRIPT          a path, or a bare name (train.py or train) looked up in ${SCRIPTS_DIR_ENV}
+                  (now: {scripts_dir or 'not set'})
+  ARGS            the script's own arguments; for a script with a -c/--config option (timm's train.py),
+                  -c NAME names a packaged recipe (e.g. scratch/mlit_xxs_cifar10), -c FILE a YAML file
+
+options (only in the first place: anything after SCRIPT is the script's):
+  -h, --help      show this message and exit
+  --version       print timm-mlit-run's version and exit
+  --list-recipes  print the names of the {len(list_recipes())} packaged recipes and exit
+                  (in {folder if folder is not None else 'nowhere: none found'})
+
+While a script trains an mLiT, summary.csv gets train_moe_loss (the mean MoE balance loss of the epoch's training
+forwards) and {EXPERT_LOAD_CSV} beside it each MoE layer's expert shares per epoch."""
 
 
 def resolve_script(script: str, scripts_dir: Optional[str] = None) -> str:
@@ -65,22 +107,205 @@ def resolve_script(script: str, scripts_dir: Optional[str] = None) -> str:
     raise RunError(f'script {script!r} not found: looked for {", ".join(looked)}{hint}')
 
 
+def resolve_config_args(args: Sequence[str]) -> List[str]:
+    """`args` with the value of each `-c X`, `-cX`, `--config X` and `--config=X` replaced by `resolve_recipe(X)`:
+    a file stays as it is, a recipe name becomes the packaged recipe's path. Nothing after `--` is touched.
+
+    Raises:
+        FileNotFoundError: a value that is neither a file nor a recipe (the message lists close recipe names).
+    """
+    from .recipes import resolve_recipe
+
+    out = list(args)
+    i = 0
+    while i < len(out):
+        arg = out[i]
+        if arg == '--':
+            break
+        if arg in ('-c', '--config'):
+            if i + 1 < len(out) and out[i + 1]:
+                out[i + 1] = resolve_recipe(out[i + 1])
+            i += 2
+            continue
+        if arg.startswith('--config=') and arg != '--config=':
+            out[i] = '--config=' + resolve_recipe(arg[len('--config='):])
+        elif arg.startswith('-c') and not arg.startswith('--') and len(arg) > 2:
+            out[i] = '-c' + resolve_recipe(arg[2:])
+        i += 1
+    return out
+
+
+def _takes_config(path: str) -> bool:
+    """Whether the script declares a `--config` option (timm's train.py does: `-c/--config FILE`)."""
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            return _CONFIG_OPTION.search(f.read()) is not None
+    except OSError:
+        return False
+
+
+class MoERecorder:
+    """The MoE balance loss and each MoE layer's expert shares of a model, per epoch, without touching the loop.
+
+    `watch(model)` hooks the forward of the first model given that has MoE layers. After each of its forwards in
+    training mode the hook adds the sum of the layers' balance losses (`aux_loss`, eq. 12: what `MLiT.moe_loss()`
+    returns) and each layer's share of the routed tokens (its `last_load`, normalised), on the model's device and
+    without reading them back, so no step waits for the accelerator. `end_epoch(epoch, folder)` returns the mean loss
+    over those forwards, appends the mean shares to `folder/expert_load.csv` (columns epoch, layer, expert, share, as
+    timm-mlit-pretrain writes them) and starts the next epoch's sums.
+    """
+
+    def __init__(self):
+        self.layer_names: Optional[List[str]] = None  # None until a model with MoE layers is watched
+        self._start()
+
+    def _start(self):
+        self.steps = 0
+        self._loss = None
+        self._shares = None
+
+    def watch(self, model):
+        """Hook `model` if it is the first model with MoE layers seen; return it."""
+        from .layers import MoE
+
+        if self.layer_names is not None:
+            return model
+        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+        if not layers:
+            return model
+        self.layer_names = [name for name, _ in layers]
+        moes = [m for _, m in layers]
+        recorder = self
+
+        def hook(module, args, output):
+            # a copy of the model (an EMA) carries this hook too; only the watched model counts
+            if module is model and module.training:
+                recorder._record(moes)
+
+        model.register_forward_hook(hook)
+        return model
+
+    def _record(self, moes):
+        import torch
+
+        if any(m.aux_loss is None or m.last_load is None for m in moes):
+            return
+        with torch.no_grad():
+            loss = torch.stack([m.aux_loss.detach().float() for m in moes]).sum()
+            shares = [m.last_load.float() / m.last_load.float().sum().clamp_min(1e-12) for m in moes]
+        self._loss = loss if self._loss is None else self._loss + loss
+        self._shares = shares if self._shares is None else [a + b for a, b in zip(self._shares, shares)]
+        self.steps += 1
+
+    def end_epoch(self, epoch: int, folder: Optional[str] = None) -> Optional[float]:
+        """The epoch's mean balance loss (nan if no training forward ran; None if no MoE model is watched), its
+        expert shares appended to `folder/expert_load.csv` when a folder is given."""
+        if self.layer_names is None:
+            return None
+        if self.steps == 0:
+            self._start()
+            return math.nan
+        loss = (self._loss / self.steps).item()
+        shares = [(s / self.steps).cpu().tolist() for s in self._shares]
+        if folder is not None:
+            path = os.path.join(folder, EXPERT_LOAD_CSV)
+            new = not os.path.exists(path) or os.path.getsize(path) == 0
+            with open(path, 'a', newline='') as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(['epoch', 'layer', 'expert', 'share'])
+                for name, layer_shares in zip(self.layer_names, shares):
+                    for j, v in enumerate(layer_shares):
+                        w.writerow([epoch, name, j, f'{v:.6f}'])
+        self._start()
+        return loss
+
+
+def _trim_csv(path: str, start_epoch: int):
+    """Drop the rows of epochs >= start_epoch (a resumed run trains them again), as timm's trim_summary does."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [r for r in rows[1:] if r and r[0] != 'epoch' and int(float(r[0])) < start_epoch]
+    with open(path, 'w', newline='') as f:
+        if kept:
+            csv.writer(f).writerows([rows[0]] + kept)
+
+
+@contextmanager
+def _recording_moe(recorder: MoERecorder) -> Iterator[MoERecorder]:
+    """Route timm's create_model through `recorder.watch` and give its update_summary the recorded epoch; restored
+    on exit. train.py imports these functions when it starts (`from timm.models import create_model`,
+    `utils.update_summary`), so they are replaced where it looks them up, in timm's namespaces."""
+    import timm
+    import timm.models
+    import timm.utils
+
+    create_model = timm.models.create_model
+    update_summary = timm.utils.update_summary
+
+    @functools.wraps(create_model)
+    def create_and_watch(*args, **kwargs):
+        return recorder.watch(create_model(*args, **kwargs))
+
+    @functools.wraps(update_summary)
+    def update_summary_with_moe(epoch, train_metrics, eval_metrics, filename, *args, **kwargs):
+        loss = recorder.end_epoch(epoch, os.path.dirname(os.path.abspath(filename)))
+        if loss is not None:
+            train_metrics = dict(train_metrics, moe_loss=loss)
+        return update_summary(epoch, train_metrics, eval_metrics, filename, *args, **kwargs)
+
+    replacements = [(timm, 'create_model', create_and_watch), (timm.models, 'create_model', create_and_watch),
+                    (timm.utils, 'update_summary', update_summary_with_moe)]
+    trim_summary = getattr(timm.utils, 'trim_summary', None)  # timm >= 1.0.31: a resumed run trims its summary
+    if trim_summary is not None:
+        @functools.wraps(trim_summary)
+        def trim_summary_and_load(filename, start_epoch, *args, **kwargs):
+            _trim_csv(os.path.join(os.path.dirname(os.path.abspath(filename)), EXPERT_LOAD_CSV), start_epoch)
+            return trim_summary(filename, start_epoch, *args, **kwargs)
+        replacements.append((timm.utils, 'trim_summary', trim_summary_and_load))
+
+    with ExitStack() as stack:
+        for owner, name, new in replacements:
+            old = getattr(owner, name)
+            stack.callback(setattr, owner, name, old)
+            setattr(owner, name, new)
+        yield recorder
+
+
 def main(argv: Optional[Sequence[str]] = None):
     """Run `argv[0]` as `__main__` with `argv[1:]` as its arguments. Its SystemExit (status) passes through."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] == '--version':
+        print(f'timm-mlit-run {_version()}')
+        return 0
+    if argv[0] == '--list-recipes':
+        from .recipes import list_recipes
+        print('\n'.join(list_recipes()))
+        return 0
     path = resolve_script(argv[0])
+    args = argv[1:]
+    if _takes_config(path):
+        try:
+            args = resolve_config_args(args)
+        except FileNotFoundError as e:
+            raise RunError(str(e)) from None
 
     import timm_mlit  # noqa: F401  (registers mlit_s, mlit_xs, mlit_xxs)
     import timm_mlit.data  # noqa: F401  (registers torch/svhn, torch/flowers102, the idx MNIST family)
 
     saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [path] + argv[1:]
+    sys.argv = [path] + args
     sys.path.insert(0, os.path.dirname(path))  # as `python SCRIPT` does: the script's folder comes first
     try:
-        runpy.run_path(path, run_name='__main__')
+        with _recording_moe(MoERecorder()):
+            runpy.run_path(path, run_name='__main__')
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
