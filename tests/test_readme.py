@@ -22,3 +22,13 @@ def test_python_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = UNNAMED_PYTHON[index]
     exec(compile(code, f'README.md python block {index}', 'exec'), {'__name__': '__readme__'})
+
+
+def test_citation_file_and_readme_bibtex_cite_the_same_paper():
+    import yaml
+    cff = yaml.safe_load((ROOT / 'CITATION.cff').read_text())
+    paper = cff['preferred-citation']
+    (bibtex,) = [code for _, code in blocks('bibtex')]
+    assert f"title={{{paper['title']}}}" in bibtex
+    assert paper['url'].rsplit('/', 1)[1] in bibtex and str(paper['year']) in bibtex
+    assert cff['license'] == 'Apache-2.0' and 'Apache License' in (ROOT / 'LICENSE').read_text()[:200]
