@@ -21,7 +21,6 @@ While the script runs, the first model with MoE layers it creates through `timm.
 balance loss of the training forwards since the previous row as `train_moe_loss` in summary.csv, and appends each
 MoE layer's expert shares to `expert_load.csv` beside it. Under DDP these are the primary process's own forwards.
 """
-import csv
 import functools
 import math
 import os
@@ -30,6 +29,8 @@ import runpy
 import sys
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, List, Optional, Sequence
+
+from .plots import append_expert_load, truncate_csv
 
 __all__ = ['main', 'resolve_script', 'resolve_config_args', 'MoERecorder', 'SCRIPTS_DIR_ENV', 'EXPERT_LOAD_CSV']
 
@@ -208,31 +209,9 @@ class MoERecorder:
         loss = (self._loss / self.steps).item()
         shares = [(s / self.steps).cpu().tolist() for s in self._shares]
         if folder is not None:
-            path = os.path.join(folder, EXPERT_LOAD_CSV)
-            new = not os.path.exists(path) or os.path.getsize(path) == 0
-            with open(path, 'a', newline='') as f:
-                w = csv.writer(f)
-                if new:
-                    w.writerow(['epoch', 'layer', 'expert', 'share'])
-                for name, layer_shares in zip(self.layer_names, shares):
-                    for j, v in enumerate(layer_shares):
-                        w.writerow([epoch, name, j, f'{v:.6f}'])
+            append_expert_load(os.path.join(folder, EXPERT_LOAD_CSV), epoch, dict(zip(self.layer_names, shares)))
         self._start()
         return loss
-
-
-def _trim_csv(path: str, start_epoch: int):
-    """Drop the rows of epochs >= start_epoch (a resumed run trains them again), as timm's trim_summary does."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline='') as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    kept = [r for r in rows[1:] if r and r[0] != 'epoch' and int(float(r[0])) < start_epoch]
-    with open(path, 'w', newline='') as f:
-        if kept:
-            csv.writer(f).writerows([rows[0]] + kept)
 
 
 @contextmanager
@@ -264,7 +243,7 @@ def _recording_moe(recorder: MoERecorder) -> Iterator[MoERecorder]:
     if trim_summary is not None:
         @functools.wraps(trim_summary)
         def trim_summary_and_load(filename, start_epoch, *args, **kwargs):
-            _trim_csv(os.path.join(os.path.dirname(os.path.abspath(filename)), EXPERT_LOAD_CSV), start_epoch)
+            truncate_csv(os.path.join(os.path.dirname(os.path.abspath(filename)), EXPERT_LOAD_CSV), start_epoch)
             return trim_summary(filename, start_epoch, *args, **kwargs)
         replacements.append((timm.utils, 'trim_summary', trim_summary_and_load))
 
