@@ -92,3 +92,27 @@ def test_mae_samples_depend_only_on_seed_epoch_and_index(tmp_path):
     assert not torch.equal(ds[5][1], a_noise)
     ds.set_epoch(1)
     assert not torch.equal(ds[4][1], a_noise)  # a fresh augmentation and mask every epoch
+
+
+def test_registration_adds_to_timms_table_in_place_and_keeps_what_others_registered(monkeypatch):
+    """A table as timm ships it, plus an entry another plugin put there: ours replace only the torchvision classes
+    they extend, in the same dict object, and leave every other entry as it was."""
+    from timm.data import dataset_factory
+    from torchvision.datasets import CIFAR10, KMNIST, MNIST, FashionMNIST
+
+    from timm_mlit.data import TIMM_TORCH_DATASETS, register_timm_datasets
+
+    class OtherSVHN(torch.utils.data.Dataset):
+        pass
+
+    table = dict(cifar10=CIFAR10, mnist=MNIST, kmnist=KMNIST, fashion_mnist=FashionMNIST, svhn=OtherSVHN)
+    monkeypatch.setattr(dataset_factory, '_TORCH_BASIC_DS', table)
+    with pytest.warns(UserWarning, match=r"torch/svhn.*keeps .*OtherSVHN"):
+        added = register_timm_datasets()
+    assert dataset_factory._TORCH_BASIC_DS is table
+    assert table['cifar10'] is CIFAR10 and table['svhn'] is OtherSVHN
+    assert sorted(added) == ['fashion_mnist', 'flowers102', 'kmnist', 'mnist']
+    assert all(table[name] is TIMM_TORCH_DATASETS[name] for name in added)
+    with pytest.warns(UserWarning):  # a second call: still OtherSVHN kept, ours kept in their places
+        again = register_timm_datasets()
+    assert again == added and all(table[name] is cls for name, cls in added.items())
