@@ -10,7 +10,7 @@ import os
 import re
 from typing import BinaryIO, Callable, List
 
-__all__ = ['atomic_write', 'temporary_name', 'remove_stale_temporaries', 'check_writable_path']
+__all__ = ['atomic_write', 'temporary_name', 'process_alive', 'remove_stale_temporaries', 'check_writable_path']
 
 _TMP_RE = re.compile(r'^(?P<target>.+)\.tmp\.(?P<pid>\d+)$')
 
@@ -35,8 +35,9 @@ def atomic_write(path: str, write_fn: Callable[[BinaryIO], None]) -> str:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine may still be running (True where that cannot be told)."""
+    if os.name == 'nt' or pid <= 0 or pid == os.getpid():  # on Windows os.kill(pid, 0) is no probe
         return True
     try:
         os.kill(pid, 0)
@@ -55,7 +56,7 @@ def remove_stale_temporaries(folder: str) -> List[str]:
     for name in sorted(names):
         m = _TMP_RE.match(name)
         path = os.path.join(folder, name)
-        if m and os.path.isfile(path) and not _pid_alive(int(m.group('pid'))):
+        if m and os.path.isfile(path) and not process_alive(int(m.group('pid'))):
             os.remove(path)
             removed.append(path)
     return removed

@@ -76,6 +76,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from ._weights import HF_HUB_ORG, LABEL_NAMES
+from .files import process_alive
 from .layers import MoE
 from .mlit import encoder_state_dict
 
@@ -547,18 +548,6 @@ def _work_prefix(output_dir: Path) -> str:
     return f'.{output_dir.name}.{_HOST}.{os.getpid()}.'
 
 
-def _process_alive(pid: int) -> bool:
-    if os.name == 'nt' or pid <= 0 or pid == os.getpid():  # on Windows os.kill(pid, 0) is no probe
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's live process
-        return True
-    return True
-
-
 def _recover_interrupted(output_dir: Path):
     """Clear what interrupted publishes to `output_dir` left beside it.
 
@@ -579,7 +568,7 @@ def _recover_interrupted(output_dir: Path):
             continue
         m = ours.fullmatch(p.name)
         if m:
-            if m['host'] == _HOST and not _process_alive(int(m['pid'])):
+            if m['host'] == _HOST and not process_alive(int(m['pid'])):
                 stale.append((m['kind'], p))
             continue
         m = legacy.fullmatch(p.name)
