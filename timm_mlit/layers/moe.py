@@ -18,7 +18,7 @@ importance, which is not a scalar. The implementation the paper cites (D. Rau, s
 squared coefficient of variation of both, so `L_moe = w * (CV²(importance) + CV²(load))`, w = 1e-2.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ from timm.layers import register_notrace_function
 __all__ = [
     'softmax_k', 'top_k_thresholds', 'prob_in_top_k', 'cv_squared', 'moe_balance_loss', 'noisy_top_k',
     'NoisyTopKGate', 'ExpertLinear', 'SwiGLUExperts', 'MoE', 'AddAuxiliaryLoss', 'MOE_IMPLS', 'EXPERT_SHARING',
+    'MoEStats', 'named_moe_layers', 'moe_stats', 'clear_moe_stats', 'expert_shares',
 ]
 
 MOE_IMPLS = ('auto', 'loop', 'dense', 'sparse')
@@ -720,3 +721,37 @@ class MoE(nn.Module):
         outs = [F.linear(hi, w2.weight[i]) for i, hi in enumerate(hs)]
         y = h.new_zeros(h.shape[0], w2.weight.shape[1]).index_add(0, token, torch.cat(outs))
         return y + gates @ w2.bias
+
+
+class MoEStats(NamedTuple):
+    """What the MoE layers of a model recorded in their last training forward (`moe_stats`)."""
+    loss: torch.Tensor  # Σ over the layers of the unweighted balance loss (eq. 12), a scalar that carries gradients
+    load: Dict[str, torch.Tensor]  # layer name -> its load (eq. 10; token counts without noise), detached, [t]
+
+
+def named_moe_layers(model: nn.Module) -> List[Tuple[str, 'MoE']]:
+    """The MoE layers of `model` with their module names, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def moe_stats(model: nn.Module) -> Optional[MoEStats]:
+    """The balance loss and each layer's load from the last training forward of `model`; None when it has no MoE
+    layer or they recorded nothing (no training forward since `clear_moe_stats`, or an eval forward)."""
+    layers = [(name, m) for name, m in named_moe_layers(model) if m.aux_loss is not None]
+    if not layers:
+        return None
+    loss = torch.stack([m.aux_loss.float() for _, m in layers]).sum()
+    return MoEStats(loss, {name: m.last_load for name, m in layers})
+
+
+def clear_moe_stats(model: nn.Module):
+    """Forget what the MoE layers of `model` recorded, so that `moe_stats` reports only the next forward."""
+    for _, m in named_moe_layers(model):
+        m.aux_loss = None
+        m.last_load = None
+
+
+def expert_shares(load: torch.Tensor) -> torch.Tensor:
+    """Each expert's share of a layer's routing: its load over the layer's total (1/t each when balanced)."""
+    load = load.float()
+    return load / load.sum().clamp_min(1e-12)
