@@ -316,10 +316,8 @@ def prepare_data(plan: Plan, source_dir: str, log: Callable[[str], None] = print
 # ---------------------------------------------------------------- stage state
 
 def _write_json(path: str, obj):
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    from timm_mlit.files import atomic_write
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -348,8 +346,8 @@ def latest_checkpoint(folder: str) -> Optional[str]:
 
 
 def checkpoint_epoch(path: str) -> int:
-    import torch
-    return int(torch.load(path, map_location='cpu', weights_only=False)['epoch'])
+    from timm_mlit.checkpoint import load_torch_file
+    return int(load_torch_file(path)['epoch'])
 
 
 def is_complete(plan: Plan, stage: Stage) -> bool:
@@ -691,9 +689,8 @@ def write_table(plan: Plan, results_dir: str, complete: bool) -> Dict[str, str]:
               '(process start, data loading and checkpoints included); test img/s: validate.py\'s batch times. '
               'Parameter counts include the 10-class head (all experts of the MoE layers counted). '
               f'Written by benchmarks/fashion_mnist.py at {meta["written"]}.']
-    with open(stem + '.md.tmp', 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    os.replace(stem + '.md.tmp', stem + '.md')
+    from timm_mlit.files import atomic_write
+    atomic_write(stem + '.md', lambda f: f.write(('\n'.join(lines) + '\n').encode()))
     return dict(json=stem + '.json', md=stem + '.md')
 
 

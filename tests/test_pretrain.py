@@ -233,9 +233,24 @@ def test_bad_resume_file_is_refused_and_nothing_is_lost(tmp_path, image_folder):
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, image_folder):
-    with pytest.raises(PretrainError, match='bfloat16'):
+    with pytest.raises(SystemExit, match='bfloat16'):
         main(['--data-dir', image_folder, '--amp', '--amp-dtype', 'float16', '--device', 'cpu',
               '--output', str(tmp_path)])
+
+
+def test_library_functions_raise_ordinary_errors_and_only_main_exits(tmp_path, image_folder):
+    from timm_mlit.pretrain import _parse_args, build_dataset, build_model
+    with pytest.raises(PretrainError, match="unknown model 'mlit_huge'") as e:
+        build_model(_parse_args(['--model', 'mlit_huge']))
+    assert isinstance(e.value, ValueError) and not isinstance(e.value, SystemExit)
+    args = _parse_args(['--data-dir', str(tmp_path / 'missing'), *TINY])
+    with pytest.raises(PretrainError, match='data dir .* does not exist'):
+        build_dataset(args, build_model(args))
+    with pytest.raises(SystemExit) as e:  # main: the same message, one line, status 1
+        main(['--data-dir', image_folder, '--model', 'mlit_huge', '--output', str(tmp_path / 'out')])
+    assert str(e.value) == "timm-mlit-pretrain: error: unknown model 'mlit_huge'; mLiT models: " + ', '.join(
+        timm.list_models(module='mlit'))
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('argv, match', [

@@ -32,6 +32,8 @@ import torch.utils.data
 from PIL import Image
 from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST, Flowers102
 
+from .files import atomic_write
+
 __all__ = [
     'DEBIAN_FASHION_MNIST', 'read_idx', 'write_idx', 'IdxMNIST', 'IdxKMNIST', 'IdxFashionMNIST', 'TrainTestSVHN',
     'TrainTestFlowers102', 'TIMM_TORCH_DATASETS', 'register_timm_datasets', 'MAEPretrainDataset',
@@ -49,11 +51,14 @@ def write_idx(path: Union[str, os.PathLike], arr) -> str:
     path = os.fspath(path)
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
     data = struct.pack('>BBBB', 0, 0, 0x08, arr.ndim) + struct.pack(f'>{arr.ndim}i', *arr.shape) + arr.tobytes()
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with (gzip.open if path.endswith('.gz') else open)(tmp, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
+
+    def write(f):
+        if path.endswith('.gz'):
+            with gzip.GzipFile(fileobj=f, mode='wb') as gz:
+                gz.write(data)
+        else:
+            f.write(data)
+    return atomic_write(path, write)
 
 
 def read_idx(path: str) -> torch.Tensor:

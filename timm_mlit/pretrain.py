@@ -25,23 +25,20 @@ encoder.safetensors (its metadata records the arch and the model kwargs): the he
 Multi-process runs: the MoE gate noise and dropout draw from each rank's own RNG, and each rank's balance loss
 (eq. 12) is a CV² over its own tokens; neither equals the single-process value. With the noise and dropout off and
 β = 0, a run on n processes with batch b computes the same gradients as one process with batch n·b.
+
+This file is the command line and the setup (as mae's main_pretrain.py); one epoch is engine.py, the checkpoints
+checkpoint.py.
 """
 import argparse
-import json
 import logging
 import math
 import os
-import random
-import re
-import shutil
 import sys
-import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-import numpy as np
-import safetensors.torch
 import timm
 import torch
 import torch.distributed as dist
@@ -50,41 +47,37 @@ import yaml
 from timm.data import create_dataset, create_transform
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import (
-    AverageMeter,
-    NativeScaler,
-    ParseKwargs,
-    dispatch_clip_grad,
-    init_distributed_device,
-    random_seed,
-    setup_default_logging,
-    update_summary,
-)
+from timm.utils import NativeScaler, ParseKwargs, init_distributed_device, random_seed, setup_default_logging
 
 from . import __version__
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    export_encoder,
+    load_pretrain_checkpoint,
+    resume_training,
+    rng_state,
+    save_checkpoint,
+)
 from .data import MAEPretrainDataset
-from .files import atomic_write, check_writable_path, remove_stale_temporaries, temporary_name
-from .layers import MoE
+from .engine import log_epoch, train_one_epoch
+from .files import atomic_write, check_writable_path, remove_stale_temporaries
 from .mae import MaskedAutoencoderMLiT
 from .mlit import MLiT
-from .plots import append_expert_load, plot_expert_load, plot_losses, truncate_csv
+from .plots import truncate_csv
 from .recipes import resolve_recipe
 
-__all__ = ['main', 'train_one_epoch', 'export_encoder', 'save_checkpoint', 'load_checkpoint', 'PretrainError']
+# train_one_epoch and export_encoder live in engine.py / checkpoint.py; importable from here as before
+__all__ = ['main', 'build_model', 'build_dataset', 'train_one_epoch', 'export_encoder', 'PretrainError']
 
-_logger = logging.getLogger('timm_mlit.pretrain')
-CHECKPOINT_FORMAT = 'timm-mlit-pretrain/1'
+_logger = logging.getLogger(__name__)
 
-def _parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """(config parser, parser): -c is read first, its YAML values become the second parser's defaults."""
-    config_parser = argparse.ArgumentParser(description='Pre-training config', add_help=False)
-    config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
-                               help='YAML config file (a path, or the name of a packaged recipe); the command line '
-                                    'overrides its values')
-    parser = argparse.ArgumentParser(
-        prog='timm-mlit-pretrain', description='mmLiT masked-autoencoder pre-training', parents=[config_parser],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+
+class PretrainError(ValueError):
+    """A request that cannot work (a model, dataset or resume point); `main` turns it into a one-line error."""
+
+
+def _add_model_args(parser: argparse.ArgumentParser):
+    """The encoder and the masked autoencoder around it (eq. 16)."""
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='mlit_xxs', type=str, help='mLiT encoder: mlit_s, mlit_xs or mlit_xxs')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
@@ -96,6 +89,9 @@ def _parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--beta', default=0.5, type=float, help='weight of the MoE balance losses (eq. 16)')
     group.add_argument('--norm-pix-loss', action='store_true', help='regress per-patch normalised pixels')
 
+
+def _add_data_args(parser: argparse.ArgumentParser):
+    """Dataset and augmentation (Table 3)."""
     group = parser.add_argument_group('Data')
     group.add_argument('--data-dir', default=None, type=str, help='dataset root')
     group.add_argument('--dataset', default='', type=str,
@@ -113,6 +109,9 @@ def _parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='resize interpolation of the crop: bilinear, bicubic, nearest')
     group.add_argument('--workers', '-j', default=4, type=int, help='data loading processes per rank')
 
+
+def _add_optimization_args(parser: argparse.ArgumentParser):
+    """Optimizer and schedule, named as in timm's train.py."""
     group = parser.add_argument_group('Optimization')
     group.add_argument('--opt', default='adamw', type=str, help="optimizer, any of timm's (timm.optim)")
     group.add_argument('--opt-eps', default=None, type=float, help="optimizer epsilon (default: the optimizer's)")
@@ -140,6 +139,9 @@ def _parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('-b', '--batch-size', default=256, type=int, help='batch size per process')
     group.add_argument('--grad-accum-steps', default=1, type=int, help='micro-batches per optimizer update')
 
+
+def _add_run_args(parser: argparse.ArgumentParser):
+    """Device, outputs, resuming and export."""
     group = parser.add_argument_group('Run')
     group.add_argument('--amp', default=False, action=argparse.BooleanOptionalAction,
                        help='mixed precision (autocast)')
@@ -162,14 +164,21 @@ def _parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--export-path', default='', type=str,
                        help='where to write the encoder (.safetensors; default: encoder.safetensors in the '
                             'experiment folder)')
+
+
+def _parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(config parser, parser): -c is read first, its YAML values become the second parser's defaults."""
+    config_parser = argparse.ArgumentParser(description='Pre-training config', add_help=False)
+    config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                               help='YAML config file (a path, or the name of a packaged recipe); the command line '
+                                    'overrides its values')
+    parser = argparse.ArgumentParser(
+        prog='timm-mlit-pretrain', description='mmLiT masked-autoencoder pre-training', parents=[config_parser],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    for add in (_add_model_args, _add_data_args, _add_optimization_args, _add_run_args):
+        add(parser)
     return config_parser, parser
-
-
-class PretrainError(SystemExit):
-    """A clear, user-facing error: exits with a message and status 1."""
-
-    def __init__(self, msg: str):
-        super().__init__(f'timm-mlit-pretrain: error: {msg}')
 
 
 def _parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -261,8 +270,11 @@ def build_model(args) -> MaskedAutoencoderMLiT:
         raise PretrainError(f'unknown model {args.model!r}; mLiT models: {mlits}')
     if args.model not in timm.list_models(module='mlit'):
         raise PretrainError(f'{args.model} is not an mLiT model; mLiT models: {mlits}')
-    try:
-        encoder = timm.create_model(args.model, num_classes=0, **args.model_kwargs)
+    if 'moe_loss_weight' in args.model_kwargs:
+        raise PretrainError('--model-kwargs moe_loss_weight: the pre-training loss weighs the MoE balance losses '
+                            'itself (eq. 16); set --beta instead')
+    try:  # the MAE's β term is the only way the balance losses reach the gradients: no hook in the MoE layers
+        encoder = timm.create_model(args.model, num_classes=0, moe_loss_weight=0., **args.model_kwargs)
     except (TypeError, ValueError) as e:
         raise PretrainError(f'cannot create {args.model} with {args.model_kwargs}: {e}')
     if not isinstance(encoder, MLiT):
@@ -294,254 +306,88 @@ def build_dataset(args, model: MaskedAutoencoderMLiT) -> MAEPretrainDataset:
     return MAEPretrainDataset(ds, transform, model.num_patches, seed=args.seed)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- setup: all checked before anything is written
 
-def _rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = dict(
-        torch=torch.get_rng_state(), python=random.getstate(),
-        numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]))
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class _Run:
+    """What the epoch loop needs, built by `_setup`."""
+    model: MaskedAutoencoderMLiT
+    model_ddp: torch.nn.Module  # `model`, wrapped in DistributedDataParallel when distributed
+    dataset: MAEPretrainDataset
+    sampler: torch.utils.data.DistributedSampler
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    loss_scaler: Optional[NativeScaler]
+    amp_autocast: Callable
+    device: torch.device
+    start_epoch: int
+    num_epochs: int
+    global_batch: int
 
 
-def _set_rng_state(state: Dict[str, Any]):
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, keep: int) -> str:
-    """Write checkpoint-<epoch>.pth.tar and last.pth.tar atomically; keep the newest `keep` epoch checkpoints."""
-    path = os.path.join(output_dir, f'checkpoint-{epoch}.pth.tar')
-    atomic_write(path, lambda f: torch.save(state, f))
-    last = os.path.join(output_dir, 'last.pth.tar')
-    tmp = temporary_name(last)
-    if os.path.exists(tmp):
-        os.remove(tmp)
+def _load_resume(args, model: MaskedAutoencoderMLiT) -> Dict[str, Any]:
+    """The --resume checkpoint, its weights loaded into `model`."""
+    ckpt = load_pretrain_checkpoint(args.resume)
+    if ckpt.get('arch') != args.model or ckpt.get('model_kwargs') != dict(args.model_kwargs):
+        raise PretrainError(f'{args.resume} belongs to model {ckpt.get("arch")} {ckpt.get("model_kwargs")}, '
+                            f'not {args.model} {dict(args.model_kwargs)}')
     try:
-        os.link(path, tmp)  # no second copy on disk
-    except OSError:  # a filesystem without hard links
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, last)
-    found = []
-    for name in os.listdir(output_dir):
-        m = re.fullmatch(r'checkpoint-(\d+)\.pth\.tar', name)
-        if m:
-            found.append((int(m.group(1)), name))
-    for _, name in sorted(found)[:-keep] if keep > 0 else []:
-        os.remove(os.path.join(output_dir, name))
-    return path
-
-
-_ANSI_RE = re.compile(r'\x1b\[[0-9;]*m')
-
-
-def _what_else(path: str) -> str:
-    """What a file that is not a pre-training checkpoint is, and what to do with it, in a sentence (or '')."""
-    if path.endswith('.safetensors'):
-        return ('it is a safetensors file (an exported encoder or published weights: weights only, no optimizer '
-                'state); fine-tune it with `timm-mlit-run train.py --pretrained-path FILE`, publish it with '
-                '`timm-mlit-publish FILE --model ...`')
-    try:  # a timm train.py checkpoint stores its arguments as an argparse.Namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:
-        return ''
-    if isinstance(ckpt, dict) and 'state_dict' in ckpt and ('arch' in ckpt or 'args' in ckpt):
-        arch, epoch = ckpt.get('arch', '?'), ckpt.get('epoch', '?')
-        return (f'it is a timm train.py checkpoint ({arch}, epoch {epoch}) of supervised training, not of MAE '
-                f'pre-training; continue it with `timm-mlit-run train.py --resume {path} ...`, evaluate it with '
-                f'`timm-mlit-run validate.py --checkpoint {path} ...`, publish it with '
-                f'`timm-mlit-publish {path} --model {arch}`')
-    return ''
-
-
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a pre-training checkpoint, or raise PretrainError saying what the file is and why it cannot be used."""
-    if os.path.isdir(path):
-        raise PretrainError(f'{path} is a folder; give a checkpoint file such as {os.path.join(path, "last.pth.tar")}')
-    if not os.path.isfile(path):
-        raise PretrainError(f'checkpoint {path} does not exist')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        other = _what_else(path)
-        if other:
-            raise PretrainError(f'{path} is not a timm-mlit pre-training checkpoint: {other}')
-        first = _ANSI_RE.sub('', str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PretrainError(f'checkpoint {path} is unreadable (damaged, or not a torch file): {first}')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        other = _what_else(path)
-        raise PretrainError(f'{path} is not a timm-mlit pre-training checkpoint' + (f': {other}' if other else ''))
+        model.load_state_dict(ckpt['state_dict'])
+    except RuntimeError as e:
+        raise PretrainError(f'{args.resume} does not fit this model: {e}') from None
     return ckpt
 
 
-def export_encoder(state_dict: Dict[str, torch.Tensor], path: str, arch: str = '',
-                   model_kwargs: Optional[Dict[str, Any]] = None) -> str:
-    """Save the encoder of an MAE state dict, head-less, as a safetensors file timm's loaders read.
-
-    The metadata records `arch` and, as JSON, the encoder's creation kwargs (`model_kwargs`), so that
-    `timm-mlit-publish` builds the model it was trained as."""
-    tensors = {k[len('encoder.'):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
-               if k.startswith('encoder.')}
-    if not tensors:
-        raise PretrainError('the checkpoint holds no encoder weights')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    metadata = {'format': 'pt', 'arch': arch, 'source': 'timm-mlit mmLiT pre-training',
-                'model_kwargs': json.dumps(dict(model_kwargs or {}))}
-    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
-    return path
+def _build_loader(args, dataset, device: torch.device):
+    """(sampler, loader): every rank gets its part of one permutation per epoch."""
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+        pin_memory=device.type == 'cuda', persistent_workers=False)  # workers must see set_epoch
+    if len(loader) // args.grad_accum_steps == 0:
+        raise PretrainError(f'{len(dataset)} samples are too few for batch {args.batch_size} x {args.world_size} '
+                            f'processes x {args.grad_accum_steps} accumulation steps')
+    return sampler, loader
 
 
-# ---------------------------------------------------------------- training
-
-def _reduce_mean(values: Dict[str, torch.Tensor], distributed: bool) -> Dict[str, float]:
-    t = torch.stack([v.float() for v in values.values()])
-    if distributed:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(values.keys(), t.tolist()))
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+def _amp(args, device: torch.device) -> Tuple[Callable, Optional[NativeScaler]]:
+    """(autocast context factory, loss scaler): a scaler only for float16."""
+    if not args.amp:
+        return nullcontext, None
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    loss_scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype), loss_scaler
 
 
-def train_one_epoch(
-        epoch: int,
-        model: torch.nn.Module,
-        loader: torch.utils.data.DataLoader,
-        optimizer: torch.optim.Optimizer,
-        args,
-        device: torch.device,
-        lr_scheduler=None,
-        loss_scaler: Optional[NativeScaler] = None,
-        amp_autocast=nullcontext,
-) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
-    """One epoch of eq. 16. Returns the epoch's mean metrics and each expert's share of the routing per MoE layer."""
-    mae = model.module if hasattr(model, 'module') else model
-    moe_names = [n for n, m in mae.named_modules() if isinstance(m, MoE)]
-    model.train()
-    accum = args.grad_accum_steps
-    updates_per_epoch = len(loader) // accum
-    num_updates = epoch * updates_per_epoch
-    sums = {k: torch.zeros((), device=device) for k in ('loss', 'loss_masked', 'loss_unmasked', 'loss_moe')}
-    loads: Optional[List[torch.Tensor]] = None
-    rate = AverageMeter()
-    world = args.world_size
-    optimizer.zero_grad(set_to_none=True)
-    t_log = t_start = time.time()
-    num_epochs = getattr(args, 'num_epochs', epoch + 1)  # for the time left of the run
-    n_micro = updates_per_epoch * accum
-    for i, (imgs, noise) in enumerate(loader):
-        if i >= n_micro:
-            break
-        need_update = (i + 1) % accum == 0
-        imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-        sync = model.no_sync if args.distributed and not need_update else nullcontext
-        with sync():
-            with amp_autocast():
-                out = model(imgs, noise)
-            loss = out.loss / accum
-            if loss_scaler is not None:
-                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=model.parameters(), need_update=need_update)
-            else:
-                loss.backward()
-                if need_update:
-                    if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
-        for k in sums:
-            sums[k] += getattr(out, k).detach()
-        step_loads = [ld.detach() for ld in mae.expert_load()]
-        loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-        if not need_update:
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        num_updates += 1
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates)
-        update_idx = (i + 1) // accum
-        if update_idx % args.log_interval == 0 or update_idx == updates_per_epoch:
-            now = time.time()
-            elapsed = now - t_log
-            n_imgs = imgs.shape[0] * accum * world * (update_idx - rate.count)
-            rate.update(n_imgs / max(elapsed, 1e-9), update_idx - rate.count)
-            m = _reduce_mean({k: v / (i + 1) for k, v in sums.items()}, args.distributed)
-            if args.rank == 0:
-                per_update = (now - t_start) / update_idx
-                left_epoch = per_update * (updates_per_epoch - update_idx)
-                left_run = left_epoch + per_update * updates_per_epoch * (num_epochs - epoch - 1)
-                _logger.info(
-                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
-                    f'({100. * update_idx / updates_per_epoch:>3.0f}%)] '
-                    f'loss {m["loss"]:.5f} (masked {m["loss_masked"]:.5f} unmasked {m["loss_unmasked"]:.5f} '
-                    f'moe {m["loss_moe"]:.5f}) lr {optimizer.param_groups[0]["lr"]:.3e} '
-                    f'{n_imgs / max(elapsed, 1e-9):.1f} img/s, time left: epoch {_hms(left_epoch)}, '
-                    f'run {_hms(left_run)}')
-            t_log = time.time()
-    metrics = _reduce_mean({k: v / max(n_micro, 1) for k, v in sums.items()}, args.distributed)
-    metrics['img_per_sec'] = rate.avg
-    shares = {}
-    if loads is not None:
-        for name, ld in zip(moe_names, loads):
-            if args.distributed:
-                dist.all_reduce(ld)
-            shares[name] = (ld / ld.sum().clamp_min(1e-12)).cpu()
-    return metrics, shares
-
-
-def _export_only(args) -> int:
-    ckpt = load_checkpoint(args.export_only)
-    path = args.export_path or os.path.join(os.path.dirname(os.path.abspath(args.export_only)), 'encoder.safetensors')
-    check_writable_path(path, '--export-path')
-    export_encoder(ckpt['state_dict'], path, arch=ckpt.get('arch', ''), model_kwargs=ckpt.get('model_kwargs'))
-    _logger.info(f'Exported the {ckpt.get("arch")} encoder of {args.export_only} (epoch {ckpt["epoch"]}) to {path}')
-    return 0
-
-
-# what decides the learning rate of every update: a resumed run rebuilds its schedule from these
-_SCHEDULE_ARGS = ('epochs', 'sched', 'sched_on_updates', 'lr', 'lr_base', 'lr_base_size', 'min_lr', 'warmup_epochs',
-                  'warmup_lr', 'warmup_prefix', 'cooldown_epochs', 'batch_size', 'grad_accum_steps',
-                  'train_num_samples', 'world_size')
-
-
-def _resume(ckpt: Dict[str, Any], args, optimizer, lr_scheduler, loss_scaler, updates_per_epoch: int,
-            num_epochs: int) -> int:
-    """Restore the optimizer, loss scaler and RNG state of `ckpt` and move the schedule, rebuilt from `args` (as
-    timm's train.py does), to the first update after it. Returns the first epoch to train."""
-    start_epoch = ckpt['epoch'] + 1
-    if start_epoch >= num_epochs:
-        raise PretrainError(
-            f'{args.resume} has finished {start_epoch} epoch(s) and this run is {num_epochs} epochs long: nothing '
-            f'left to train. To extend the run, pass --epochs larger than {start_epoch}')
-    before = ckpt.get('args') or {}
-    changed = [f'--{k.replace("_", "-")} {before[k]} -> {getattr(args, k)}' for k in _SCHEDULE_ARGS
-               if k in before and before[k] != getattr(args, k)]
-    if changed and args.rank == 0:
-        _logger.warning(f'Resuming {args.resume} with other arguments than it was trained with ({", ".join(changed)}); '
-                        f'the learning rate schedule follows the new arguments from epoch {start_epoch} on')
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if loss_scaler is not None and 'scaler' in ckpt:
-        loss_scaler.load_state_dict(ckpt['scaler'])
-    if lr_scheduler is not None:
-        lr_scheduler.step(start_epoch)  # each sets the lr only in its own mode (per epoch or per update)
-        lr_scheduler.step_update(start_epoch * updates_per_epoch)
-    rng = ckpt['rng']
-    if len(rng) == args.world_size:
-        _set_rng_state(rng[args.rank])
-    else:
-        _logger.warning(f'{args.resume} was written by {len(rng)} processes, not {args.world_size}: RNG states '
-                        f're-seeded')
-        random_seed(args.seed + start_epoch, args.rank)
-    return start_epoch
+def _setup(args) -> _Run:
+    """Build the model, data, optimizer and schedule (and resume), raising before anything is written."""
+    device = init_distributed_device(args)
+    random_seed(args.seed, args.rank)  # per-rank: MoE gate noise and dropout differ between ranks
+    model = build_model(args)
+    dataset = build_dataset(args, model)
+    ckpt = _load_resume(args, model) if args.resume else None
+    model.to(device)
+    sampler, loader = _build_loader(args, dataset, device)
+    updates_per_epoch = len(loader) // args.grad_accum_steps
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    if args.lr is None:
+        args.lr = args.lr_base * global_batch / args.lr_base_size  # eq. 17
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    amp_autocast, loss_scaler = _amp(args, device)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=True), updates_per_epoch=updates_per_epoch)
+    args.num_epochs = num_epochs  # epochs + cooldown (+ warm-up as a prefix): for the time left
+    start_epoch = 0
+    if ckpt is not None:
+        start_epoch = resume_training(ckpt, args, optimizer, lr_scheduler, loss_scaler, updates_per_epoch, num_epochs)
+    model_ddp = model
+    if args.distributed:
+        model_ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == 'cuda' else None)
+    return _Run(model, model_ddp, dataset, sampler, loader, optimizer, lr_scheduler, loss_scaler, amp_autocast,
+                device, start_epoch, num_epochs, global_batch)
 
 
 def _output_dir(args) -> str:
@@ -555,125 +401,85 @@ def _plain_args(args) -> Dict[str, Any]:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(args).items()}
 
 
-def _log_epoch(output_dir: str, epoch: int, metrics: Dict[str, float], shares: Dict[str, torch.Tensor], lr: float):
-    """summary.csv and expert_load.csv rows of `epoch`, and the plots redrawn from them."""
-    min_share = min((float(s.min()) * len(s) for s in shares.values()), default=1.)
-    if min_share < 0.1:
-        _logger.warning(f'epoch {epoch}: an expert gets {min_share:.3f}x its even share of the routing (collapse?)')
-    metrics['min_expert_share'] = min_share  # least-used expert's share relative to an even split
-    summary = os.path.join(output_dir, 'summary.csv')
-    update_summary(epoch, metrics, None, summary, lr=lr,
-                   write_header=not os.path.exists(summary) or os.path.getsize(summary) == 0)  # timm < 1.0.31
-    load_csv = os.path.join(output_dir, 'expert_load.csv')
-    append_expert_load(load_csv, epoch, {name: sh.tolist() for name, sh in shares.items()})
-    try:  # a plot is a view of the logs: never worth losing the run over
-        plot_losses(summary, os.path.join(output_dir, 'loss.png'), title='mmLiT pre-training loss (eq. 16)')
-        plot_expert_load(load_csv, os.path.join(output_dir, 'expert_load.png'))
-    except Exception as e:
-        _logger.warning(f'could not draw the plots: {type(e).__name__}: {e}')
+def _prepare_output(args, run: _Run) -> str:
+    """Create the experiment folder (rank 0): stale temporaries removed, args.yaml written, the CSV logs cut back
+    to the resume point. Returns its path."""
+    output_dir = _output_dir(args)
+    if args.rank != 0:
+        return output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    removed = remove_stale_temporaries(output_dir)
+    if removed:
+        _logger.warning(f'Removed {len(removed)} incomplete file(s) an interrupted run left in {output_dir}: '
+                        + ', '.join(os.path.basename(p) for p in removed))
+    atomic_write(os.path.join(output_dir, 'args.yaml'), lambda f: f.write(yaml.safe_dump(_plain_args(args)).encode()))
+    for name in ('summary.csv', 'expert_load.csv'):
+        truncate_csv(os.path.join(output_dir, name), run.start_epoch)
+    model = run.model
+    _logger.info(
+        f'mmLiT pre-training {args.model}: {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M encoder '
+        f'+ {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M decoder params, {len(run.dataset)} images, '
+        f'{args.world_size} process(es), global batch {run.global_batch}, lr {args.lr:.3e}, '
+        f'epochs {run.start_epoch}..{run.num_epochs - 1}, output {output_dir}')
+    return output_dir
+
+
+def _gather_rng_states(args) -> list:
+    """Every rank's RNG state, in rank order (on every rank)."""
+    if not args.distributed:
+        return [rng_state()]
+    states = [None] * args.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def _run_epoch(args, run: _Run, epoch: int, output_dir: str):
+    """Train `epoch`; rank 0 logs it and writes its checkpoint."""
+    run.dataset.set_epoch(epoch)
+    run.sampler.set_epoch(epoch)
+    metrics, shares = train_one_epoch(epoch, run.model_ddp, run.loader, run.optimizer, args, run.device,
+                                      run.lr_scheduler, run.loss_scaler, run.amp_autocast)
+    if run.lr_scheduler is not None:
+        run.lr_scheduler.step(epoch + 1)
+    rng = _gather_rng_states(args)
+    if args.rank != 0:
+        return
+    log_epoch(output_dir, epoch, metrics, shares, run.optimizer.param_groups[0]['lr'])
+    state = dict(
+        format=CHECKPOINT_FORMAT, epoch=epoch, arch=args.model, model_kwargs=dict(args.model_kwargs),
+        args=_plain_args(args), state_dict=run.model.state_dict(), optimizer=run.optimizer.state_dict(), rng=rng,
+        metrics=metrics)
+    if run.loss_scaler is not None:
+        state['scaler'] = run.loss_scaler.state_dict()
+    save_checkpoint(state, output_dir, epoch, args.checkpoint_hist)
+
+
+def _export_only(args) -> int:
+    ckpt = load_pretrain_checkpoint(args.export_only)
+    path = args.export_path or os.path.join(os.path.dirname(os.path.abspath(args.export_only)), 'encoder.safetensors')
+    check_writable_path(path, '--export-path')
+    export_encoder(ckpt['state_dict'], path, arch=ckpt.get('arch', ''), model_kwargs=ckpt.get('model_kwargs'))
+    _logger.info(f'Exported the {ckpt.get("arch")} encoder of {args.export_only} (epoch {ckpt["epoch"]}) to {path}')
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_default_logging()
     args = _parse_args(argv)
-    try:
+    try:  # every error of the request, before anything is written: one line on stderr, status 1
         _check_args(args)
-    except ValueError as e:
-        raise PretrainError(str(e)) from None
-    if args.export_only:
-        return _export_only(args)
+        if args.export_only:
+            return _export_only(args)
+        run = _setup(args)
+    except (ValueError, FileNotFoundError) as e:  # PretrainError, CheckpointError, the argument checks
+        raise SystemExit(f'timm-mlit-pretrain: error: {e}') from None
 
-    # everything that can be wrong with the request is checked before anything is written
-    device = init_distributed_device(args)
-    random_seed(args.seed, args.rank)  # per-rank: MoE gate noise and dropout differ between ranks
-    model = build_model(args)
-    dataset = build_dataset(args, model)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt.get('arch') != args.model or ckpt.get('model_kwargs') != dict(args.model_kwargs):
-            raise PretrainError(f'{args.resume} belongs to model {ckpt.get("arch")} {ckpt.get("model_kwargs")}, '
-                                f'not {args.model} {dict(args.model_kwargs)}')
-        try:
-            model.load_state_dict(ckpt['state_dict'])
-        except RuntimeError as e:
-            raise PretrainError(f'{args.resume} does not fit this model: {e}')
-    model.to(device)
-
-    world = args.world_size
-    sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=world, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-        pin_memory=device.type == 'cuda', persistent_workers=False)  # workers must see set_epoch
-    updates_per_epoch = len(loader) // args.grad_accum_steps
-    if updates_per_epoch == 0:
-        raise PretrainError(f'{len(dataset)} samples are too few for batch {args.batch_size} x {world} processes x '
-                            f'{args.grad_accum_steps} accumulation steps')
-    global_batch = args.batch_size * world * args.grad_accum_steps
-    if args.lr is None:
-        args.lr = args.lr_base * global_batch / args.lr_base_size  # eq. 17
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
-    amp_autocast, loss_scaler = nullcontext, None
-    if args.amp:
-        dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-        amp_autocast = lambda: torch.autocast(device_type=device.type, dtype=dtype)  # noqa: E731
-        if dtype == torch.float16:
-            loss_scaler = NativeScaler(device=device.type)
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=True), updates_per_epoch=updates_per_epoch)
-    args.num_epochs = num_epochs  # epochs + cooldown (+ warm-up as a prefix): for the time left
-    start_epoch = 0
-    if ckpt is not None:
-        start_epoch = _resume(ckpt, args, optimizer, lr_scheduler, loss_scaler, updates_per_epoch, num_epochs)
-
-    model_ddp = model
-    if args.distributed:
-        model_ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == 'cuda' else None)
-
-    output_dir = _output_dir(args)
-    export_path = args.export_path or os.path.join(output_dir, 'encoder.safetensors')
+    output_dir = _prepare_output(args, run)
+    for epoch in range(run.start_epoch, run.num_epochs):
+        _run_epoch(args, run, epoch, output_dir)
     if args.rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        removed = remove_stale_temporaries(output_dir)
-        if removed:
-            _logger.warning(f'Removed {len(removed)} incomplete file(s) an interrupted run left in {output_dir}: '
-                            + ', '.join(os.path.basename(p) for p in removed))
-        atomic_write(os.path.join(output_dir, 'args.yaml'),
-                     lambda f: f.write(yaml.safe_dump(_plain_args(args)).encode()))
-        for name in ('summary.csv', 'expert_load.csv'):
-            truncate_csv(os.path.join(output_dir, name), start_epoch)
-        _logger.info(
-            f'mmLiT pre-training {args.model}: {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M encoder '
-            f'+ {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M decoder params, {len(dataset)} images, '
-            f'{world} process(es), global batch {global_batch}, lr {args.lr:.3e}, '
-            f'epochs {start_epoch}..{num_epochs - 1}, output {output_dir}')
-
-    for epoch in range(start_epoch, num_epochs):
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        metrics, shares = train_one_epoch(
-            epoch, model_ddp, loader, optimizer, args, device, lr_scheduler, loss_scaler, amp_autocast)
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1)
-        rng = [_rng_state()]
-        if args.distributed:
-            rng = [None] * world
-            dist.all_gather_object(rng, _rng_state())
-        if args.rank != 0:
-            continue
-        _log_epoch(output_dir, epoch, metrics, shares, optimizer.param_groups[0]['lr'])
-        state = dict(
-            format=CHECKPOINT_FORMAT, epoch=epoch, arch=args.model, model_kwargs=dict(args.model_kwargs),
-            args=_plain_args(args), state_dict=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng,
-            metrics=metrics)
-        if loss_scaler is not None:
-            state['scaler'] = loss_scaler.state_dict()
-        save_checkpoint(state, output_dir, epoch, args.checkpoint_hist)
-
-    if args.rank == 0:
-        path = export_encoder(model.state_dict(), export_path, arch=args.model, model_kwargs=args.model_kwargs)
+        export_path = args.export_path or os.path.join(output_dir, 'encoder.safetensors')
+        path = export_encoder(run.model.state_dict(), export_path, arch=args.model, model_kwargs=args.model_kwargs)
         _logger.info(f'Done. Encoder exported to {path}; loss curve in {os.path.join(output_dir, "loss.png")}, '
                      f'expert load in {os.path.join(output_dir, "expert_load.png")}')
     if args.distributed:
