@@ -1,8 +1,10 @@
 """Tests of the mmLiT masked autoencoder (timm_mlit.mae)."""
 import pytest
+import timm
 import torch
 
 import timm_mlit  # noqa: F401  (registers the models)
+from timm_mlit.layers import named_moe_layers
 from timm_mlit.mae import MaskedAutoencoderMLiT, patchify, random_masking, unpatchify
 
 
@@ -27,7 +29,7 @@ def test_moe_hook_is_off_so_the_balance_loss_counts_once():
     out = mae(torch.randn(4, 3, 36, 36))
     assert out.loss_moe > 0
     (out.pred * 0).sum().backward()  # nothing depends on the gates except through a hook
-    gates = [m.gate.weight.grad for m in mae.moe_layers()]
+    gates = [m.gate.weight.grad for _, m in named_moe_layers(mae)]
     assert all(g is None or g.abs().sum() == 0 for g in gates)
 
 
@@ -41,7 +43,7 @@ def test_masking_keeps_dummy_and_masks_108_of_144_patches():
     assert (mask.sum(1) == 108).all()
     assert not torch.equal(mask[0], mask[1])  # random per image
     # the first token is the dummy patch: it equals an encoder run on the dummy + the same kept patches
-    x = mae.encoder._embed(imgs)
+    x = mae.encoder.forward_embed(imgs)
     ids_keep = ids_restore.argsort(1)[:, :36]  # kept patches, in the order the encoder saw them
     assert (mask.gather(1, ids_keep) == 0).all()
     kept = x[:, 1:].gather(1, ids_keep[:, :, None].expand(-1, -1, x.shape[-1]))
@@ -81,8 +83,8 @@ def test_loss_terms_match_a_direct_computation(norm_pix):
     m = out.mask.bool()
     masked = err[m].mean()
     unmasked = err[~m].mean()
-    moe = sum(layer.aux_loss for layer in mae.moe_layers())
-    assert len(mae.moe_layers()) == 3 + 4
+    moe = sum(layer.last_loss for _, layer in named_moe_layers(mae))
+    assert len(named_moe_layers(mae)) == 3 + 4
     torch.testing.assert_close(out.loss_masked, masked)
     torch.testing.assert_close(out.loss_unmasked, unmasked)
     torch.testing.assert_close(out.loss_moe, moe)
@@ -157,3 +159,13 @@ def test_training_on_a_fixed_batch_drives_the_loss_down():
         opt.step()
         first = first if first is not None else out.loss.item()
     assert out.loss.item() < 0.5 * first, (first, out.loss.item())
+
+
+def test_an_encoder_whose_moe_layers_add_their_own_loss_is_refused():
+    """eq. 16 weighs the balance losses by β once: an encoder built with the MoE hook on would count them twice."""
+    with pytest.raises(ValueError, match='moe_loss_weight=0'):
+        MaskedAutoencoderMLiT(timm.create_model('mlit_xxs', depth=3, num_classes=0))
+    with pytest.raises(ValueError, match='leave moe_loss_weight out'):
+        MaskedAutoencoderMLiT('mlit_xxs', depth=3, moe_loss_weight=1.)
+    mae = MaskedAutoencoderMLiT(timm.create_model('mlit_xxs', depth=3, num_classes=0, moe_loss_weight=0.))
+    assert all(m.loss_weight == 0. for _, m in named_moe_layers(mae))

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_mlit  # noqa: F401  (registers the models)
+from timm_mlit.layers import named_moe_layers
 from timm_mlit.mlit import checkpoint_filter_fn, depthwise_hidden_dims, experts_per_layer
 
 # Table 1 (encoder only) and Table 8 (with a 100-class head), in millions
@@ -59,7 +60,7 @@ def test_biases_where_the_paper_puts_them():
 def test_dummy_patch_token_is_its_positional_embedding():
     """The all-zero dummy patch embeds to zero (no bias), so its token is exactly pos_embed[0]."""
     model = timm.create_model('mlit_xxs').eval()
-    tokens = model._embed(torch.randn(2, 3, 36, 36))
+    tokens = model.forward_embed(torch.randn(2, 3, 36, 36))
     assert tokens.shape == (2, 145, 108)
     assert torch.equal(tokens[:, 0], model.pos_embed[0, 0].expand(2, -1))
     assert torch.allclose(model.patch_embed(torch.zeros(1, 3, 36, 36)), torch.zeros(1, 144, 108))
@@ -81,7 +82,7 @@ def test_training_forward_is_stochastic_and_records_the_moe_loss():
     model = timm.create_model('mlit_xxs', num_classes=10).train()
     x = torch.randn(4, 3, 36, 36)
     assert not torch.equal(model(x), model(x))
-    assert len(model.moe_layers()) == 9
+    assert len(named_moe_layers(model)) == 9
     assert model.moe_loss() > 0
 
 

@@ -3,19 +3,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_mlit.layers.moe import (
+from timm_mlit.layers import (
     EXPERT_SHARING,
+    MOE_IMPLS,
     MoE,
     NoisyTopKGate,
-    _NoisyTopKFunction,
-    _PairedExpertMix,
-    _SortedExpertMix,
     cv_squared,
     moe_balance_loss,
     prob_in_top_k,
     softmax_k,
     top_k_thresholds,
 )
+from timm_mlit.layers.ops import NoisyTopKFunction, PairedExpertMix, SortedExpertMix
 
 # the matrix H of eq. 4 and eq. 7
 H_PAPER = torch.tensor([
@@ -131,8 +130,8 @@ def _run(layer: MoE, x: torch.Tensor, seed: int):
 @pytest.mark.parametrize('training', [True, False])
 def test_fast_paths_equal_the_loop_reference(shared, impl, training):
     torch.manual_seed(0)
-    ref = MoE(16, 12, 4, 2, shared=shared, drop=0., impl='loop')
-    fast = MoE(16, 12, 4, 2, shared=shared, drop=0., impl=impl)
+    ref = MoE(16, 12, 4, 2, expert_shared=shared, drop_rate=0., impl='loop')
+    fast = MoE(16, 12, 4, 2, expert_shared=shared, drop_rate=0., impl=impl)
     fast.load_state_dict(ref.state_dict())
     ref.train(training)
     fast.train(training)
@@ -151,7 +150,7 @@ def _assert_same_outputs_and_gradients(ref: MoE, fast: MoE, x: torch.Tensor, see
 def test_loop_reference_is_the_literal_sum_of_experts():
     """y = Σ_i G_i E_i(x) with E_i computed for every token (eq. 1, 13), no sharing tricks."""
     torch.manual_seed(0)
-    layer = MoE(16, 12, 4, 2, drop=0., impl='loop').eval()
+    layer = MoE(16, 12, 4, 2, drop_rate=0., impl='loop').eval()
     x = torch.randn(20, 16)
     gates = layer.gate(x)[0]
     expected = sum(gates[:, i:i + 1] * layer.experts.forward_expert(x, i) for i in range(4))
@@ -166,9 +165,9 @@ def test_shared_matrices_are_shared():
     assert names['experts.w2.weight'] == (16, 12)
 
 
-def test_aux_loss_reaches_gate_through_a_loop_that_only_backprops_its_own_loss():
+def test_balance_loss_reaches_gate_through_a_loop_that_only_backprops_its_own_loss():
     torch.manual_seed(0)
-    layer = MoE(16, 12, 4, 2, drop=0.).train()
+    layer = MoE(16, 12, 4, 2, drop_rate=0.).train()
     x = torch.randn(64, 16)
     torch.manual_seed(3)
     y = layer(x)
@@ -178,29 +177,29 @@ def test_aux_loss_reaches_gate_through_a_loop_that_only_backprops_its_own_loss()
     layer.zero_grad()
     torch.manual_seed(3)
     layer(x)
-    expected = torch.autograd.grad(layer.aux_loss, layer.gate.weight)[0]
+    expected = torch.autograd.grad(layer.last_loss, layer.gate.weight)[0]
     assert got.abs().sum() > 0
     assert torch.allclose(got, expected, atol=1e-7)
 
 
-def test_aux_loss_weight_zero_turns_the_hook_off_but_keeps_the_loss():
-    layer = MoE(16, 12, 4, 2, drop=0., aux_loss_weight=0.).train()
+def test_loss_weight_zero_turns_the_hook_off_but_keeps_the_loss():
+    layer = MoE(16, 12, 4, 2, drop_rate=0., loss_weight=0.).train()
     (layer(torch.randn(64, 16)) * 0).sum().backward()
     assert layer.gate.weight.grad is None or layer.gate.weight.grad.abs().sum() == 0
-    assert layer.aux_loss is not None and layer.aux_loss > 0
+    assert layer.last_loss is not None and layer.last_loss > 0
 
 
-def test_eval_computes_no_aux_loss_and_is_deterministic():
+def test_eval_computes_no_balance_loss_and_is_deterministic():
     layer = MoE(16, 12, 4, 2).eval()
     x = torch.randn(10, 16)
     assert torch.equal(layer(x), layer(x))
-    assert layer.aux_loss is None
+    assert layer.last_loss is None
 
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(top_k=5), r'top_k=5 is not between 1 and the number of experts \(4\)'),
     (dict(impl='fastest'), 'unknown moe_impl'),
-    (dict(shared=('w', 'v', 'w2')), 'expert_shared'),
+    (dict(expert_shared=('w', 'v', 'w2')), 'expert_shared'),
 ])
 def test_bad_arguments_name_the_problem(kwargs, match):
     args = dict(dim=16, hidden_dim=12, num_experts=4, top_k=2)
@@ -209,20 +208,38 @@ def test_bad_arguments_name_the_problem(kwargs, match):
         MoE(**args)
 
 
-def test_auto_picks_sparse_for_training_and_many_experts_dense_for_mlit_inference():
-    x = torch.randn(10, 16)
-    assert MoE(16, 12, 5, 2)._auto_impl(x) == 'sparse'  # gradients are computed
-    assert MoE(16, 12, 8, 2)._auto_impl(x) == 'sparse'
+@pytest.mark.parametrize('experts', [3, 5, 8])
+@pytest.mark.parametrize('mode', ['train', 'eval', 'no_grad'])
+def test_auto_equals_every_impl_at_every_expert_count(experts, mode):
+    """Whatever 'auto' picks for a layer, device and mode, it computes what every implementation computes."""
+    torch.manual_seed(0)
+    layers = {impl: MoE(16, 12, experts, 2, drop_rate=0., impl=impl) for impl in MOE_IMPLS}
+    for layer in layers.values():
+        layer.load_state_dict(layers['loop'].state_dict())
+        layer.train(mode == 'train')
+    x = torch.randn(3, 11, 16)
+    outs = {}
+    for impl, layer in layers.items():
+        torch.manual_seed(1)
+        with torch.no_grad() if mode == 'no_grad' else torch.enable_grad():
+            outs[impl] = layer(x)
+    for impl in MOE_IMPLS:
+        assert torch.allclose(outs[impl], outs['loop'], atol=1e-5), impl
+
+
+def test_auto_runs_on_a_device_where_the_sparse_path_cannot():
+    """The sparse path reads token counts back to the host: off the CPU (here 'meta', which has no data) 'auto'
+    must take the fixed-shape path, in training and in inference."""
+    layer = MoE(16, 12, 8, 2).to('meta')
+    assert layer.train()(torch.randn(3, 11, 16, device='meta')).shape == (3, 11, 16)
     with torch.no_grad():
-        assert MoE(16, 12, 5, 2)._auto_impl(x) == 'dense'
-        assert MoE(16, 12, 8, 2)._auto_impl(x) == 'sparse'
-    assert MoE(16, 12, 8, 2).to('meta')._auto_impl(x.to('meta')) == 'dense'  # not a CPU: no host synchronisation
+        assert layer.eval()(torch.randn(3, 11, 16, device='meta')).shape == (3, 11, 16)
 
 
 @pytest.mark.parametrize('t, k', [(4, 2), (5, 2), (3, 1), (6, 3)])
 @pytest.mark.parametrize('uses', ['gates', 'load', 'all'])
 def test_gate_function_matches_autograd_through_the_equations(t, k, uses):
-    """The training gate's hand-written backward (`_NoisyTopKFunction`) against autograd through eq. 2-6 written
+    """The training gate's hand-written backward (`NoisyTopKFunction`) against autograd through eq. 2-6 written
     with the pure functions (`forward_reference`), same noise, float64: values and gradients of x and W."""
     torch.manual_seed(0)
     gate = NoisyTopKGate(16, t, k).train().double()
@@ -247,12 +264,12 @@ def test_gate_function_passes_gradcheck():
     weights = [torch.randn(20, 5, dtype=torch.float64)] + [torch.randn(5, dtype=torch.float64) for _ in range(2)]
 
     def f(z):
-        gates, _, importance, load = _NoisyTopKFunction.apply(z, eps, 2)
+        gates, _, importance, load = NoisyTopKFunction.apply(z, eps, 2)
         return (gates * weights[0]).sum() + (importance * weights[1]).sum() + (load * weights[2]).sum()
     assert torch.autograd.gradcheck(f, (logits,))
 
 
-@pytest.mark.parametrize('mix', [_SortedExpertMix, _PairedExpertMix])
+@pytest.mark.parametrize('mix', [SortedExpertMix, PairedExpertMix])
 @pytest.mark.parametrize('silu', [True, False])
 def test_expert_mix_functions_pass_gradcheck_with_an_idle_expert(mix, silu):
     """The sparse path's Functions, float64, with expert 3 of 4 chosen by no token (its weight gradient is zero)."""
@@ -273,11 +290,11 @@ def test_expert_mix_functions_pass_gradcheck_with_an_idle_expert(mix, silu):
 
 @pytest.mark.parametrize('impl', ['dense', 'sparse'])
 def test_fast_paths_equal_the_loop_reference_at_mlit_shapes(impl):
-    """mlit_xxs's last layer shape (108 -> 27 hidden, 5 experts): the fused projection and the per-expert matmuls
-    are zero-padded to a width of a multiple of 16 there; outputs and gradients still equal the reference."""
+    """mlit_xxs's last layer shape (108 -> 27 hidden, 5 experts): the fused projection is zero-padded to a width of
+    a multiple of 16 there; outputs and gradients still equal the reference."""
     torch.manual_seed(0)
-    ref = MoE(108, 27, 5, 2, drop=0., impl='loop').train()
-    fast = MoE(108, 27, 5, 2, drop=0., impl=impl).train()
+    ref = MoE(108, 27, 5, 2, drop_rate=0., impl='loop').train()
+    fast = MoE(108, 27, 5, 2, drop_rate=0., impl=impl).train()
     fast.load_state_dict(ref.state_dict())
     _assert_same_outputs_and_gradients(ref, fast, torch.randn(4, 145, 108), seed=3, grad_atol=1e-4)
 
@@ -290,7 +307,7 @@ def test_every_impl_trains_under_bfloat16_autocast_and_they_agree(shared, input_
     (bf16 rounds the fused and the separate gate matmuls differently, so a token whose top two logits nearly tie
     may route differently.)"""
     torch.manual_seed(0)
-    layers = {impl: MoE(32, 24, 4, 2, shared=shared, drop=0., impl=impl).train()
+    layers = {impl: MoE(32, 24, 4, 2, expert_shared=shared, drop_rate=0., impl=impl).train()
               for impl in ('loop', 'dense', 'sparse')}
     for layer in layers.values():
         layer.load_state_dict(layers['loop'].state_dict())
@@ -316,8 +333,8 @@ def test_every_impl_trains_under_bfloat16_autocast_and_they_agree(shared, input_
 def test_inference_paths_equal_the_loop_reference(shared, impl):
     """Without gradients the fast paths take other branches ('dense' mixes in place): same outputs as the loop."""
     torch.manual_seed(0)
-    ref = MoE(16, 12, 4, 2, shared=shared, impl='loop').eval()
-    fast = MoE(16, 12, 4, 2, shared=shared, impl=impl).eval()
+    ref = MoE(16, 12, 4, 2, expert_shared=shared, impl='loop').eval()
+    fast = MoE(16, 12, 4, 2, expert_shared=shared, impl=impl).eval()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 11, 16)
     with torch.no_grad():
@@ -329,7 +346,7 @@ def test_training_step_compiles_as_one_graph(shared):
     """torch.compile(fullgraph=True) of a training step, gate noise included ('auto' runs 'dense' when compiling):
     the gate Function's backward must be traceable."""
     torch.manual_seed(0)
-    layer = MoE(16, 12, 4, 2, shared=shared, drop=0.).train()
+    layer = MoE(16, 12, 4, 2, expert_shared=shared, drop_rate=0.).train()
     compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
     x = torch.randn(40, 16, requires_grad=True)
     compiled(x).square().sum().backward()
@@ -343,7 +360,7 @@ def test_scripted_layer_runs_in_train_mode():
 
 
 def test_second_order_gradients_are_refused_clearly():
-    layer = MoE(16, 12, 4, 2, drop=0., impl='sparse').train()
+    layer = MoE(16, 12, 4, 2, drop_rate=0., impl='sparse').train()
     x = torch.randn(20, 16, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match='once_differentiable'):
@@ -355,7 +372,7 @@ def test_sorted_dispatch_equals_the_loop_reference(experts, top_k):
     """'sparse' groups tokens by expert pair for top-2 with up to 5 experts; the other shapes take the sorted
     (token, expert) dispatch, which must equal the reference too."""
     torch.manual_seed(0)
-    ref = MoE(16, 12, experts, top_k, drop=0., impl='loop').train()
-    fast = MoE(16, 12, experts, top_k, drop=0., impl='sparse').train()
+    ref = MoE(16, 12, experts, top_k, drop_rate=0., impl='loop').train()
+    fast = MoE(16, 12, experts, top_k, drop_rate=0., impl='sparse').train()
     fast.load_state_dict(ref.state_dict())
     _assert_same_outputs_and_gradients(ref, fast, torch.randn(3, 11, 16), seed=2)

@@ -5,21 +5,21 @@ Autoencoders Are Scalable Vision Learners", He et al., arXiv 2111.06377.
 
 Any registered mLiT is the encoder; it sees the dummy patch and the 25% of the patches that are kept. The decoder
 (Table 2, the same for every encoder size) is 4 mLiT blocks of width 108 fed by a bias-free projection of the
-encoder tokens, a mask token in place of each dropped patch and a fixed 2-D sin-cos positional embedding (SPEC §3:
-the paper has no learnable one at the decoder input). A bias-free head predicts the pixels of every patch.
+encoder tokens, a mask token in place of each dropped patch and a fixed 2-D sin-cos positional embedding (§2.2:
+"we did not incorporate a separable learnable positional embeddings at the decoder's input"; MAE's fixed ones). A bias-free head predicts the pixels of every patch.
 
 Loss (eq. 16): MSE over the masked patches + α·MSE over the kept patches + β·Σ MoE balance losses (eq. 12) of the
-encoder and decoder layers. The MoE layers' own autograd hook is switched off (aux_loss_weight = 0) so that the
-balance losses enter the gradients exactly once, through this explicit β term.
+encoder and decoder layers. The MoE layers are built without their own autograd hook (moe_loss_weight = 0), so
+that the balance losses enter the gradients exactly once, through this explicit β term.
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-from .layers import MoE
+from .layers import clear_moe_stats, moe_stats, named_moe_layers
 from .mlit import MLiT, MLiTBlock
 
 __all__ = ['MaskedAutoencoderMLiT', 'MAEOutput', 'MLiTDecoder', 'random_masking', 'patchify', 'unpatchify']
@@ -118,7 +118,8 @@ class MLiTDecoder(nn.Module):
         self.blocks = nn.Sequential(*[
             MLiTBlock(
                 embed_dim, num_heads, num_kv_heads, hidden_dim, num_experts, top_k=top_k, moe_impl=moe_impl,
-                moe_drop=moe_drop_rate, moe_loss_coef=moe_loss_coef, noisy_gating=noisy_gating,
+                moe_drop_rate=moe_drop_rate, moe_loss_coef=moe_loss_coef, moe_loss_weight=0.,
+                noisy_gating=noisy_gating,
             )
             for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
@@ -174,12 +175,22 @@ class MaskedAutoencoderMLiT(nn.Module):
         if isinstance(encoder, str):
             if not timm.is_model(encoder):
                 raise ValueError(f'unknown model {encoder!r}; the mLiT models are {timm.list_models("mlit*")}')
-            encoder = timm.create_model(encoder, num_classes=0, **encoder_kwargs)
+            if encoder_kwargs.get('moe_loss_weight', 0.) != 0.:
+                raise ValueError(f'moe_loss_weight={encoder_kwargs["moe_loss_weight"]}: the masked autoencoder adds '
+                                 'beta x the MoE balance losses itself (eq. 16); leave moe_loss_weight out')
+            encoder = timm.create_model(encoder, num_classes=0, **dict(encoder_kwargs, moe_loss_weight=0.))
         elif encoder_kwargs:
             raise ValueError(f'encoder kwargs {sorted(encoder_kwargs)} given with an encoder instance: they would be '
                              'ignored; pass a model name, or build the encoder with them')
         if not isinstance(encoder, MLiT):
             raise ValueError(f'the mmLiT encoder must be an mLiT model, got {type(encoder).__name__}')
+        hooked = {name: m.loss_weight for name, m in named_moe_layers(encoder) if m.loss_weight != 0.}
+        if hooked:  # the β term of eq. 16 must be the only way the balance losses reach the gradients
+            name, weight = next(iter(hooked.items()))
+            raise ValueError(
+                f'the encoder\'s MoE layers add their balance loss to the gradients themselves ({name}: '
+                f'moe_loss_weight={weight}), and the masked autoencoder adds beta x the same losses (eq. 16); build '
+                'the encoder with moe_loss_weight=0, or pass its name')
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.alpha = alpha
@@ -195,20 +206,11 @@ class MaskedAutoencoderMLiT(nn.Module):
             hidden_dim=decoder_hidden_dim, num_experts=decoder_num_experts, top_k=decoder_top_k,
             moe_drop_rate=decoder_moe_drop_rate, noisy_gating=decoder_noisy_gating,
         )
-        for m in self.moe_layers():  # the β term below is the only way the balance losses reach the gradients
-            m.aux_loss_weight = 0.
+
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {'encoder.' + k for k in self.encoder.no_weight_decay()} | {'decoder.mask_token'}
-
-    def moe_layers(self) -> List[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
-
-    def expert_load(self) -> List[torch.Tensor]:
-        """Share of the routed tokens each expert got in the last training forward, one tensor per MoE layer
-        (encoder first); a share near 0 is a collapsed expert."""
-        return [m.last_load / m.last_load.sum().clamp_min(1e-12) for m in self.moe_layers() if m.last_load is not None]
 
     def forward_encoder(
             self,
@@ -216,7 +218,7 @@ class MaskedAutoencoderMLiT(nn.Module):
             noise: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the dummy patch and the kept patches. Returns (latent [B, 1 + L_keep, C], mask, ids_restore)."""
-        x = self.encoder._embed(imgs)  # [B, 1 + L, C], positions added, the dummy patch first
+        x = self.encoder.forward_embed(imgs)  # [B, 1 + L, C], positions added, the dummy patch first
         patches, mask, ids_restore = random_masking(x[:, 1:], self.mask_ratio, noise)  # [B, L_keep, C]
         x = torch.cat([x[:, :1], patches], dim=1)  # [B, 1 + L_keep, C], the dummy patch always kept
         x = self.encoder.norm(self.encoder.blocks(x))
@@ -242,15 +244,14 @@ class MaskedAutoencoderMLiT(nn.Module):
         mse_masked = (per_patch * mask).sum() / mask.sum()
         kept = 1 - mask
         mse_unmasked = (per_patch * kept).sum() / kept.sum().clamp_min(1)
-        moe_losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        moe_loss = torch.stack(moe_losses).sum().float() if moe_losses else per_patch.new_zeros(())
+        stats = moe_stats(self)
+        moe_loss = per_patch.new_zeros(()) if stats is None else stats.loss
         loss = mse_masked + self.alpha * mse_unmasked + self.beta * moe_loss
         return loss, mse_masked, mse_unmasked, moe_loss
 
     def forward(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None) -> MAEOutput:
         """Args: images [B, C, H, W]; optional masking noise [B, L] (see `random_masking`)."""
-        for m in self.moe_layers():  # only this forward's balance losses count (eval forwards leave them unset)
-            m.aux_loss = None
+        clear_moe_stats(self)  # only this forward's balance losses count (eval forwards record none)
         latent, mask, ids_restore = self.forward_encoder(imgs, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss, mse_masked, mse_unmasked, moe_loss = self.forward_loss(imgs, pred, mask)

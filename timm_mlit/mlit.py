@@ -33,49 +33,19 @@ from timm.models import (
     build_model_with_cfg,
     checkpoint,
     checkpoint_seq,
-    clean_state_dict,
     generate_default_cfgs,
     register_model,
 )
 from timm.models._features import feature_take_indices  # private: timm (1.0.28 to 1.0.31) does not export it
 
+from ._checks import check_input_image, check_int, check_ints, check_rate
+from .checkpoint import encoder_state_dict, state_dict_of
 from ._weights import LABEL_NAMES, weights_source  # the cfgs of published weights, see default_cfgs
-from .layers import GroupedQueryAttention, MoE
+from .layers import GroupedQueryAttention, MoE, moe_stats
 
 __all__ = [
     'MLiT', 'MLiTBlock', 'checkpoint_filter_fn', 'depthwise_hidden_dims', 'encoder_state_dict', 'experts_per_layer',
 ]
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """`value` as an int, if it is an integer >= `minimum` (bools are not integers here)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f'{name} must be an int, got {value!r}')
-    if value < minimum:
-        raise ValueError(f'{name} must be >= {minimum}, got {value!r}')
-    return int(value)
-
-
-def _check_ints(name: str, value: Any, length: Optional[int] = None) -> Tuple[int, ...]:
-    """`value` as a tuple of positive ints, if it is a non-empty sequence of them (of `length` items, if given)."""
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise TypeError(f'{name} must be a sequence of ints, got {value!r}')
-    if (len(value) != length) if length is not None else not value:
-        raise ValueError(f'{name} must hold {length or "at least one"} ints, got {value!r}')
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
-        raise TypeError(f'{name} must hold ints, got {value!r}')
-    if any(v < 1 for v in value):
-        raise ValueError(f'{name} must hold positive ints, got {value!r}')
-    return tuple(int(v) for v in value)
-
-
-def _check_rate(name: str, value: Any, upper: float = 1.) -> float:
-    """`value`, if it is a real number in [0, `upper`) (a probability that still keeps something)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f'{name} must be a number, got {value!r}')
-    if not 0. <= value < upper:
-        raise ValueError(f'{name} must be in [0, {upper:g}), got {value!r}')
-    return value
 
 
 def depthwise_hidden_dims(depth: int, first: int, last: int) -> List[int]:
@@ -87,16 +57,64 @@ def depthwise_hidden_dims(depth: int, first: int, last: int) -> List[int]:
 
 def experts_per_layer(depth: int, num_experts: Union[int, Sequence[int]]) -> List[int]:
     """Experts of each layer: one entry of `num_experts` per stage, the stages splitting the depth evenly."""
-    depth = _check_int('depth', depth)
+    depth = check_int('depth', depth)
     if isinstance(num_experts, numbers.Integral) and not isinstance(num_experts, bool):
-        return [_check_int('num_experts', num_experts)] * depth
+        return [check_int('num_experts', num_experts)] * depth
     if isinstance(num_experts, str) or not isinstance(num_experts, Sequence):
         raise TypeError(f'num_experts must be an int or a sequence of ints (experts per stage), got {num_experts!r}')
-    num_experts = _check_ints('num_experts', num_experts)
+    num_experts = check_ints('num_experts', num_experts)
     stages = len(num_experts)
     if depth < stages:
         raise ValueError(f'depth {depth} is smaller than the number of expert stages {tuple(num_experts)}')
     return [num_experts[i * stages // depth] for i in range(depth)]
+
+
+def _check_args(
+        img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth, num_heads, num_kv_heads,
+        hidden_dims, num_experts, top_k, expert_shared, noisy_gating, norm_layer, dtype, rates: Dict[str, Any],
+        weights: Dict[str, Any]) -> Tuple[Tuple[int, int], List[int], List[int]]:
+    """Check every argument of MLiT, so that a wrong one fails at construction, by name, not at a forward in
+    training. Returns the image size as (H, W), the hidden size and the expert count of each layer."""
+    if global_pool not in ('', 'token', 'avg'):
+        raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+    patch_size = check_int('patch_size', patch_size)
+    if isinstance(img_size, numbers.Integral) and not isinstance(img_size, bool):
+        img_size = (check_int('img_size', img_size),) * 2
+    elif isinstance(img_size, (str, bytes)) or not isinstance(img_size, Sequence):
+        raise TypeError(f'img_size must be an int or a pair of ints (H, W), got {img_size!r}')
+    else:
+        img_size = check_ints('img_size', img_size, length=2)
+    if img_size[0] % patch_size or img_size[1] % patch_size:
+        raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch_size}')
+    in_chans = check_int('in_chans', in_chans)
+    num_classes = check_int('num_classes', num_classes, minimum=0)
+    embed_dim = check_int('embed_dim', embed_dim)
+    num_heads = check_int('num_heads', num_heads)
+    num_kv_heads = check_int('num_kv_heads', num_kv_heads)
+    if embed_dim % num_heads:
+        raise ValueError(f'embed_dim={embed_dim} must be divisible by num_heads={num_heads}')
+    if num_heads % num_kv_heads:
+        raise ValueError(f'num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}')
+    depth = check_int('depth', depth)
+    hidden = depthwise_hidden_dims(depth, *check_ints('hidden_dims', hidden_dims, length=2))
+    experts = experts_per_layer(depth, num_experts)
+    top_k = check_int('top_k', top_k)
+    if top_k > min(experts):
+        raise ValueError(f'top_k={top_k} is larger than the smallest expert count {min(experts)} of {experts}')
+    if isinstance(expert_shared, str) or not isinstance(expert_shared, Sequence):
+        raise TypeError(f'expert_shared must be a pair of matrix names such as (\'v\', \'w2\'), got '
+                        f'{expert_shared!r}')
+    for name, rate in rates.items():
+        check_rate(name, rate)
+    for name, value in weights.items():
+        check_rate(name, value, upper=math.inf)
+    if not isinstance(noisy_gating, bool):
+        raise TypeError(f'noisy_gating must be True or False, got {noisy_gating!r}')
+    if norm_layer is not None and not callable(norm_layer):
+        raise TypeError(f'norm_layer must be a normalization layer class such as nn.LayerNorm, got {norm_layer!r}')
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f'dtype must be a floating-point torch.dtype, got {dtype!r}')
+    return img_size, hidden, experts
 
 
 class MLiTBlock(nn.Module):
@@ -112,7 +130,7 @@ class MLiTBlock(nn.Module):
             top_k: int = 2,
             expert_shared: Sequence[str] = ('v', 'w2'),
             moe_impl: str = 'auto',
-            moe_drop: float = 0.1,
+            moe_drop_rate: float = 0.1,
             moe_loss_coef: float = 1e-2,
             moe_loss_weight: float = 1.0,
             noisy_gating: bool = True,
@@ -128,8 +146,8 @@ class MLiTBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = MoE(
-            dim, hidden_dim, num_experts, top_k=top_k, shared=expert_shared, drop=moe_drop, impl=moe_impl,
-            aux_loss_coef=moe_loss_coef, aux_loss_weight=moe_loss_weight, noisy_gating=noisy_gating,
+            dim, hidden_dim, num_experts, top_k=top_k, expert_shared=expert_shared, drop_rate=moe_drop_rate,
+            impl=moe_impl, loss_coef=moe_loss_coef, loss_weight=moe_loss_weight, noisy_gating=noisy_gating,
         )
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -137,39 +155,6 @@ class MLiTBlock(nn.Module):
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
-
-
-@torch.jit.unused  # (TorchScript can read no device's autocast state but CUDA's, and prints a dtype as a number)
-def _check_input_dtype(x: torch.Tensor, dtype: torch.dtype):
-    if not x.is_floating_point():
-        raise TypeError(f'mLiT expects floating-point images, got a tensor of dtype {x.dtype}; convert it with '
-                        f'.float(), normalized as the model\'s pretrained_cfg says')
-    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f'the model got {x.dtype} images, but its parameters are {dtype}; convert the images with '
-                        f'.to({dtype}), or run the model under torch.autocast')
-
-
-@register_notrace_function  # torch.fx: a leaf (fx only wraps public names), its checks are not traced
-def check_input_image(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """`x`, once checked: a tensor [B, `in_chans`, *`img_size`] of floating-point images, of `dtype` outside
-    autocast. Returned so that a traced graph keeps the call (fx drops a call whose result is unused)."""
-    if torch.jit.is_scripting():
-        if not x.is_floating_point():
-            raise TypeError('mLiT expects floating-point images, got an integer or bool tensor; convert it with '
-                            '.float()')
-    else:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f'mLiT expects a torch.Tensor of images [B, C, H, W], got {type(x).__name__}')
-        _check_input_dtype(x, dtype)
-    if x.ndim != 4:
-        raise ValueError(f'mLiT expects images [B, C, H, W], got a tensor of shape {x.shape}')
-    if x.shape[1] != in_chans:
-        raise ValueError(f'mLiT was built for {in_chans} input channels, got an image with {x.shape[1]} channels')
-    if (x.shape[2], x.shape[3]) != img_size:
-        raise ValueError(
-            f'mLiT was built for {img_size[0]}x{img_size[1]} images, got {x.shape[2]}x{x.shape[3]}; resize the '
-            f'input or create the model with img_size=({x.shape[2]}, {x.shape[3]})')
-    return x
 
 
 class MLiT(nn.Module):
@@ -236,48 +221,12 @@ class MLiT(nn.Module):
             dtype: parameter dtype.
         """
         super().__init__()
-        # every argument is checked here, so that a wrong one fails now, by name, not at a forward in training
-        if global_pool not in ('', 'token', 'avg'):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-        patch_size = _check_int('patch_size', patch_size)
-        if isinstance(img_size, numbers.Integral) and not isinstance(img_size, bool):
-            img_size = (_check_int('img_size', img_size),) * 2
-        elif isinstance(img_size, (str, bytes)) or not isinstance(img_size, Sequence):
-            raise TypeError(f'img_size must be an int or a pair of ints (H, W), got {img_size!r}')
-        else:
-            img_size = _check_ints('img_size', img_size, length=2)
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch_size}')
-        in_chans = _check_int('in_chans', in_chans)
-        num_classes = _check_int('num_classes', num_classes, minimum=0)
-        embed_dim = _check_int('embed_dim', embed_dim)
-        num_heads = _check_int('num_heads', num_heads)
-        num_kv_heads = _check_int('num_kv_heads', num_kv_heads)
-        if embed_dim % num_heads:
-            raise ValueError(f'embed_dim={embed_dim} must be divisible by num_heads={num_heads}')
-        if num_heads % num_kv_heads:
-            raise ValueError(f'num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}')
-        depth = _check_int('depth', depth)
-        hidden = depthwise_hidden_dims(depth, *_check_ints('hidden_dims', hidden_dims, length=2))
-        experts = experts_per_layer(depth, num_experts)
-        top_k = _check_int('top_k', top_k)
-        if top_k > min(experts):
-            raise ValueError(f'top_k={top_k} is larger than the smallest expert count {min(experts)} of {experts}')
-        if isinstance(expert_shared, str) or not isinstance(expert_shared, Sequence):
-            raise TypeError(f'expert_shared must be a pair of matrix names such as (\'v\', \'w2\'), got '
-                            f'{expert_shared!r}')
-        for name, rate in (('moe_drop_rate', moe_drop_rate), ('drop_rate', drop_rate),
-                           ('pos_drop_rate', pos_drop_rate), ('proj_drop_rate', proj_drop_rate),
-                           ('attn_drop_rate', attn_drop_rate), ('drop_path_rate', drop_path_rate)):
-            _check_rate(name, rate)
-        for name, value in (('moe_loss_weight', moe_loss_weight), ('moe_loss_coef', moe_loss_coef)):
-            _check_rate(name, value, upper=math.inf)
-        if not isinstance(noisy_gating, bool):
-            raise TypeError(f'noisy_gating must be True or False, got {noisy_gating!r}')
-        if norm_layer is not None and not callable(norm_layer):
-            raise TypeError(f'norm_layer must be a normalization layer class such as nn.LayerNorm, got {norm_layer!r}')
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f'dtype must be a floating-point torch.dtype, got {dtype!r}')
+        img_size, hidden, experts = _check_args(
+            img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth, num_heads, num_kv_heads,
+            hidden_dims, num_experts, top_k, expert_shared, noisy_gating, norm_layer, dtype,
+            rates=dict(moe_drop_rate=moe_drop_rate, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
+                       proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate),
+            weights=dict(moe_loss_weight=moe_loss_weight, moe_loss_coef=moe_loss_coef))
         norm_layer = norm_layer or nn.LayerNorm
 
         self.num_classes = num_classes
@@ -299,7 +248,7 @@ class MLiT(nn.Module):
         self.blocks = nn.Sequential(*[
             MLiTBlock(
                 embed_dim, num_heads, num_kv_heads, hidden[i], experts[i], top_k=top_k, expert_shared=expert_shared,
-                moe_impl=moe_impl, moe_drop=moe_drop_rate, moe_loss_coef=moe_loss_coef,
+                moe_impl=moe_impl, moe_drop_rate=moe_drop_rate, moe_loss_coef=moe_loss_coef,
                 moe_loss_weight=moe_loss_weight, noisy_gating=noisy_gating, proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
             )
@@ -346,18 +295,14 @@ class MLiT(nn.Module):
         self.head.train(self.training)
 
     @torch.jit.ignore
-    def moe_layers(self) -> List[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
-
-    @torch.jit.ignore
     def moe_loss(self) -> torch.Tensor:
         """Sum of the balance losses (eq. 12) of every MoE layer from the last training forward (unweighted)."""
-        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        if not losses:
-            return self.pos_embed.new_zeros(())
-        return torch.stack(losses).sum()
+        stats = moe_stats(self)
+        return self.pos_embed.new_zeros(()) if stats is None else stats.loss.to(self.pos_embed.dtype)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] to the tokens the blocks take, [B, 1 + L, C]: the patch embedding, the dummy patch's
+        embedding first, the positional embedding added (what the MAE encodes, masked)."""
         x = check_input_image(x, self.in_chans, self.img_size, self.patch_embed.proj.weight.dtype)
         x = self.patch_embed(x)  # [B, 144, C]
         dummy = x.new_zeros(x.shape[0], 1, x.shape[2])  # embedding of the all-zero dummy patch
@@ -392,7 +337,7 @@ class MLiT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
         B = x.shape[0]
-        x = self._embed(x)
+        x = self.forward_embed(x)
         if torch.jit.is_scripting() or not stop_early:
             blocks = self.blocks
         else:
@@ -434,7 +379,7 @@ class MLiT(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
+        x = self.forward_embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
@@ -454,21 +399,11 @@ class MLiT(nn.Module):
         return self.forward_head(x)
 
 
-def encoder_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The mLiT weights of a state dict: DDP / torch.compile prefixes removed (timm's clean_state_dict) and, for a
-    whole masked autoencoder (mae.py), only its encoder, with the `encoder.` prefix removed."""
-    state_dict = clean_state_dict(state_dict)
-    if any(k.startswith('encoder.') for k in state_dict):
-        state_dict = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
-    return state_dict
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MLiT) -> Dict[str, torch.Tensor]:
     """Adapt a state dict to `model`: unwrap train.py / MAE containers, resample the positional embedding to the
     model's grid, resample the patch projection to its patch size and adapt it to its channel count, and give a
     head-less encoder the model's own fresh head."""
-    state_dict = state_dict.get('model', state_dict)
-    state_dict = encoder_state_dict(state_dict.get('state_dict', state_dict))
+    state_dict = state_dict_of(state_dict)
 
     out = {}
     for k, v in state_dict.items():

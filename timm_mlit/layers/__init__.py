@@ -1,20 +1,13 @@
 from .attention import GroupedQueryAttention
+from .experts import EXPERT_SHARING, ExpertLinear, SwiGLUExperts
+from .gate import NoisyTopKGate, Routing, cv_squared, moe_balance_loss, prob_in_top_k, softmax_k, top_k_thresholds
 from .moe import (
-    EXPERT_SHARING,
     MOE_IMPLS,
     AddAuxiliaryLoss,
-    ExpertLinear,
     MoE,
     MoEStats,
-    NoisyTopKGate,
-    SwiGLUExperts,
     clear_moe_stats,
-    cv_squared,
     expert_shares,
-    moe_balance_loss,
     moe_stats,
     named_moe_layers,
-    prob_in_top_k,
-    softmax_k,
-    top_k_thresholds,
 )
