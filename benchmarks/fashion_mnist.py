@@ -50,6 +50,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from timm_mlit.cli import exit_on_error
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'train_configs')
 SCRATCH_CFG = os.path.join(CONFIGS, 'scratch', 'mlit_xxs_fashion_mnist.yaml')
@@ -109,9 +111,8 @@ BUDGETS = {
 }
 
 
-class BenchmarkError(SystemExit):
-    def __init__(self, msg: str):
-        super().__init__(f'fashion_mnist.py: error: {msg}')
+class BenchmarkError(ValueError):
+    """What stops the benchmark, in a sentence; `main` turns it into `fashion_mnist.py: error: ...`, status 1."""
 
 
 # ---------------------------------------------------------------- plan
@@ -713,6 +714,7 @@ def _parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@exit_on_error('fashion_mnist.py', (BenchmarkError,))
 def main(argv: Optional[Sequence[str]] = None, runner=subprocess_runner) -> int:
     args = _parse_args(argv)
     budget = BUDGETS['smoke' if args.smoke else args.budget]

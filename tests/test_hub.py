@@ -64,8 +64,19 @@ def _same_weights(model: torch.nn.Module, state_dict) -> bool:
     return sd.keys() == state_dict.keys() and all(torch.equal(sd[k], state_dict[k]) for k in sd)
 
 
+def _main(argv) -> int:
+    """hub.main as the console script runs it: its exit status, and an error's one line on stderr."""
+    try:
+        return hub.main(argv)
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # argparse's usage errors, --help, --version: as they are
+            raise
+        print(e.code, file=sys.stderr)
+        return 1
+
+
 def _publish(tmp: Path, checkpoint: Path, out: Path, *extra: str) -> int:
-    return hub.main([str(checkpoint), '--model', 'mlit_xxs', '--output-dir', str(out), *extra])
+    return _main([str(checkpoint), '--model', 'mlit_xxs', '--output-dir', str(out), *extra])
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -358,7 +369,7 @@ def test_overwrite_replaces_only_a_folder_that_timm_mlit_publish_wrote(kind, pub
 
 def test_unknown_model_and_bad_flags_are_clear_errors(tmp_path, capsys):
     checkpoint = _encoder_safetensors(tmp_path, _model(10))
-    assert hub.main([str(checkpoint), '--model', 'resnet18', '--output-dir', str(tmp_path / 'a')]) == 1
+    assert _main([str(checkpoint), '--model', 'resnet18', '--output-dir', str(tmp_path / 'a')]) == 1
     assert 'not an mLiT model' in capsys.readouterr().err
     assert _publish(tmp_path, checkpoint, tmp_path / 'b', '--tag', 'Bad Tag') == 1
     assert '--tag' in capsys.readouterr().err
@@ -406,7 +417,7 @@ def test_push_to_unreachable_hub_is_a_clear_error_naming_the_repo(tmp_path, monk
     monkeypatch.setattr(huggingface_hub.constants, 'ENDPOINT', 'http://127.0.0.1:9')  # nothing listens there
     folder = tmp_path / 'folder'
     folder.mkdir()
-    with pytest.raises(hub.PublishError, match=r"could not push .* repository 'me/mlit_xxs.test'.*Connect"):
+    with pytest.raises(hub.PushError, match=r"could not push .* repository 'me/mlit_xxs.test'.*Connect"):
         hub.push_folder(folder, 'me/mlit_xxs.test', token='hf_not_a_token')
 
 
@@ -731,6 +742,17 @@ def test_encoder_metadata_with_broken_model_kwargs_is_a_clear_error(tmp_path, ca
     err = capsys.readouterr().err
     assert 'model_kwargs' in err and str(path) in err and 'Traceback' not in err
 
+
+
+def test_publish_raises_an_ordinary_error_that_only_main_turns_into_an_exit(tmp_path):
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    with pytest.raises(ValueError, match=r"^--tag 'Bad Tag': use lower-case") as e:
+        hub.publish(checkpoint, 'mlit_xxs', tmp_path / 'out', tag='Bad Tag')
+    assert isinstance(e.value, hub.PublishError)
+    with pytest.raises(SystemExit) as e:
+        hub.main([str(checkpoint), '--model', 'mlit_xxs', '--output-dir', str(tmp_path / 'out'), '--tag', 'Bad Tag'])
+    assert str(e.value.code).startswith("timm-mlit-publish: error: --tag 'Bad Tag'") and '\n' not in e.value.code
+    assert issubclass(hub.PushError, RuntimeError) and not (tmp_path / 'out').exists()
 
 # ------------------------------------------------------------------------------- interrupted publishes
 

@@ -60,17 +60,25 @@ def test_the_scripts_exit_status_passes_through(scripts_dir, tmp_path):
 
 
 def test_missing_script_is_a_clear_error_naming_where_it_looked(scripts_dir):
-    with pytest.raises(SystemExit, match=r"'train.py' not found: .*pytorch-image-models/train.py") as e:
+    with pytest.raises(SystemExit, match=r"^timm-mlit-run: error: script 'train.py' not found: "
+                                         r".*pytorch-image-models/train.py") as e:
         main(['train.py'])
     assert e.value.code != 0
+
+
+def test_an_error_raised_by_the_script_itself_is_not_made_a_launcher_error(tmp_path):
+    script = tmp_path / 'fails.py'
+    script.write_text('open("/no/such/file")\n')
+    with pytest.raises(FileNotFoundError, match='/no/such/file'):
+        main([str(script)])
 
 
 def test_bare_name_without_timm_scripts_dir_says_to_set_it(monkeypatch, tmp_path):
     monkeypatch.delenv('TIMM_SCRIPTS_DIR', raising=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match='TIMM_SCRIPTS_DIR is not set'):
+    with pytest.raises(FileNotFoundError, match='TIMM_SCRIPTS_DIR is not set'):
         resolve_script('validate.py')
-    with pytest.raises(SystemExit, match='is not a directory'):
+    with pytest.raises(FileNotFoundError, match='is not a directory'):
         resolve_script('validate.py', scripts_dir=str(tmp_path / 'nowhere'))
 
 
@@ -195,12 +203,14 @@ from collections import OrderedDict
 import torch
 from timm import utils
 from timm.models import create_model
+from timm_mlit.layers import moe_stats, named_moe_layers
 
 out = sys.argv[1]
 torch.manual_seed(0)
 model = create_model('mlit_xxs', num_classes=3)
 ema = copy.deepcopy(model).train()  # a copy carries the hooks: it must not count
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
+layers = [name for name, _ in named_moe_layers(model)]
 own = []
 for epoch in range(2):
     model.train()
@@ -212,7 +222,8 @@ for epoch in range(2):
         opt.step()
         opt.zero_grad()
         losses.append(model.moe_loss().item())
-        shares.append([(m.last_load / m.last_load.sum()).tolist() for m in model.moe_layers()])
+        load = moe_stats(model).load
+        shares.append([(load[name] / load[name].sum()).tolist() for name in layers])
     model.eval()
     with torch.no_grad():
         model(torch.randn(4, 3, 36, 36))
@@ -222,7 +233,7 @@ for epoch in range(2):
     utils.update_summary(epoch, OrderedDict(loss=1.0), OrderedDict(top1=50.0), filename=os.path.join(out,
                          'summary.csv'), lr=0.1, write_header=epoch == 0)
 with open(os.path.join(out, 'own.json'), 'w') as f:
-    json.dump(dict(own=own, layers=[n for n, m in model.named_modules() if type(m).__name__ == 'MoE']), f)
+    json.dump(dict(own=own, layers=layers), f)
 '''
 
 

@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -30,9 +29,11 @@ from timm.models import get_pretrained_cfg, is_model, parse_model_name, split_mo
 from timm.utils import AverageMeter, accuracy, setup_default_logging
 
 import timm_mlit  # (registers the models)
+from timm_mlit.cli import HelpFormatter, exit_on_error
 from timm_mlit.data import DEBIAN_FASHION_MNIST
 
 _logger = logging.getLogger('timm_mlit')
+PROG = 'python -m timm_mlit'
 
 
 def cache_dir() -> Path:
@@ -58,17 +59,13 @@ _READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError)
 DOWNLOAD_TIMEOUT_S = 30.
 
 
-def _fail(msg: str):
-    sys.exit(f'python -m timm_mlit: error: {msg}')
-
-
 def _read_test_set(folder: Path, download: bool = False):
     return create_dataset('torch/fashion_mnist', root=str(folder), split='validation', download=download)
 
 
 def open_test_set(data_dir: Optional[str]):
-    """The Fashion-MNIST test split through timm's create_dataset, and the folder it came from; exits with what to
-    do when it is nowhere."""
+    """The Fashion-MNIST test split through timm's create_dataset, and the folder it came from; FileNotFoundError
+    (nowhere) or ValueError (unreadable) saying what to do."""
     get_it = (f'Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; it goes to '
               f'{DEBIAN_FASHION_MNIST}), or pass --data-dir to a folder holding t10k-images-idx3-ubyte[.gz] and '
               f't10k-labels-idx1-ubyte[.gz].')
@@ -76,7 +73,8 @@ def open_test_set(data_dir: Optional[str]):
         try:
             return _read_test_set(Path(data_dir)), Path(data_dir)
         except _READ_ERRORS as e:
-            _fail(f'no readable Fashion-MNIST test set in --data-dir {data_dir} ({type(e).__name__}: {e}). {get_it}')
+            raise ValueError(f'no readable Fashion-MNIST test set in --data-dir {data_dir} ({type(e).__name__}: {e}). '
+                             f'{get_it}') from e
     cache = cache_dir()
     for folder in (Path(DEBIAN_FASHION_MNIST), cache):
         if folder.is_dir():
@@ -85,8 +83,8 @@ def open_test_set(data_dir: Optional[str]):
             except FileNotFoundError:  # no idx files there (an earlier download that failed at once): go on
                 continue
             except _READ_ERRORS as e:  # e.g. a download cut short: say so, do not guess
-                _fail(f'the Fashion-MNIST files in {folder} cannot be read ({type(e).__name__}: {e}); remove them '
-                      f'to download again, or pass --data-dir. {get_it}')
+                raise ValueError(f'the Fashion-MNIST files in {folder} cannot be read ({type(e).__name__}: {e}); '
+                                 f'remove them to download again, or pass --data-dir. {get_it}') from e
     # torchvision's download, into the cache; its urlopen has no timeout of its own
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
@@ -94,8 +92,8 @@ def open_test_set(data_dir: Optional[str]):
         cache.mkdir(parents=True, exist_ok=True)
         return _read_test_set(cache, download=True), cache
     except Exception as e:  # no network, no permission, a mirror down, ...
-        _fail(f'the Fashion-MNIST test set is not in {DEBIAN_FASHION_MNIST} nor in {cache}, and could not be '
-              f'downloaded into {cache} ({type(e).__name__}: {e}). {get_it}')
+        raise FileNotFoundError(f'the Fashion-MNIST test set is not in {DEBIAN_FASHION_MNIST} nor in {cache}, and '
+                                f'could not be downloaded into {cache} ({type(e).__name__}: {e}). {get_it}') from e
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -105,33 +103,33 @@ def _is_fashion_mnist_classifier(cfg) -> bool:
 
 
 def check_model_name(model_name: str, shipped: List[str]):
-    """Exit unless `model_name` is an mLiT whose default (or named) weights classify Fashion-MNIST, from timm's
-    registry and pretrained cfgs alone: nothing is created or downloaded (`--model resnet18` would otherwise first
-    fetch resnet18's weights). A name with a source (hf-hub:, local-dir:) brings its cfg with the weights: it is
+    """Raise ValueError unless `model_name` is an mLiT whose default (or named) weights classify Fashion-MNIST, from
+    timm's registry and pretrained cfgs alone: nothing is created or downloaded (`--model resnet18` would otherwise
+    first fetch resnet18's weights). A name with a source (hf-hub:, local-dir:) brings its cfg with the weights: it is
     checked once loaded."""
     also = f'Fashion-MNIST classifiers shipped: {", ".join(shipped)}'
     try:
         source, name = parse_model_name(model_name)
     except (AssertionError, ValueError) as e:  # an unknown source prefix (timm 1.0.28 asserts)
-        _fail(f'cannot parse the model name {model_name!r} ({e}); {also}')
+        raise ValueError(f'cannot parse the model name {model_name!r} ({e}); {also}') from e
     if source:
         return
     arch, _ = split_model_name_tag(name)
     if not is_model(arch):
-        _fail(f'unknown model {model_name!r}; {also}')
+        raise ValueError(f'unknown model {model_name!r}; {also}')
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError as e:  # a tag the arch does not have
-        _fail(f'cannot load {model_name} with pretrained=True ({e}); {also}')
+        raise ValueError(f'cannot load {model_name} with pretrained=True ({e}); {also}') from e
     cfg = cfg.to_dict() if cfg is not None else {}
     weights = f'{arch}.{cfg.get("tag")}'
     if arch not in timm.list_models('mlit_*'):
-        _fail(f'{model_name} is not an mLiT model (its pretrained weights are {weights}); {also}')
+        raise ValueError(f'{model_name} is not an mLiT model (its pretrained weights are {weights}); {also}')
     if not (cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url')):
-        _fail(f'cannot load {model_name} with pretrained=True: no weights exist for {weights}; {also}')
+        raise ValueError(f'cannot load {model_name} with pretrained=True: no weights exist for {weights}; {also}')
     if not _is_fashion_mnist_classifier(cfg):
-        _fail(f'{model_name} with pretrained=True is {weights} ({cfg.get("num_classes")} classes), not a '
-              f'Fashion-MNIST classifier; {also}')
+        raise ValueError(f'{model_name} with pretrained=True is {weights} ({cfg.get("num_classes")} classes), not '
+                         f'a Fashion-MNIST classifier; {also}')
 
 
 def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch_size: int = 256,
@@ -143,18 +141,18 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
     try:
         model = timm.create_model(model_name, pretrained=True).eval()
     except Exception as e:  # weights not in the package nor reachable, a hub name that does not exist, ...
-        _fail(f'cannot load {model_name} with pretrained=True ({type(e).__name__}: {e}); '
-              f'Fashion-MNIST classifiers shipped: {", ".join(shipped)}')
+        raise ValueError(f'cannot load {model_name} with pretrained=True ({type(e).__name__}: {e}); '
+                         f'Fashion-MNIST classifiers shipped: {", ".join(shipped)}') from e
     cfg = model.pretrained_cfg
     if model.num_classes != 10 or not _is_fashion_mnist_classifier(cfg):
-        _fail(f'{model_name} with pretrained=True is {cfg.get("architecture")}.{cfg.get("tag")}, not a Fashion-MNIST '
-              f'classifier; Fashion-MNIST classifiers shipped: {", ".join(shipped)}')
+        raise ValueError(f'{model_name} with pretrained=True is {cfg.get("architecture")}.{cfg.get("tag")}, not a '
+                         f'Fashion-MNIST classifier; Fashion-MNIST classifiers shipped: {", ".join(shipped)}')
     labels = cfg['label_names']
     dataset, folder = open_test_set(data_dir)
     if limit > 0:  # (not a Subset: create_loader sets the transform on the dataset it is given)
         dataset.data, dataset.targets = dataset.data[:limit], dataset.targets[:limit]
     if len(dataset) == 0:
-        _fail(f'the Fashion-MNIST test set in {folder} has no images')
+        raise ValueError(f'the Fashion-MNIST test set in {folder} has no images')
     _logger.info(f'Fashion-MNIST test set: {len(dataset)} images from {folder}')
     loader = create_loader(dataset, batch_size=batch_size, is_training=False, num_workers=0, use_prefetcher=False,
                            device=torch.device('cpu'), **resolve_data_config({}, model=model))
@@ -190,18 +188,8 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
         per_class={name: 100. * float(h) / c for name, h, c in zip(labels, hits, counts) if c})
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each option's default after its help (a flag's False and a None, whose
-    help says what happens, are not shown)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m timm_mlit', description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--model', default='mlit_xxs',
                         help='an mLiT model (arch or arch.tag) whose pretrained weights classify Fashion-MNIST')
     parser.add_argument('--data-dir', default=None,
@@ -218,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    """The job: the evaluation's results (None with --list); an error ends it as `python -m timm_mlit: error: ...`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.root.handlers:  # (a caller that set up logging keeps its own)
@@ -227,7 +216,8 @@ def main(argv=None):
         return None
     if args.batch_size < 1 or args.limit < 0 or args.log_freq < 0:
         parser.error('--batch-size must be >= 1, --limit and --log-freq >= 0')
-    r = evaluate(args.model, args.data_dir, args.batch_size, args.limit, args.log_freq)
+    with exit_on_error(PROG):
+        r = evaluate(args.model, args.data_dir, args.batch_size, args.limit, args.log_freq)
     print(f'{r["model"]}: {r["params"]:,d} params, weights {r["weights"]}')
     print(f'Fashion-MNIST test ({r["data"]}): {r["images"]} images, top-1 {r["top1"]:.2f}%, '
           f'{r["img_s"]:.0f} images/s (model; {r["img_s_total"]:.0f} with data loading; batch {args.batch_size}, '

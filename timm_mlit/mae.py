@@ -6,7 +6,8 @@ Autoencoders Are Scalable Vision Learners", He et al., arXiv 2111.06377.
 Any registered mLiT is the encoder; it sees the dummy patch and the 25% of the patches that are kept. The decoder
 (Table 2, the same for every encoder size) is 4 mLiT blocks of width 108 fed by a bias-free projection of the
 encoder tokens, a mask token in place of each dropped patch and a fixed 2-D sin-cos positional embedding (§2.2:
-"we did not incorporate a separable learnable positional embeddings at the decoder's input"; MAE's fixed ones). A bias-free head predicts the pixels of every patch.
+"we did not incorporate a separable learnable positional embeddings at the decoder's input"; MAE's fixed ones).
+A bias-free head predicts the pixels of every patch.
 
 Loss (eq. 16): MSE over the masked patches + α·MSE over the kept patches + β·Σ MoE balance losses (eq. 12) of the
 encoder and decoder layers. The MoE layers are built without their own autograd hook (moe_loss_weight = 0), so

@@ -23,7 +23,6 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (
     DropPath,
     PatchEmbed,
-    register_notrace_function,
     resample_abs_pos_embed,
     resample_patch_embed,
     trunc_normal_,
@@ -39,8 +38,8 @@ from timm.models import (
 from timm.models._features import feature_take_indices  # private: timm (1.0.28 to 1.0.31) does not export it
 
 from ._checks import check_input_image, check_int, check_ints, check_rate
-from .checkpoint import encoder_state_dict, state_dict_of
 from ._weights import LABEL_NAMES, weights_source  # the cfgs of published weights, see default_cfgs
+from .checkpoint import encoder_state_dict, state_dict_of
 from .layers import GroupedQueryAttention, MoE, moe_stats
 
 __all__ = [

@@ -58,6 +58,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from .cli import HelpFormatter, exit_on_error
 from .data import MAEPretrainDataset
 from .engine import log_epoch, train_one_epoch
 from .files import atomic_write, check_writable_path, remove_stale_temporaries
@@ -174,7 +175,7 @@ def _parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                     'overrides its values')
     parser = argparse.ArgumentParser(
         prog='timm-mlit-pretrain', description='mmLiT masked-autoencoder pre-training', parents=[config_parser],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     for add in (_add_model_args, _add_data_args, _add_optimization_args, _add_run_args):
         add(parser)
@@ -466,13 +467,12 @@ def _export_only(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_default_logging()
     args = _parse_args(argv)
-    try:  # every error of the request, before anything is written: one line on stderr, status 1
+    # every error of the request (PretrainError, CheckpointError, the argument checks) before anything is written
+    with exit_on_error('timm-mlit-pretrain', (ValueError, FileNotFoundError)):
         _check_args(args)
         if args.export_only:
             return _export_only(args)
         run = _setup(args)
-    except (ValueError, FileNotFoundError) as e:  # PretrainError, CheckpointError, the argument checks
-        raise SystemExit(f'timm-mlit-pretrain: error: {e}') from None
 
     output_dir = _prepare_output(args, run)
     for epoch in range(run.start_epoch, run.num_epochs):

@@ -30,20 +30,15 @@ import sys
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, List, Optional, Sequence
 
+from .cli import exit_on_error
 from .plots import append_expert_load, truncate_csv
 
 __all__ = ['main', 'resolve_script', 'resolve_config_args', 'MoERecorder', 'SCRIPTS_DIR_ENV', 'EXPERT_LOAD_CSV']
 
+PROG = 'timm-mlit-run'
 SCRIPTS_DIR_ENV = 'TIMM_SCRIPTS_DIR'
 EXPERT_LOAD_CSV = 'expert_load.csv'
 _CONFIG_OPTION = re.compile(r"""['"]--config['"]""")
-
-
-class RunError(SystemExit):
-    """A clear, user-facing error: exits with the message on stderr and status 1."""
-
-    def __init__(self, msg: str):
-        super().__init__(f'timm-mlit-run: error: {msg}')
 
 
 def _version() -> str:
@@ -83,6 +78,9 @@ def resolve_script(script: str, scripts_dir: Optional[str] = None) -> str:
     Args:
         script: a path, or a bare name such as 'validate.py' or 'validate'.
         scripts_dir: where bare names are looked up; default $TIMM_SCRIPTS_DIR.
+
+    Raises:
+        FileNotFoundError: no such script; the message says where it looked and, for a bare name, what to set.
     """
     if os.path.isfile(script):
         return os.path.abspath(script)
@@ -105,7 +103,7 @@ def resolve_script(script: str, scripts_dir: Optional[str] = None) -> str:
         hint = f'; {SCRIPTS_DIR_ENV}={scripts_dir} is not a directory'
     else:
         hint = f' (in {SCRIPTS_DIR_ENV}={scripts_dir})'
-    raise RunError(f'script {script!r} not found: looked for {", ".join(looked)}{hint}')
+    raise FileNotFoundError(f'script {script!r} not found: looked for {", ".join(looked)}{hint}')
 
 
 def resolve_config_args(args: Sequence[str]) -> List[str]:
@@ -149,11 +147,11 @@ class MoERecorder:
     """The MoE balance loss and each MoE layer's expert shares of a model, per epoch, without touching the loop.
 
     `watch(model)` hooks the forward of the first model given that has MoE layers. After each of its forwards in
-    training mode the hook adds the sum of the layers' balance losses (`aux_loss`, eq. 12: what `MLiT.moe_loss()`
-    returns) and each layer's share of the routed tokens (its `last_load`, normalised), on the model's device and
-    without reading them back, so no step waits for the accelerator. `end_epoch(epoch, folder)` returns the mean loss
-    over those forwards, appends the mean shares to `folder/expert_load.csv` (columns epoch, layer, expert, share, as
-    timm-mlit-pretrain writes them) and starts the next epoch's sums.
+    training mode the hook adds what the layers recorded (`moe_stats`: the sum of their balance losses, eq. 12 of
+    arXiv 2407.17783, what `MLiT.moe_loss()` returns, and each layer's load as `expert_shares`), on the model's
+    device and without reading them back, so no step waits for the accelerator. `end_epoch(epoch, folder)` returns
+    the mean loss over those forwards, appends the mean shares to `folder/expert_load.csv` (columns epoch, layer,
+    expert, share, as timm-mlit-pretrain writes them) and starts the next epoch's sums.
     """
 
     def __init__(self):
@@ -167,33 +165,35 @@ class MoERecorder:
 
     def watch(self, model):
         """Hook `model` if it is the first model with MoE layers seen; return it."""
-        from .layers import MoE
+        import torch
+
+        from .layers import moe_stats, named_moe_layers
 
         if self.layer_names is not None:
             return model
-        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-        if not layers:
+        layer_names = [name for name, _ in named_moe_layers(model)]
+        if not layer_names:
             return model
-        self.layer_names = [name for name, _ in layers]
-        moes = [m for _, m in layers]
+        self.layer_names = layer_names
         recorder = self
 
         def hook(module, args, output):
             # a copy of the model (an EMA) carries this hook too; only the watched model counts
             if module is model and module.training:
-                recorder._record(moes)
+                with torch.no_grad():
+                    recorder._record(moe_stats(module))
 
         model.register_forward_hook(hook)
         return model
 
-    def _record(self, moes):
-        import torch
+    def _record(self, stats):
+        """Add one training forward's loss and shares; a forward in which a layer recorded nothing is skipped."""
+        from .layers import expert_shares
 
-        if any(m.aux_loss is None or m.last_load is None for m in moes):
+        if stats is None or any(name not in stats.load for name in self.layer_names):
             return
-        with torch.no_grad():
-            loss = torch.stack([m.aux_loss.detach().float() for m in moes]).sum()
-            shares = [m.last_load.float() / m.last_load.float().sum().clamp_min(1e-12) for m in moes]
+        loss = stats.loss.detach()
+        shares = [expert_shares(stats.load[name]) for name in self.layer_names]
         self._loss = loss if self._loss is None else self._loss + loss
         self._shares = shares if self._shares is None else [a + b for a, b in zip(self._shares, shares)]
         self.steps += 1
@@ -255,6 +255,13 @@ def _recording_moe(recorder: MoERecorder) -> Iterator[MoERecorder]:
         yield recorder
 
 
+def _resolve(argv: Sequence[str]) -> List[str]:
+    """[SCRIPT path, ARGS...] with a recipe name given to -c/--config made its path (for a script that has one)."""
+    path = resolve_script(argv[0])
+    args = list(argv[1:])
+    return [path] + (resolve_config_args(args) if _takes_config(path) else args)
+
+
 def main(argv: Optional[Sequence[str]] = None):
     """Run `argv[0]` as `__main__` with `argv[1:]` as its arguments. Its SystemExit (status) passes through."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -262,33 +269,27 @@ def main(argv: Optional[Sequence[str]] = None):
         print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == '--version':
-        print(f'timm-mlit-run {_version()}')
+        print(f'{PROG} {_version()}')
         return 0
     if argv[0] == '--list-recipes':
         from .recipes import list_recipes
         print('\n'.join(list_recipes()))
         return 0
-    path = resolve_script(argv[0])
-    args = argv[1:]
-    if _takes_config(path):
-        try:
-            args = resolve_config_args(args)
-        except FileNotFoundError as e:
-            raise RunError(str(e)) from None
+    with exit_on_error(PROG, (FileNotFoundError,)):  # only the launcher's own errors: the script's pass through
+        script_argv = _resolve(argv)
 
     import timm_mlit  # noqa: F401  (registers mlit_s, mlit_xs, mlit_xxs)
     import timm_mlit.data  # noqa: F401  (registers torch/svhn, torch/flowers102, the idx MNIST family)
 
     saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [path] + args
-    sys.path.insert(0, os.path.dirname(path))  # as `python SCRIPT` does: the script's folder comes first
+    sys.argv = script_argv
+    sys.path.insert(0, os.path.dirname(script_argv[0]))  # as `python SCRIPT` does: the script's folder comes first
     try:
         with _recording_moe(MoERecorder()):
-            runpy.run_path(path, run_name='__main__')
+            runpy.run_path(script_argv[0], run_name='__main__')
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())

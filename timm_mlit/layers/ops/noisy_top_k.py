@@ -28,8 +28,8 @@ class NoisyTopKFunction(torch.autograd.Function):
     """The training-mode noisy top-k gate (eq. 2-6) from its logits, with a hand-written backward.
 
     Autograd through eq. 2-6 records some 30 small nodes on [N, t] tensors, which in a small layer cost more than
-    the experts' matmuls; this computes the same values in a few passes. With σ = softplus(raw), H = clean + ε·σ, p = softmax of the k
-    largest H, u = (clean - Ψ) / σ (eq. 5-6) and dG including d(importance):
+    the experts' matmuls; this computes the same values in a few passes. With σ = softplus(raw), H = clean + ε·σ,
+    p = softmax of the k largest H, u = (clean - Ψ) / σ (eq. 5-6) and dG including d(importance):
 
         dH[chosen j] = p_j (dG_j - Σ_l p_l dG_l)              (the softmax of eq. 4)
         q            = φ(u) · d(load) / σ                       (load = Σ_N Φ(u), eq. 5, 10)
