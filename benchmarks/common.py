@@ -45,12 +45,16 @@ def write_results(out_dir: str, stem: str, meta: dict, rows: List[dict], columns
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f'{stem}.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    lines = [f"<!-- {json.dumps(meta)} -->", '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-    for row in rows:
-        lines.append('| ' + ' | '.join(_fmt(row.get(c, '')) for c in columns) + ' |')
-    text = '\n'.join(lines) + '\n'
+    table = markdown_table(columns, [[_fmt(row.get(c, '')) for c in columns] for row in rows])
+    text = f"<!-- {json.dumps(meta)} -->\n{table}\n"
     (out / f'{stem}.md').write_text(text)
     print(text)
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    """A markdown table of already formatted cells: the one layout of the result files and the README's tables."""
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
 
 
 def _fmt(v) -> str:

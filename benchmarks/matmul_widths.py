@@ -16,7 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_interleaved, write_results  # noqa: E402
 
+from timm_mlit.cli import exit_on_error  # noqa: E402
 
+
+@exit_on_error('matmul_widths.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rows', type=int, default=18560)

@@ -2,9 +2,10 @@
 
 For each model: batch-1 latency (eval), batch-256 throughput (eval), training-step images/s (forward, cross-entropy,
 backward, AdamW step) and the peak memory of a training step. Models:
-  * mlit_xxs / mlit_xs / mlit_s, and the 'loop' reference MoE of mlit_xxs (`--specs` also takes `name@sparse`: the
-    model with moe_impl='sparse' in inference too)
-  * each one made dense: num_experts=(1, 1, 1), top_k=1 (one SwiGLU expert of the same hidden size per layer)
+  * mlit_xxs / mlit_xs / mlit_s, and mlit_xxs with each MoE implementation forced (`name@<moe_impl>`: 'loop', the
+    reference; 'dense'; 'sparse', also in inference)
+  * each one with one expert (`name@one_expert`: num_experts=(1, 1, 1), top_k=1, one SwiGLU expert of the same
+    hidden size per layer, no routing)
   * a dense ViT of the same width and depth from timm's VisionTransformer (patch 3, MLP ratio 2)
   * small timm CNNs: resnet10t, mobilenetv3_small_050
 Timings are medians of interleaved repeats (all models take turns, so load on a shared machine hits them alike);
@@ -12,6 +13,8 @@ compare the ratios. Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU
 RSS during three training steps over the RSS before the first one (Linux /proc), in a fresh subprocess per model.
 
     python benchmarks/models.py --out benchmarks/results
+    python benchmarks/models.py --specs mlit_xxs mlit_xxs@dense mlit_xxs@sparse mlit_xxs@loop mlit_xxs@one_expert \
+        vit_twin@mlit_xxs resnet10t mobilenetv3_small_050 --repeats 7 --out benchmarks/results     # README's table
     python benchmarks/models.py --device cuda --amp-dtype bfloat16 --out benchmarks/results
 """
 import argparse
@@ -28,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_interleaved, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
+from timm_mlit.cli import exit_on_error  # noqa: E402
+from timm_mlit.layers import MOE_IMPLS  # noqa: E402
 
 VIT_TWINS = dict(mlit_xxs=(108, 9, 6), mlit_xs=(128, 12, 8), mlit_s=(144, 15, 8))
 
 
 def build(spec: str, num_classes: int = 100):
-    """`name`, `name@dense` (one expert per layer), `name@loop` / `name@sparse` (that moe_impl) or `vit_twin@name`."""
+    """`name`, `name@one_expert` (one expert per layer), `name@<moe_impl>` or `vit_twin@name`."""
     if spec.startswith('vit_twin@'):
         dim, depth, heads = VIT_TWINS[spec.split('@')[1]]
         return timm.create_model(
@@ -41,18 +46,21 @@ def build(spec: str, num_classes: int = 100):
             mlp_ratio=2.0, num_classes=num_classes)
     name, _, variant = spec.partition('@')
     kwargs = {}
-    if variant == 'dense':
+    if variant == 'one_expert':
         kwargs = dict(num_experts=(1, 1, 1), top_k=1)
-    elif variant in ('loop', 'sparse'):
+    elif variant in MOE_IMPLS:
         kwargs = dict(moe_impl=variant)
+    elif variant:
+        raise ValueError(f'unknown model variant {spec!r}: use name@one_expert or name@<moe_impl>, moe_impl one of '
+                         f'{", ".join(MOE_IMPLS)}')
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
 def default_specs(models):
     specs = []
     for name in models:
-        specs += [name, f'{name}@dense', f'vit_twin@{name}']
-    specs.insert(1, f'{models[0]}@loop')
+        specs += [name, f'{name}@one_expert', f'vit_twin@{name}']
+    specs[1:1] = [f'{models[0]}@{impl}' for impl in ('dense', 'sparse', 'loop')]
     return specs + ['resnet10t', 'mobilenetv3_small_050']
 
 
@@ -89,6 +97,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f'{field} not in /proc/self/status (Linux only)')
 
 
+@exit_on_error('models.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
@@ -150,15 +159,15 @@ def main(argv=None):
         print(row, flush=True)
     base = {r['model']: r for r in rows}
     for r in rows:
-        twin = base.get(r['model'] + '@dense') if '@' not in r['model'] else None
+        twin = base.get(r['model'] + '@one_expert') if '@' not in r['model'] else None
         if twin:
-            r['eval_vs_dense_twin'] = r['eval_img_s'] / twin['eval_img_s']
-            r['train_vs_dense_twin'] = r['train_img_s'] / twin['train_img_s']
+            r['eval_vs_one_expert'] = r['eval_img_s'] / twin['eval_img_s']
+            r['train_vs_one_expert'] = r['train_img_s'] / twin['train_img_s']
         ref = base.get(r['model'] + '@loop')
         if ref:
             r['eval_vs_loop'] = r['eval_img_s'] / ref['eval_img_s']
     columns = ['model', 'params', 'latency_b1_ms', 'eval_img_s', 'train_img_s', 'train_peak_mib',
-               'eval_vs_dense_twin', 'train_vs_dense_twin', 'eval_vs_loop']
+               'eval_vs_one_expert', 'train_vs_one_expert', 'eval_vs_loop']
     meta = dict(machine=machine(), device=args.device, amp_dtype=args.amp_dtype or 'float32', batch=args.batch,
                 train_batch=args.train_batch, torch=torch.__version__, timm=timm.__version__,
                 command='python benchmarks/models.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))

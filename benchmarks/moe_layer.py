@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_interleaved, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
+from timm_mlit.cli import exit_on_error  # noqa: E402
 from timm_mlit.layers.moe import MoE  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def layer_shapes(name: str):
     return seen
 
 
+@exit_on_error('moe_layer.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])

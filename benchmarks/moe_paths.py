@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_interleaved, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
+from timm_mlit.cli import exit_on_error  # noqa: E402
 from timm_mlit.layers import experts  # noqa: E402
 
 DISPATCH = {'paired': experts.MAX_EXPERTS_FOR_PAIRS, 'sorted': 0}  # MAX_EXPERTS_FOR_PAIRS for each dispatch
@@ -35,6 +36,7 @@ def train_step(model, x, target, opt, dispatch: str):
     return step
 
 
+@exit_on_error('moe_paths.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])

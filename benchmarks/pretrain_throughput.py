@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, sync, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
+from timm_mlit.cli import exit_on_error  # noqa: E402
 from timm_mlit.mae import MaskedAutoencoderMLiT  # noqa: E402
 
 
@@ -53,6 +54,7 @@ def random_resized_crop_flip(images: torch.Tensor, size: int, scale=(0.6, 1.0), 
     return (x - mean) / std
 
 
+@exit_on_error('pretrain_throughput.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])

@@ -1,5 +1,5 @@
-"""The benchmark scripts' own logic: the on-device augmentation of the pre-training benchmark, and a tiny run of
-each script that checks the files it writes."""
+"""The benchmark scripts' own logic: the model specs, the on-device augmentation of the pre-training benchmark, and
+a tiny run of each script that checks the files it writes."""
 import json
 import sys
 from pathlib import Path
@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from timm_mlit.layers import MOE_IMPLS
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import matmul_widths  # noqa: E402
+import models  # noqa: E402
 import moe_layer  # noqa: E402
 import pretrain_throughput  # noqa: E402
 
@@ -55,3 +58,32 @@ def test_matmul_width_benchmark_pairs_each_width_with_its_padded_one(tmp_path):
     assert [(r['width'], r['padded_width']) for r in rows] == [(30, 32), (31, 32), (32, 32), (33, 48)]
     same = next(r for r in rows if r['width'] == 32)
     assert same['ms'] == same['padded_ms'] and same['pad/plain'] == 1
+
+
+@pytest.mark.parametrize('impl', MOE_IMPLS)
+def test_a_spec_at_an_moe_impl_builds_the_model_with_that_impl(impl):
+    model = models.build(f'mlit_xxs@{impl}')
+    assert {blk.mlp.impl for blk in model.blocks} == {impl}
+
+
+def test_the_one_expert_spec_routes_nothing_and_an_unknown_variant_is_an_error():
+    model = models.build('mlit_xxs@one_expert')
+    assert {(blk.mlp.gate.num_experts, blk.mlp.gate.top_k) for blk in model.blocks} == {(1, 1)}
+    with pytest.raises(ValueError, match="unknown model variant 'mlit_xxs@fast'"):
+        models.build('mlit_xxs@fast')
+
+
+def test_default_specs_time_every_moe_impl_of_the_first_model_at_the_model_level():
+    specs = models.default_specs(['mlit_xxs', 'mlit_xs'])
+    assert {f'mlit_xxs@{impl}' for impl in ('dense', 'sparse', 'loop')} <= set(specs)
+    assert {'mlit_xxs@one_expert', 'mlit_xs@one_expert', 'vit_twin@mlit_xs'} <= set(specs)
+
+
+def test_models_benchmark_writes_each_spec_and_its_ratios(tmp_path):
+    models.main(['--specs', 'mlit_xxs', 'mlit_xxs@loop', 'mlit_xxs@one_expert', '--batch', '2', '--train-batch', '2',
+                 '--repeats', '1', '--no-memory', '--out', str(tmp_path)])
+    rows = {r['model']: r for r in json.loads((tmp_path / 'models_cpu_float32.json').read_text())['rows']}
+    assert list(rows) == ['mlit_xxs', 'mlit_xxs@loop', 'mlit_xxs@one_expert']
+    xxs = rows['mlit_xxs']
+    assert xxs['eval_vs_loop'] == pytest.approx(xxs['eval_img_s'] / rows['mlit_xxs@loop']['eval_img_s'])
+    assert xxs['train_vs_one_expert'] == pytest.approx(xxs['train_img_s'] / rows['mlit_xxs@one_expert']['train_img_s'])

@@ -139,8 +139,8 @@ def _expected_layer_scales(model, decay: float):
 
 
 def test_finetune_from_exported_encoder_loads_it_new_head_and_layer_decay_groups(image_folder, tmp_path):
+    from timm_mlit.checkpoint import export_encoder
     from timm_mlit.mae import MaskedAutoencoderMLiT
-    from timm_mlit.pretrain import export_encoder
 
     torch.manual_seed(123)  # an encoder train.py's own seed would not produce
     mae = MaskedAutoencoderMLiT(timm.create_model('mlit_xxs', num_classes=0, moe_loss_weight=0.))

@@ -1,0 +1,208 @@
+"""The README's performance tables, written from the committed benchmark results (benchmarks/results/*.json).
+
+Each table sits between `<!-- begin table: NAME -->` and `<!-- end table: NAME -->` in README.md and is replaced
+whole; the prose around them quotes no figure. After re-running a benchmark:
+
+    python benchmarks/readme_tables.py            # rewrite the tables of README.md in place
+    python benchmarks/readme_tables.py --check    # status 1 if a table is not what the results give
+
+tests/test_readme_performance.py runs the check, so a table that was not regenerated fails.
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table as _md  # noqa: E402
+
+from timm_mlit.cli import exit_on_error, fail  # noqa: E402
+from timm_mlit.files import atomic_write  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / 'benchmarks' / 'results'
+README = REPO / 'README.md'
+IMPLS = ('auto', 'dense', 'sparse', 'loop')
+# the models table's rows: 'auto' (the default), every other moe_impl, one expert, the ViT twin, two timm CNNs
+MODEL_ROWS = ['mlit_xxs', 'mlit_xxs@dense', 'mlit_xxs@sparse', 'mlit_xxs@loop', 'mlit_xxs@one_expert',
+              'vit_twin@mlit_xxs', 'resnet10t', 'mobilenetv3_small_050']
+MAX_LAYER_RATIO = 1.3  # the MoE layer's target: fwd+bwd at most this times its dense SwiGLU twin
+
+
+class ReadmeTableError(ValueError):
+    """A result file, a row of it or a README marker that a table needs is missing."""
+
+
+def _load(results: Path, stem: str) -> dict:
+    path = results / f'{stem}.json'
+    if not path.is_file():
+        raise ReadmeTableError(f'{path} is missing: run the benchmark that writes it (see its docstring)')
+    return json.loads(path.read_text())
+
+
+def _rows_by_model(data: dict, stem: str, needed: List[str]) -> Dict[str, dict]:
+    rows = {r['model']: r for r in data['rows']}
+    missing = [m for m in needed if m not in rows]
+    if missing:
+        raise ReadmeTableError(f'{stem}.json has no row for {", ".join(missing)}: re-run its benchmark with '
+                               f'--specs {" ".join(needed)} (its command was `{data["meta"]["command"]}`)')
+    return rows
+
+
+def _measured_by(meta: dict) -> str:
+    return f"Measured by `{meta['command']}` (torch {meta['torch']}, {meta['machine']})."
+
+
+def _rate(v: float) -> str:
+    return f'{v:.1f}' if v < 100 else f'{v:,.0f}'
+
+
+# ------------------------------------------------------------------------------------------------ the tables
+
+def _layer_shapes(results: Path, experts: int, mode: str) -> List[dict]:
+    data = _load(results, 'moe_layer_cpu_float32')
+    rows = [r for r in data['rows'] if r['experts'] == experts and r['mode'] == mode]
+    if not rows:
+        raise ReadmeTableError(f'moe_layer_cpu_float32.json has no {mode} row with {experts} experts')
+    return rows
+
+
+def layer_ranges(results: Path) -> str:
+    """Per expert count and mode, the range over the layer shapes of each impl's time / its SwiGLU twin's."""
+    data = _load(results, 'moe_layer_cpu_float32')
+    table = []
+    for experts in (3, 4, 5):
+        for mode in ('eval', 'train'):
+            rows = _layer_shapes(results, experts, mode)
+            cells = [f"{min(r[f'{i}/swiglu'] for r in rows):.2f}–{max(r[f'{i}/swiglu'] for r in rows):.2f}"
+                     for i in IMPLS]
+            table.append([f'{experts} experts', 'train (fwd+bwd)' if mode == 'train' else mode] + cells)
+    wide = [r for r in data['rows'] if r['experts'] > 5 and r['mode'] == 'train']
+    if wide:
+        label = ' / '.join(str(r['experts']) for r in wide) + f" experts ({wide[0]['model']} layer 0)"
+        table.append([label, 'train'] + [' / '.join(f"{r[f'{i}/swiglu']:.2f}" for r in wide) for i in IMPLS])
+    train = [r for r in data['rows'] if r['mode'] == 'train']
+    noise = max(abs(r['auto/swiglu'] - r['sparse/swiglu']) for r in train)
+    header = ['layers', 'mode'] + [f"`'{i}'`" + (' (reference)' if i == 'loop' else '') for i in IMPLS]
+    return (_measured_by(data['meta']) + '\n\n' + _md(header, table) + '\n\n'
+            + f"In training `'auto'` runs the same code as `'sparse'`: their largest difference in this run, "
+              f"{noise:.2f}, is the noise of the machine.")
+
+
+def _model_label(spec: str) -> str:
+    name, _, variant = spec.partition('@')
+    if name == 'vit_twin':
+        return f'dense ViT, the width and depth of {variant} (timm VisionTransformer, MLP ratio 2)'
+    if variant == 'one_expert':
+        return f'{name} with one expert per layer (`num_experts=(1, 1, 1), top_k=1`)'
+    if variant:
+        extra = {'sparse': ' (also in inference)', 'loop': ' (the reference)'}.get(variant, '')
+        return f"{name}, `moe_impl='{variant}'`{extra}"
+    return name if name.startswith('mlit') else f'{name} (timm)'
+
+
+def models_table(results: Path) -> str:
+    """mlit_xxs under each moe_impl, with one expert, its ViT twin and two timm CNNs, in MODEL_ROWS' order."""
+    data = _load(results, 'models_cpu_float32')
+    by_spec = _rows_by_model(data, 'models_cpu_float32', MODEL_ROWS)
+    header = ['model', 'params', 'latency b=1 (ms)', 'eval img/s', 'train img/s', 'train peak (MiB)']
+    rows = [[_model_label(s), f"{r['params']:,}", f"{r['latency_b1_ms']:.1f}", _rate(r['eval_img_s']),
+             _rate(r['train_img_s']), f"{r['train_peak_mib']:,.0f}"] for s, r in ((s, by_spec[s]) for s in MODEL_ROWS)]
+    return _measured_by(data['meta']) + '\n\n' + _md(header, rows)
+
+
+def targets_table(results: Path) -> str:
+    """The speed goals, each beside what the committed results measure and whether that meets it."""
+    layer = _load(results, 'moe_layer_cpu_float32')
+    models = _load(results, 'models_cpu_float32')
+    m = _rows_by_model(models, 'models_cpu_float32', ['mlit_xxs', 'mlit_xxs@loop', 'mlit_xxs@one_expert'])
+    xxs, loop, one = m['mlit_xxs'], m['mlit_xxs@loop'], m['mlit_xxs@one_expert']
+    shapes = [r for r in layer['rows'] if r['mode'] == 'train' and r['experts'] <= 5]
+    worst = max(shapes, key=lambda r: r['auto/swiglu'])
+    over = [r for r in shapes if r['auto/swiglu'] > MAX_LAYER_RATIO]
+
+    def verdict(ok: bool) -> str:
+        return 'met' if ok else 'missed'
+    eval_vs_loop, eval_vs_one = xxs['eval_img_s'] / loop['eval_img_s'], xxs['eval_img_s'] / one['eval_img_s']
+    train_vs_one = xxs['train_img_s'] / one['train_img_s']
+    rows = [
+        [f'MoE layer fwd+bwd ≤ {MAX_LAYER_RATIO}× the dense SwiGLU twin, every mLiT layer shape, CPU',
+         f"`'auto'` at most {worst['auto/swiglu']:.2f}× ({worst['model']}, hidden {worst['hidden']}, "
+         f"{worst['experts']} experts); over the target on {len(over)} of {len(shapes)} shapes", verdict(not over)],
+        ["mlit_xxs eval throughput ≥ 2× `'loop'`, batch 256, CPU",
+         f"{eval_vs_loop:.2f}× ({xxs['eval_img_s']:.0f} vs {loop['eval_img_s']:.0f} img/s); with one expert and no "
+         f"routing at all, {one['eval_img_s'] / loop['eval_img_s']:.2f}×", verdict(eval_vs_loop >= 2)],
+        ['mlit_xxs eval ≥ 0.8× itself with one expert',
+         f"{eval_vs_one:.2f}× ({xxs['eval_img_s']:.0f} vs {one['eval_img_s']:.0f} img/s)", verdict(eval_vs_one >= .8)],
+        ['mlit_xxs training step ≥ 0.65× itself with one expert',
+         f"{train_vs_one:.2f}× ({_rate(xxs['train_img_s'])} vs {_rate(one['train_img_s'])} img/s)",
+         verdict(train_vs_one >= .65)],
+        ['H100: mmLiT-XXS pre-training ≥ 30,000 img/s, input pipeline on the GPU',
+         'not measured (no GPU): `python benchmarks/pretrain_throughput.py --device cuda --amp-dtype bfloat16 '
+         '--batch 1280` measures it', 'open'],
+    ]
+    return _md(['target', 'measured', ''], rows)
+
+
+def paths_table(results: Path) -> str:
+    data = _load(results, 'moe_paths_cpu_float32')
+    rows = [[r['model'], _rate(r['paired_train_img_s']), _rate(r['sorted_train_img_s']), f"{r['paired_vs_sorted']:.3f}"]
+            for r in data['rows']]
+    return _measured_by(data['meta']) + '\n\n' + _md(
+        ['model', 'grouped by expert pair, train img/s', 'sorted by expert, train img/s', 'pair / sorted'], rows)
+
+
+def widths_table(results: Path) -> str:
+    """The matmul widths of mlit_xxs's fused projection beside the next multiple of 16."""
+    data = _load(results, 'matmul_widths_cpu')
+    by_width = {r['width']: r for r in data['rows']}
+    shown = [w for w in (27, 33, 40, 47, 54, 61) if w in by_width]
+    if not shown:
+        raise ReadmeTableError('matmul_widths_cpu.json has none of the widths 27..61 the README shows')
+    rows = [[str(w), f"{by_width[w]['ms']:.2f}", str(by_width[w]['padded_width']), f"{by_width[w]['padded_ms']:.2f}",
+             f"{by_width[w]['pad/plain']:.2f}"] for w in shown]
+    meta = data['meta']
+    return (_measured_by(meta) + f" {meta['rows']:,} rows of width {meta['dim']}.\n\n"
+            + _md(['output width', 'ms', 'padded to', 'ms', 'padded / plain'], rows))
+
+
+TABLES: Dict[str, Callable[[Path], str]] = {
+    'moe-layer-ranges': layer_ranges, 'models': models_table, 'speed-targets': targets_table,
+    'moe-paths': paths_table, 'matmul-widths': widths_table,
+}
+
+
+def render(text: str, results: Path = RESULTS) -> str:
+    """`text` (the README) with every table between its markers rewritten from `results`."""
+    for name, table in TABLES.items():
+        key = re.escape(name)
+        pattern = re.compile(rf'(<!-- begin table: {key} -->\n)(?:.*?\n)?(<!-- end table: {key} -->)', re.S)
+        if not pattern.search(text):
+            raise ReadmeTableError(f'README.md has no <!-- begin table: {name} --> ... <!-- end table: {name} --> '
+                                   'block')
+        body = table(results)
+        text = pattern.sub(lambda m: m.group(1) + body + '\n' + m.group(2), text)
+    return text
+
+
+@exit_on_error('readme_tables.py', (ReadmeTableError,))
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--check', action='store_true', help='only check that README.md is up to date')
+    parser.add_argument('--results', default=str(RESULTS), help='folder of the benchmark JSON files')
+    args = parser.parse_args(argv)
+    text = README.read_text()
+    new = render(text, Path(args.results))
+    if args.check:
+        if new != text:
+            fail('readme_tables.py', 'the tables of README.md are not what the results give; run '
+                                     'python benchmarks/readme_tables.py')
+        return 0
+    atomic_write(str(README), lambda f: f.write(new.encode()))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
