@@ -173,6 +173,7 @@ def _kwargs_argv(kwargs: Dict[str, object]) -> List[str]:
 def make_plan(budget: Budget, out: str, source_dir: str, scripts_dir: str, device: str = 'cpu', workers: int = 2,
               python: str = sys.executable) -> Plan:
     """Every stage of the comparison, in running order, with its full command line."""
+    # (one long function on purpose: the whole plan reads in one place, stage after stage in running order)
     out = os.path.abspath(out)
     scratch_cfg = read_yaml(SCRATCH_CFG)
     epochs = budget.epochs if budget.epochs is not None else int(scratch_cfg['epochs'])
@@ -459,6 +460,7 @@ class Orchestrator:
         return os.path.isfile(os.path.join(stage_dir(self.plan, stage), 'done.json'))
 
     def run_stage(self, index: int) -> dict:
+        # (long on purpose: a stage's life - skip if done, run or resume, watch, record - reads in one place)
         plan, stage = self.plan, self.plan.stages[index]
         d = stage_dir(plan, stage)
         n = len(plan.stages)

@@ -97,6 +97,32 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f'{field} not in /proc/self/status (Linux only)')
 
 
+def train_peak_mib(spec, model, x, target, opt, amp_dtype, device, args) -> float:
+    """Peak memory of a training step: CUDA's allocator peak, or on CPU the peak-RSS growth in a fresh process."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        train_step_fn(model, x, target, opt, amp_dtype, device)()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    out = subprocess.run(
+        [sys.executable, __file__, '--_worker', spec, '--train-batch', str(args.train_batch),
+         '--amp-dtype', args.amp_dtype], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])['peak_mib']
+
+
+def add_ratios(rows):
+    """Each model's eval and train rates over its one-expert twin's, and eval over its 'loop' reference's."""
+    base = {r['model']: r for r in rows}
+    for r in rows:
+        twin = base.get(r['model'] + '@one_expert') if '@' not in r['model'] else None
+        if twin:
+            r['eval_vs_one_expert'] = r['eval_img_s'] / twin['eval_img_s']
+            r['train_vs_one_expert'] = r['train_img_s'] / twin['train_img_s']
+        ref = base.get(r['model'] + '@loop')
+        if ref:
+            r['eval_vs_loop'] = r['eval_img_s'] / ref['eval_img_s']
+
+
 @exit_on_error('models.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,27 +171,10 @@ def main(argv=None):
         row = dict(model=s, params=sum(p.numel() for p in m.parameters()),
                    latency_b1_ms=lat[s] * 1e3, eval_img_s=args.batch / thr[s], train_img_s=args.train_batch / train[s])
         if not args.no_memory:
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats()
-                train_step_fn(m, xt, target, opts[s], amp_dtype, device)()
-                torch.cuda.synchronize()
-                row['train_peak_mib'] = torch.cuda.max_memory_allocated() / 2 ** 20
-            else:
-                out = subprocess.run(
-                    [sys.executable, __file__, '--_worker', s, '--train-batch', str(args.train_batch),
-                     '--amp-dtype', args.amp_dtype], capture_output=True, text=True, check=True).stdout
-                row['train_peak_mib'] = json.loads(out.strip().splitlines()[-1])['peak_mib']
+            row['train_peak_mib'] = train_peak_mib(s, m, xt, target, opts[s], amp_dtype, device, args)
         rows.append(row)
         print(row, flush=True)
-    base = {r['model']: r for r in rows}
-    for r in rows:
-        twin = base.get(r['model'] + '@one_expert') if '@' not in r['model'] else None
-        if twin:
-            r['eval_vs_one_expert'] = r['eval_img_s'] / twin['eval_img_s']
-            r['train_vs_one_expert'] = r['train_img_s'] / twin['train_img_s']
-        ref = base.get(r['model'] + '@loop')
-        if ref:
-            r['eval_vs_loop'] = r['eval_img_s'] / ref['eval_img_s']
+    add_ratios(rows)
     columns = ['model', 'params', 'latency_b1_ms', 'eval_img_s', 'train_img_s', 'train_peak_mib',
                'eval_vs_one_expert', 'train_vs_one_expert', 'eval_vs_loop']
     meta = dict(machine=machine(), device=args.device, amp_dtype=args.amp_dtype or 'float32', batch=args.batch,
