@@ -164,8 +164,12 @@ def widths_table(results: Path) -> str:
     rows = [[str(w), f"{by_width[w]['ms']:.2f}", str(by_width[w]['padded_width']), f"{by_width[w]['padded_ms']:.2f}",
              f"{by_width[w]['pad/plain']:.2f}"] for w in shown]
     meta = data['meta']
+    odd = [r for r in data['rows'] if r['width'] % 16]
+    summary = (f"Over all {len(odd)} measured widths that are not a multiple of 16, padding is faster at "
+               f"{sum(r['padded_ms'] < r['ms'] for r in odd)}, and the padded products take "
+               f"{sum(r['padded_ms'] for r in odd):.0f} ms against {sum(r['ms'] for r in odd):.0f} ms in all.")
     return (_measured_by(meta) + f" {meta['rows']:,} rows of width {meta['dim']}.\n\n"
-            + _md(['output width', 'ms', 'padded to', 'ms', 'padded / plain'], rows))
+            + _md(['output width', 'ms', 'padded to', 'ms', 'padded / plain'], rows) + '\n\n' + summary)
 
 
 TABLES: Dict[str, Callable[[Path], str]] = {

@@ -297,7 +297,7 @@ class MLiT(nn.Module):
     def moe_loss(self) -> torch.Tensor:
         """Sum of the balance losses (eq. 12) of every MoE layer from the last training forward (unweighted)."""
         stats = moe_stats(self)
-        return self.pos_embed.new_zeros(()) if stats is None else stats.loss.to(self.pos_embed.dtype)
+        return self.pos_embed.new_zeros((), dtype=torch.float32) if stats is None else stats.loss  # float32, as eq. 12
 
     def forward_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] to the tokens the blocks take, [B, 1 + L, C]: the patch embedding, the dummy patch's

@@ -77,7 +77,8 @@ def model_stats(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[str, 
     """Parameters, MACs and activations of one eval forward at batch 1 and `input_size` (C, H, W), the figures of a
     timm model card. MACs are FlopCounterMode's flops / 2. While measuring, attention runs on the math kernel, so
     that its two matmuls count (as matmuls) whatever kernel the model would use, and the MoE layers on their
-    'sparse' path: the compute of the experts each token is routed to, not the dense path's all-expert matmul."""
+    'sparse' path: the compute of the experts each token is routed to, not the dense path's all-expert matmul (with
+    a private W2, Table 9's third row, the layers have no sparse path and every expert's W2 counts)."""
     device = next(model.parameters()).device
     x = torch.rand(1, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
     was_training = model.training

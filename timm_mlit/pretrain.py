@@ -67,8 +67,10 @@ from .mlit import MLiT
 from .plots import truncate_csv
 from .recipes import resolve_recipe
 
-# train_one_epoch and export_encoder live in engine.py / checkpoint.py; importable from here as before
-__all__ = ['main', 'build_model', 'build_dataset', 'train_one_epoch', 'export_encoder', 'PretrainError']
+# train_one_epoch lives in engine.py, the checkpoint functions in checkpoint.py; importable from here as before
+load_checkpoint = load_pretrain_checkpoint
+__all__ = ['main', 'build_model', 'build_dataset', 'train_one_epoch', 'export_encoder', 'save_checkpoint',
+           'load_checkpoint', 'PretrainError']
 
 _logger = logging.getLogger(__name__)
 

@@ -82,7 +82,8 @@ class MoE(nn.Module):
       * 'loop': the gate through autograd (`NoisyTopKGate.forward_reference`) and `SwiGLUExperts.forward_loop`,
         each expert literally on its tokens. The reference.
       * 'dense': the gate's logits and the experts' input projections in one matmul, the private matrix run for
-        every expert and mixed with G (`SwiGLUExperts.mix`); fixed shapes, for torch.compile, export and GPUs.
+        every expert and mixed with G (`SwiGLUExperts.mix`); fixed shapes: torch.compile, export, GPUs, and CPU
+        inference with few experts.
       * 'sparse': the same, with the private W or V run only for each token's chosen experts (`ops`).
       * 'auto' (default): `_auto_impl`.
 
