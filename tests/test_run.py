@@ -214,7 +214,7 @@ layers = [name for name, _ in named_moe_layers(model)]
 own = []
 for epoch in range(2):
     model.train()
-    losses, shares = [], []
+    losses, loads = [], []
     for step in range(3):
         ema(torch.randn(4, 3, 36, 36))  # were it counted, it would count the model's layers' previous values
         loss = model(torch.randn(4, 3, 36, 36)).logsumexp(-1).mean()
@@ -223,13 +223,12 @@ for epoch in range(2):
         opt.zero_grad()
         losses.append(model.moe_loss().item())
         load = moe_stats(model).load
-        shares.append([(load[name] / load[name].sum()).tolist() for name in layers])
+        loads.append([load[name] for name in layers])
     model.eval()
     with torch.no_grad():
         model(torch.randn(4, 3, 36, 36))
     own.append(dict(moe_loss=sum(losses) / len(losses),
-                    shares=[[sum(s[layer][j] for s in shares) / len(shares) for j in range(len(shares[0][layer]))]
-                            for layer in range(len(shares[0]))]))
+                    shares=[(total / total.sum()).tolist() for total in (sum(ld) for ld in zip(*loads))]))
     utils.update_summary(epoch, OrderedDict(loss=1.0), OrderedDict(top1=50.0), filename=os.path.join(out,
                          'summary.csv'), lr=0.1, write_header=epoch == 0)
 with open(os.path.join(out, 'own.json'), 'w') as f:

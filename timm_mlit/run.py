@@ -148,10 +148,11 @@ class MoERecorder:
 
     `watch(model)` hooks the forward of the first model given that has MoE layers. After each of its forwards in
     training mode the hook adds what the layers recorded (`moe_stats`: the sum of their balance losses, eq. 12 of
-    arXiv 2407.17783, what `MLiT.moe_loss()` returns, and each layer's load as `expert_shares`), on the model's
-    device and without reading them back, so no step waits for the accelerator. `end_epoch(epoch, folder)` returns
-    the mean loss over those forwards, appends the mean shares to `folder/expert_load.csv` (columns epoch, layer,
-    expert, share, as timm-mlit-pretrain writes them) and starts the next epoch's sums.
+    arXiv 2407.17783, what `MLiT.moe_loss()` returns, and each layer's load), on the model's device and without
+    reading them back, so no step waits for the accelerator. `end_epoch(epoch, folder)` returns the mean loss over
+    those forwards, appends each expert's share of its layer's load summed over the epoch to
+    `folder/expert_load.csv` (columns epoch, layer, expert, share: what timm-mlit-pretrain writes) and starts the
+    next epoch's sums.
     """
 
     def __init__(self):
@@ -161,7 +162,7 @@ class MoERecorder:
     def _start(self):
         self.steps = 0
         self._loss = None
-        self._shares = None
+        self._loads = None
 
     def watch(self, model):
         """Hook `model` if it is the first model with MoE layers seen; return it."""
@@ -187,15 +188,13 @@ class MoERecorder:
         return model
 
     def _record(self, stats):
-        """Add one training forward's loss and shares; a forward in which a layer recorded nothing is skipped."""
-        from .layers import expert_shares
-
+        """Add one training forward's loss and loads; a forward in which a layer recorded nothing is skipped."""
         if stats is None or any(name not in stats.load for name in self.layer_names):
             return
         loss = stats.loss.detach()
-        shares = [expert_shares(stats.load[name]) for name in self.layer_names]
+        loads = [stats.load[name].float() for name in self.layer_names]
         self._loss = loss if self._loss is None else self._loss + loss
-        self._shares = shares if self._shares is None else [a + b for a, b in zip(self._shares, shares)]
+        self._loads = loads if self._loads is None else [a + b for a, b in zip(self._loads, loads)]
         self.steps += 1
 
     def end_epoch(self, epoch: int, folder: Optional[str] = None) -> Optional[float]:
@@ -206,8 +205,10 @@ class MoERecorder:
         if self.steps == 0:
             self._start()
             return math.nan
+        from .layers import expert_shares
+
         loss = (self._loss / self.steps).item()
-        shares = [(s / self.steps).cpu().tolist() for s in self._shares]
+        shares = [expert_shares(load).cpu().tolist() for load in self._loads]
         if folder is not None:
             append_expert_load(os.path.join(folder, EXPERT_LOAD_CSV), epoch, dict(zip(self.layer_names, shares)))
         self._start()
