@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Run timm's own per-model test suite (tests/test_models.py) against the mlit_* models.
+# Run timm's own per-model test suite (tests/test_models.py) against the mlit_* and mobile_vmoe_* models.
 #
 # The test file is not in the timm wheel, so it is taken from the sdist of the *installed* timm version
-# (downloaded once into a cache dir), patched so that 'mlit_*' is treated like timm's other
+# (downloaded once into a cache dir), patched so that 'mlit_*' and 'mobile_vmoe_*' are treated like timm's other
 # transformer models (added to NON_STD_FILTERS: no features_only / spatial-feature checks), and run with
 # `-p timm_mlit` so the models are registered before pytest collects the parametrized tests.
 #
@@ -42,7 +42,7 @@ if [ ! -s "$SDIST" ]; then
 fi
 
 # NOTE pytest's -k matches parent node names too (the folders below the rootdir), so no folder name
-# under WORK may contain 'mlit', or every test would be selected.
+# under WORK may contain 'mlit' or 'mobile_vmoe', or every test would be selected.
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/timm-model-tests.XXXXXX")"
 cleanup() { if [ "${KEEP_TMP:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi; }
 trap cleanup EXIT
@@ -78,15 +78,16 @@ line = lines[node.lineno - 1]
 col = len(line.encode('utf-8')[:node.col_offset].decode('utf-8'))  # ast offsets are utf-8 byte offsets
 if line[col] != '[':
     sys.exit(f'error: unexpected NON_STD_FILTERS layout at line {node.lineno}: {line!r}')
-lines[node.lineno - 1] = line[:col + 1] + "'mlit_*', " + line[col + 1:]
+lines[node.lineno - 1] = line[:col + 1] + "'mlit_*', 'mobile_vmoe_*', " + line[col + 1:]
 patched = ''.join(lines)
 
 check = [n.value for n in ast.parse(patched).body
          if isinstance(n, ast.Assign) and any(getattr(t, 'id', None) == 'NON_STD_FILTERS' for t in n.targets)]
-if 'mlit_*' not in ast.literal_eval(check[0]):
+if not {'mlit_*', 'mobile_vmoe_*'} <= set(ast.literal_eval(check[0])):
     sys.exit('error: patching NON_STD_FILTERS failed')
 with open(dest, 'w', encoding='utf-8') as f:
-    f.write('# Extracted from the timm sdist by .ci/timm_model_tests.sh; patched: NON_STD_FILTERS += mlit_*\n')
+    f.write('# Extracted from the timm sdist by .ci/timm_model_tests.sh; patched: NON_STD_FILTERS += mlit_*, '
+            'mobile_vmoe_*\n')
     f.write(patched)
 print(f'patched NON_STD_FILTERS (line {node.lineno}) of {members[0].name}', file=sys.stderr)
 PY
@@ -109,7 +110,7 @@ markers =
 INI
 
 # pytest keeps only the last -k, so fold any -k given by the caller into ours instead of letting it replace it
-KEXPR="mlit"
+KEXPR="(mlit or mobile_vmoe)"
 ARGS=()
 while [ "$#" -gt 0 ]; do
     case "$1" in
@@ -125,5 +126,5 @@ set +e
 rc=$?
 set -e
 # pytest exit code 5: nothing collected, i.e. no mlit_* model was registered
-[ "$rc" -ne 5 ] || echo "timm_model_tests.sh: no tests selected: are mlit_* models registered by timm_mlit?" >&2
+[ "$rc" -ne 5 ] || echo "timm_model_tests.sh: no tests selected: are the mlit_* / mobile_vmoe_* models registered by timm_mlit?" >&2
 exit "$rc"

@@ -133,6 +133,7 @@ class MLiTBlock(nn.Module):
             moe_loss_coef: float = 1e-2,
             moe_loss_weight: float = 1.0,
             noisy_gating: bool = True,
+            moe_routing: str = 'token',
             proj_drop: float = 0.,
             attn_drop: float = 0.,
             drop_path: float = 0.,
@@ -147,6 +148,7 @@ class MLiTBlock(nn.Module):
         self.mlp = MoE(
             dim, hidden_dim, num_experts, top_k=top_k, expert_shared=expert_shared, drop_rate=moe_drop_rate,
             impl=moe_impl, loss_coef=moe_loss_coef, loss_weight=moe_loss_weight, noisy_gating=noisy_gating,
+            routing=moe_routing,
         )
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -180,6 +182,7 @@ class MLiT(nn.Module):
             moe_loss_coef: float = 1e-2,
             moe_drop_rate: float = 0.1,
             noisy_gating: bool = True,
+            moe_routing: str = 'token',
             drop_rate: float = 0.,
             pos_drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
@@ -210,6 +213,9 @@ class MLiT(nn.Module):
             moe_loss_coef: w of the balance loss w·(CV²(importance) + CV²(load)).
             moe_drop_rate: dropout on the MoE output (0.1 in the paper).
             noisy_gating: add the trainable gate noise in training (eq. 3).
+            moe_routing: 'token' (the paper: every token routed on its own) or 'image' (Mobile V-MoE's per-image
+                routing, arXiv 2309.04354: each MoE layer routes an image from its dummy token, as the layer's input
+                norm left it, and all its tokens follow; per layer, since the layers' expert counts differ).
             drop_rate: dropout before the head.
             pos_drop_rate: dropout after adding the positional embedding.
             proj_drop_rate: dropout after the attention projection.
@@ -248,7 +254,8 @@ class MLiT(nn.Module):
             MLiTBlock(
                 embed_dim, num_heads, num_kv_heads, hidden[i], experts[i], top_k=top_k, expert_shared=expert_shared,
                 moe_impl=moe_impl, moe_drop_rate=moe_drop_rate, moe_loss_coef=moe_loss_coef,
-                moe_loss_weight=moe_loss_weight, noisy_gating=noisy_gating, proj_drop=proj_drop_rate,
+                moe_loss_weight=moe_loss_weight, noisy_gating=noisy_gating, moe_routing=moe_routing,
+                proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
             )
             for i in range(depth)])

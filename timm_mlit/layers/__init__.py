@@ -1,8 +1,11 @@
 from .attention import GroupedQueryAttention
 from .experts import EXPERT_SHARING, ExpertLinear, SwiGLUExperts
 from .gate import NoisyTopKGate, Routing, cv_squared, moe_balance_loss, prob_in_top_k, softmax_k, top_k_thresholds
+from .image_gate import ImageRouter, per_token
+from .mlp_experts import MlpExperts
 from .moe import (
     MOE_IMPLS,
+    MOE_ROUTINGS,
     AddAuxiliaryLoss,
     MoE,
     MoEStats,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .experts import SwiGLUExperts
 from .gate import NoisyTopKGate, Routing, moe_balance_loss
+from .image_gate import ImageRouter, per_token
 
 __all__ = [
     'MOE_IMPLS', 'MoE', 'AddAuxiliaryLoss', 'MoEStats', 'named_moe_layers', 'moe_stats', 'clear_moe_stats',
@@ -22,6 +23,7 @@ __all__ = [
 ]
 
 MOE_IMPLS = ('auto', 'loop', 'dense', 'sparse')
+MOE_ROUTINGS = ('token', 'image')
 
 
 def _is_fx_symbolic_tracing() -> bool:
@@ -77,6 +79,9 @@ class MoE(nn.Module):
     """The MoE feed-forward layer of mLiT: noisy top-k gate, SwiGLU experts with shared matrices, dropout.
 
     Tokens [B, N, m] are flattened to [B·N, m] and routed independently. y = Σ_i G(x)_i · E_i(x) (eq. 1).
+    With `routing='image'` (Mobile V-MoE's per-image routing, arXiv 2309.04354 §2.2, crossed with mLiT) the gate
+    routes each image from its first token (mLiT's dummy patch, as the layer's input norm left it) and every token
+    of the image follows that choice (`layers.per_token`); the balance loss then balances images.
 
     Implementations (`impl`), all equal to float tolerance:
       * 'loop': the gate through autograd (`NoisyTopKGate.forward_reference`) and `SwiGLUExperts.forward_loop`,
@@ -104,11 +109,15 @@ class MoE(nn.Module):
             loss_coef: float = 1e-2,
             loss_weight: float = 1.0,
             noisy_gating: bool = True,
+            routing: str = 'token',
     ):
         super().__init__()
         if impl not in MOE_IMPLS:
             raise ValueError(f'unknown moe_impl {impl!r}; choose one of {MOE_IMPLS}')
+        if routing not in MOE_ROUTINGS:
+            raise ValueError(f'unknown moe_routing {routing!r}; choose one of {MOE_ROUTINGS}')
         self.impl = impl
+        self.routing = routing
         self.loss_coef = loss_coef
         self.loss_weight = loss_weight
         self.gate = NoisyTopKGate(dim, num_experts, top_k, noisy=noisy_gating)
@@ -125,18 +134,27 @@ class MoE(nn.Module):
             impl = 'dense'
             if not torch.jit.is_scripting():
                 impl = self._auto_impl(x)
+        per_image = self.routing == 'image'
         if impl == 'loop':
-            routing = self.gate.forward_reference(x)
+            if per_image:
+                routing = per_token(self.gate.forward_reference(x.reshape(shape)[:, 0]), shape[1])
+            else:
+                routing = self.gate.forward_reference(x)
             y = self.experts.forward_loop(x, routing.gates)
         else:
             sparse = impl == 'sparse'
             weights, biases, sizes = self.experts.projections(sparse)
-            # the gate's own [m, 2t] matmul is too narrow to run fast: its logits ride along with the experts'
-            gate_w = self.gate.logit_weight()
-            parts = _fused_linear(x, weights + [gate_w], biases + [gate_w.new_zeros(self.gate.num_logits)],
-                                  sizes + [self.gate.num_logits])
-            routing = self.gate(x, parts[-1])
-            y = self.experts.mix(x, parts[:-1], routing, sparse)
+            if per_image:
+                parts = _fused_linear(x, weights, biases, sizes)
+                routing = per_token(self.gate(x.reshape(shape)[:, 0]), shape[1])
+            else:
+                # the gate's own [m, 2t] matmul is too narrow to run fast: its logits ride along with the experts'
+                gate_w = self.gate.logit_weight()
+                parts = _fused_linear(x, weights + [gate_w], biases + [gate_w.new_zeros(self.gate.num_logits)],
+                                      sizes + [self.gate.num_logits])
+                routing = self.gate(x, parts[-1])
+                parts = parts[:-1]
+            y = self.experts.mix(x, parts, routing, sparse)
         y = self.drop(y).reshape(shape)
         if self.training and not torch.jit.is_scripting():
             y = self._keep_loss(y, routing)
@@ -173,9 +191,10 @@ class MoEStats(NamedTuple):
     load: Dict[str, torch.Tensor]  # layer name -> its load (eq. 10; token counts without noise), detached, [t]
 
 
-def named_moe_layers(model: nn.Module) -> List[Tuple[str, MoE]]:
-    """The MoE layers of `model` with their module names, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+def named_moe_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The modules of `model` that record an MoE balance loss and load (`MoE` layers, and the `ImageRouter` of a
+    Mobile V-MoE, whose one routing serves all its MoE layers), with their module names, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (MoE, ImageRouter))]
 
 
 def moe_stats(model: nn.Module) -> Optional[MoEStats]:

@@ -1,0 +1,271 @@
+""" Mobile V-MoE: a ViT whose last layers are mixtures of MLP experts, routed per image
+
+"Mobile V-MoEs: Scaling Down Vision Transformers via Sparse Mixture-of-Experts", E. Daxberger et al.,
+arXiv 2309.04354 (https://arxiv.org/abs/2309.04354). No public code of the paper exists; this is timm's
+VisionTransformer with the MLP of its last `moe_layers` blocks replaced by `num_experts` MLP experts
+(`layers.MlpExperts`), and one router (`layers.ImageRouter`) that picks `top_k` experts per image.
+
+Decisions where the paper is silent (also in the README):
+  * What the router reads: the class token at the input of the first MoE layer, i.e. after that block's attention
+    and its pre-MLP norm (`norm2`), the one vector per image that has seen the 12 - L dense layers (the paper's
+    ablation: the router "gets information from the 12 - L ViT layers"). Its choice holds for every token of the
+    image in all L MoE layers, so an image touches k experts per MoE layer and nothing else.
+  * Combine weights: the chosen experts' softmax probabilities over all E, not renormalised (V-MoE's way; see
+    `layers.image_gate`), so that an end-to-end router learns from the classification loss even at k = 1.
+  * Balance: the router's balance loss (mLiT's w·(CV²(importance) + CV²(load)) over the batch's images, w = 1e-2)
+    stays on beside the super-class loss (`timm_mlit.task`), so that super-class and end-to-end training differ by
+    the super-class term alone; at 1e-2 against λ = 0.3 it does not compete with it.
+
+Models: `mobile_vmoe_vit_tiny_patch16_224` is the paper's setting (ViT-Tiny: 12 layers, 192 wide, 224x224, patch 16;
+MoE in the last L = 2 layers, E = 10, k = 1); `mobile_vmoe_vit_xxs_patch3_36` has mLiT-XXS's input, patch, width and
+depth (36x36, 3x3 patches, 108 wide, 9 layers, 6 heads, MLP ratio 2) for small datasets. `moe_layers=0` gives the
+dense twin of either (the same ViT without MoE: timm's VisionTransformer with the same arguments, weights
+interchangeable); `num_experts` and `top_k` are model kwargs. mLiT with per-image routing is
+`mlit_*(moe_routing='image')`.
+"""
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import Mlp
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # private: timm (1.0.28 to 1.0.31) does not export it
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from torch.jit import Final
+
+from ._checks import check_int, check_rate
+from .layers import ImageRouter, MlpExperts, Routing
+
+__all__ = ['MobileVMoE', 'MobileVMoEBlock', 'image_routers']
+
+
+class MobileVMoEBlock(Block):
+    """timm's ViT `Block`, passing the image-level routing along: the first MoE block owns the router and routes
+    from its normed class token; every MoE block mixes its experts with that routing; dense blocks pass it on.
+
+    `depth` is the block's index (timm's VisionTransformer passes it); blocks from `first_moe_block` on are MoE.
+    """
+    is_moe: Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            depth: int = 0,
+            first_moe_block: int = 0,
+            num_experts: int = 10,
+            top_k: int = 1,
+            moe_loss_coef: float = 1e-2,
+            moe_loss_weight: float = 1.0,
+            mlp_layer=Mlp,
+            **kwargs,
+    ):
+        is_moe = depth >= first_moe_block
+        if is_moe:
+            mlp_layer = partial(MlpExperts, num_experts=num_experts)
+        super().__init__(dim, num_heads, mlp_layer=mlp_layer, depth=depth, **kwargs)
+        self.is_moe = is_moe
+        self.router = ImageRouter(
+            dim, num_experts, top_k, loss_coef=moe_loss_coef, loss_weight=moe_loss_weight,
+            device=kwargs.get('device'), dtype=kwargs.get('dtype')) if depth == first_moe_block else None
+
+    def forward(self, x: torch.Tensor, routing: Optional[Routing] = None) -> Tuple[torch.Tensor, Optional[Routing]]:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        h = self.norm2(x)
+        if self.router is not None:
+            routing = self.router(h[:, 0])  # the class token at the input of the first MoE layer
+        if self.is_moe:
+            if routing is None:
+                raise RuntimeError('an MoE block got no routing: the first MoE block must run first')
+            y = self.mlp(h, routing)
+        else:
+            y = self.mlp(h)
+        x = x + self.drop_path2(self.ls2(y))
+        if self.router is not None:
+            x = self.router.keep_loss(x)
+        return x, routing
+
+
+def _check_moe_args(depth: int, moe_layers: int, num_experts: int, top_k: int, moe_loss_coef: float,
+                    moe_loss_weight: float):
+    depth = check_int('depth', depth)
+    moe_layers = check_int('moe_layers', moe_layers, minimum=0)
+    if moe_layers > depth:
+        raise ValueError(f'moe_layers={moe_layers} is more than the model\'s {depth} layers')
+    num_experts = check_int('num_experts', num_experts)
+    top_k = check_int('top_k', top_k)
+    if top_k > num_experts:
+        raise ValueError(f'top_k={top_k} is larger than num_experts={num_experts}: a router picks k of E experts')
+    check_rate('moe_loss_coef', moe_loss_coef, upper=float('inf'))
+    check_rate('moe_loss_weight', moe_loss_weight, upper=float('inf'))
+
+
+class MobileVMoE(VisionTransformer):
+    """A timm VisionTransformer whose last `moe_layers` blocks are per-image mixtures of MLP experts (module
+    docstring). Every VisionTransformer argument is accepted; `block_fn` is this model's own."""
+
+    def __init__(
+            self,
+            depth: int = 12,
+            moe_layers: int = 2,
+            num_experts: int = 10,
+            top_k: int = 1,
+            moe_loss_coef: float = 1e-2,
+            moe_loss_weight: float = 1.0,
+            **kwargs,
+    ):
+        """
+        Args:
+            depth: number of blocks.
+            moe_layers: the last this many blocks are MoE (L; 2 in the paper); 0 gives the dense ViT.
+            num_experts: experts per MoE layer (E; 10 in the paper); with super-class routing, one per super-class.
+            top_k: experts per image (k; 1 or 2 in the paper).
+            moe_loss_coef: w of the router's balance loss w·(CV²(importance) + CV²(load)) over the batch's images.
+            moe_loss_weight: weight with which that loss reaches the gradients (0: recorded only).
+            **kwargs: timm VisionTransformer arguments (img_size, patch_size, embed_dim, num_heads, mlp_ratio, ...).
+        """
+        _check_moe_args(depth, moe_layers, num_experts, top_k, moe_loss_coef, moe_loss_weight)
+        if 'block_fn' in kwargs:
+            raise ValueError('MobileVMoE builds its own blocks; block_fn cannot be given')
+        if kwargs.get('class_token') is False and moe_layers:
+            raise ValueError('the router reads the class token: class_token=False needs moe_layers=0')
+        block_fn = partial(
+            MobileVMoEBlock, first_moe_block=depth - moe_layers, num_experts=num_experts, top_k=top_k,
+            moe_loss_coef=moe_loss_coef, moe_loss_weight=moe_loss_weight)
+        super().__init__(depth=depth, block_fn=block_fn, **kwargs)
+        # a ModuleList, not timm's Sequential: the blocks pass (x, routing) along, which a Sequential cannot call
+        # (TorchScript compiles every submodule's forward); the names stay blocks.<i>
+        self.blocks = nn.ModuleList(self.blocks)
+        self.moe_layers = moe_layers
+        self.num_experts = num_experts if moe_layers else 0
+        self.top_k = top_k
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        routing: Optional[Routing] = None  # set by the first MoE block, read by the others
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, routing = checkpoint(blk, x, routing)
+            else:
+                x, routing = blk(x, routing)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates (timm's VisionTransformer.forward_intermediates, without its
+        attention-mask and dict options).
+
+        Args:
+            x: input images.
+            indices: take the last n blocks if int, all if None, the listed indices if a sequence.
+            return_prefix_tokens: return (spatial, prefix tokens) pairs.
+            norm: apply the final norm to every intermediate.
+            stop_early: stop after the last block needed.
+            output_fmt: 'NCHW' or 'NLC'.
+            intermediates_only: return the intermediates alone.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        routing: Optional[Routing] = None
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x, routing = checkpoint(blk, x, routing) if self.grad_checkpointing else blk(x, routing)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+def image_routers(model: nn.Module) -> List[Tuple[str, ImageRouter]]:
+    """The per-image routers of `model` with their module names (one for a Mobile V-MoE, none for a dense model)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ImageRouter)]
+
+
+def _checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MobileVMoE) -> Dict[str, torch.Tensor]:
+    """timm's ViT filter (resampling of the position embedding and patch projection, train.py wrappers), which
+    also loads a dense ViT's weights into the dense part of a Mobile V-MoE."""
+    return checkpoint_filter_fn(state_dict.get('state_dict', state_dict), model)
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': .9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_INCEPTION_MEAN,
+        'std': IMAGENET_INCEPTION_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'paper_ids': 'arXiv:2309.04354',
+        'paper_name': 'Mobile V-MoEs: Scaling Down Vision Transformers via Sparse Mixture-of-Experts',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'mobile_vmoe_vit_tiny_patch16_224.untrained': _cfg(),
+    'mobile_vmoe_vit_xxs_patch3_36.untrained': _cfg(num_classes=100, input_size=(3, 36, 36), crop_pct=1.0),
+})
+
+
+def _create_mobile_vmoe(variant: str, pretrained: bool = False, **kwargs) -> MobileVMoE:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        MobileVMoE,
+        variant,
+        pretrained,
+        pretrained_filter_fn=_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def mobile_vmoe_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MobileVMoE:
+    """Mobile V-MoE ViT-Tiny (arXiv 2309.04354): 12 layers, 192 wide, 3 heads, MoE in the last 2, 10 experts, k=1."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, moe_layers=2, num_experts=10, top_k=1)
+    return _create_mobile_vmoe('mobile_vmoe_vit_tiny_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mobile_vmoe_vit_xxs_patch3_36(pretrained: bool = False, **kwargs) -> MobileVMoE:
+    """Mobile V-MoE with mLiT-XXS's input, patch, width and depth: 36x36, patch 3, 108 wide, 9 layers, 6 heads,
+    MLP ratio 2; MoE in the last 2 layers, 10 experts, k=1."""
+    model_args = dict(img_size=36, patch_size=3, embed_dim=108, depth=9, num_heads=6, mlp_ratio=2., moe_layers=2,
+                      num_experts=10, top_k=1)
+    return _create_mobile_vmoe('mobile_vmoe_vit_xxs_patch3_36', pretrained=pretrained, **dict(model_args, **kwargs))
