@@ -21,7 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .files import atomic_write
 
-__all__ = ['append_expert_load', 'read_expert_load', 'truncate_csv', 'loss_figure', 'plot_losses', 'plot_expert_load']
+__all__ = [
+    'append_expert_load', 'read_expert_load', 'truncate_csv', 'loss_figure', 'plot_losses', 'plot_expert_load',
+    'plot_confusion',
+]
 
 
 def _pyplot():
@@ -161,6 +164,45 @@ def plot_expert_load(expert_load_csv: str, path: str, title: str = '') -> Option
         fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 7), fontsize='small')
         fig.suptitle(title or 'expert load per MoE layer')
         fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion, groups: Sequence[Sequence[int]], path: str, class_names: Optional[Sequence[str]] = None,
+                   title: str = '') -> str:
+    """A heat map of a confusion matrix (rows: true class, columns: predicted, each row as a share of its class),
+    its classes ordered by super-class and each super-class framed, so the groups the clustering found show as
+    the blocks of confusion they came from."""
+    import numpy as np
+
+    plt = _pyplot()
+    confusion = np.asarray(confusion, dtype=float)
+    order = [c for g in groups for c in g]
+    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    rates = rates[np.ix_(order, order)]
+    names = [class_names[c] if class_names else str(c) for c in order]
+    n = len(order)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.6 + 0.5 * n))
+    im = ax.imshow(np.sqrt(rates), cmap='viridis')  # sqrt: the small confusions between classes stay visible
+    for i in range(n):
+        for j in range(n):
+            if confusion[order[i], order[j]]:
+                ax.text(j, i, f'{int(confusion[order[i], order[j]])}', ha='center', va='center', fontsize=7,
+                        color='white' if rates[i, j] < 0.5 else 'black')
+    start = 0
+    for g in groups:
+        ax.add_patch(plt.Rectangle((start - .5, start - .5), len(g), len(g), fill=False, edgecolor='red', lw=2))
+        start += len(g)
+    ax.set_xticks(range(n), names, rotation=60, ha='right', fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true class')
+    ax.set_title(title or 'confusion matrix, classes grouped by super-class', fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label='sqrt(share of the true class)')
+    fig.tight_layout()
+    try:
         _save(fig, path)
     finally:
         plt.close(fig)

@@ -16,6 +16,11 @@ of https://github.com/huggingface/pytorch-image-models (timm's wheel does not sh
 For a script with a `-c/--config FILE` option (timm's train.py), `-c NAME` may name a packaged recipe
 (`scratch/mlit_xxs_cifar10`, see `--list-recipes` and `timm_mlit.recipes`); the script is given its path.
 
+`--superclasses FILE [--router-loss-weight W]` (taken out of the script's arguments) trains a Mobile V-MoE with the
+super-class router loss of arXiv 2309.04354 (`timm_mlit.task.SuperClassRouterTask`, λ = W, default 0.3): the
+launcher gives train.py that task where it builds its ClassificationTask (timm >= 1.0.29), and summary.csv gets the
+router's super-class accuracy as train_router_acc and eval_router_acc.
+
 While the script runs, the first model with MoE layers it creates through `timm.create_model` is watched
 (`MoERecorder`), and each `timm.utils.update_summary` call (train.py's one summary row per epoch) gets the mean MoE
 balance loss of the training forwards since the previous row as `train_moe_loss` in summary.csv, and appends each
@@ -28,7 +33,7 @@ import re
 import runpy
 import sys
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from .cli import exit_on_error
 from .plots import append_expert_load, truncate_csv
@@ -61,6 +66,11 @@ positional arguments:
                   (now: {scripts_dir or 'not set'})
   ARGS            the script's own arguments; for a script with a -c/--config option (timm's train.py),
                   -c NAME names a packaged recipe (e.g. scratch/mlit_xxs_cifar10), -c FILE a YAML file
+
+super-class routing (Mobile V-MoE; taken out of ARGS, for train.py):
+  --superclasses FILE        train with the super-class router loss, super-classes from FILE
+                             (written by timm-mlit-superclasses)
+  --router-loss-weight W     its weight lambda (default 0.3)
 
 options (only in the first place: anything after SCRIPT is the script's):
   -h, --help      show this message and exit
@@ -157,6 +167,8 @@ class MoERecorder:
 
     def __init__(self):
         self.layer_names: Optional[List[str]] = None  # None until a model with MoE layers is watched
+        self.router_task = None  # the SuperClassRouterTask train.py built, when training with super-classes
+        self.eval_router_accuracy = None
         self._start()
 
     def _start(self):
@@ -236,6 +248,10 @@ def _recording_moe(recorder: MoERecorder) -> Iterator[MoERecorder]:
         loss = recorder.end_epoch(epoch, os.path.dirname(os.path.abspath(filename)))
         if loss is not None:
             train_metrics = dict(train_metrics, moe_loss=loss)
+        if recorder.router_task is not None:
+            train_metrics = dict(train_metrics, router_acc=recorder.router_task.train_accuracy.compute_and_reset())
+            if eval_metrics is not None:
+                eval_metrics = dict(eval_metrics, router_acc=recorder.eval_router_accuracy.compute_and_reset())
         return update_summary(epoch, train_metrics, eval_metrics, filename, *args, **kwargs)
 
     replacements = [(timm, 'create_model', create_and_watch), (timm.models, 'create_model', create_and_watch),
@@ -254,6 +270,79 @@ def _recording_moe(recorder: MoERecorder) -> Iterator[MoERecorder]:
             stack.callback(setattr, owner, name, old)
             setattr(owner, name, new)
         yield recorder
+
+
+@contextmanager
+def _superclass_routing(recorder: MoERecorder, superclasses_path: str, weight: float) -> Iterator[None]:
+    """Make timm.task.ClassificationTask, where train.py takes it from when it starts, build a SuperClassRouterTask
+    (kept by `recorder`), and count the router's super-class accuracy on the images train.py's validate() scores
+    (its `utils.accuracy` call, right after the eval model's forward); restored on exit."""
+    import timm.task
+    import timm.utils
+    import torch
+
+    from .superclasses import load_superclasses
+    from .task import RouterAccuracy, SuperClassRouterTask, superclass_targets
+
+    superclasses = load_superclasses(superclasses_path)
+    classification_task = timm.task.ClassificationTask
+    accuracy = timm.utils.accuracy
+    recorder.eval_router_accuracy = RouterAccuracy()
+    seen = []  # the router logits already counted (an EMA model's validate() leaves the trained router's as they were)
+
+    class Task(SuperClassRouterTask):
+        def __init__(self, model, criterion=None, **kwargs):
+            super().__init__(model, superclasses, weight, criterion=criterion, **kwargs)
+            recorder.router_task = self
+
+    @functools.wraps(accuracy)
+    def accuracy_and_router(output, target, *args, **kwargs):
+        task = recorder.router_task
+        logits = None if task is None else task.router[0].last_logits
+        if logits is not None and not task.router[0].training and target.ndim == 1 \
+                and logits.shape[0] == target.shape[0] and not any(logits is s for s in seen):
+            seen[:] = [logits]
+            with torch.no_grad():
+                recorder.eval_router_accuracy.update(
+                    logits, superclass_targets(target, task.class_to_super.to(target.device)))
+        return accuracy(output, target, *args, **kwargs)
+
+    timm.task.ClassificationTask, timm.utils.accuracy = Task, accuracy_and_router
+    try:
+        yield
+    finally:
+        timm.task.ClassificationTask, timm.utils.accuracy = classification_task, accuracy
+
+
+def _take_superclass_args(args: Sequence[str]) -> Tuple[List[str], Optional[str], Optional[float]]:
+    """(ARGS without --superclasses / --router-loss-weight, the file, the weight); both forms `--x V`, `--x=V`."""
+    out, values = [], {}
+    i = 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        name, sep, value = arg.partition('=')
+        if name in ('--superclasses', '--router-loss-weight'):
+            if not sep:
+                if i + 1 >= len(args):
+                    raise ValueError(f'{name} needs a value')
+                value = args[i + 1]
+                i += 1
+            values[name] = value
+        else:
+            out.append(arg)
+        i += 1
+    weight = values.get('--router-loss-weight')
+    if weight is not None:
+        if '--superclasses' not in values:
+            raise ValueError('--router-loss-weight needs --superclasses FILE')
+        try:
+            weight = float(weight)
+        except ValueError:
+            raise ValueError(f'--router-loss-weight must be a number, got {weight!r}') from None
+        if not weight >= 0:
+            raise ValueError(f'--router-loss-weight must be >= 0, got {weight}')
+    return out, values.get('--superclasses'), weight
 
 
 def _resolve(argv: Sequence[str]) -> List[str]:
@@ -276,8 +365,12 @@ def main(argv: Optional[Sequence[str]] = None):
         from .recipes import list_recipes
         print('\n'.join(list_recipes()))
         return 0
-    with exit_on_error(PROG, (FileNotFoundError,)):  # only the launcher's own errors: the script's pass through
-        script_argv = _resolve(argv)
+    with exit_on_error(PROG, (FileNotFoundError, ValueError)):  # the launcher's own errors: the script's pass through
+        rest, superclasses, weight = _take_superclass_args(argv[1:])
+        script_argv = _resolve([argv[0]] + rest)
+        if superclasses is not None:
+            from .superclasses import load_superclasses
+            load_superclasses(superclasses)  # checked before the script starts
 
     import timm_mlit  # noqa: F401  (registers mlit_s, mlit_xs, mlit_xxs)
     import timm_mlit.data  # noqa: F401  (registers torch/svhn, torch/flowers102, the idx MNIST family)
@@ -285,8 +378,15 @@ def main(argv: Optional[Sequence[str]] = None):
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = script_argv
     sys.path.insert(0, os.path.dirname(script_argv[0]))  # as `python SCRIPT` does: the script's folder comes first
+    recorder = MoERecorder()
     try:
-        with _recording_moe(MoERecorder()):
+        with ExitStack() as stack:
+            stack.enter_context(_recording_moe(recorder))
+            if superclasses is not None:
+                from .task import RouterTaskError
+                stack.enter_context(_superclass_routing(recorder, superclasses, 0.3 if weight is None else weight))
+                # a model that does not fit the file is a usage error, named in one line
+                stack.enter_context(exit_on_error(PROG, (RouterTaskError,)))
             runpy.run_path(script_argv[0], run_name='__main__')
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path

@@ -1,0 +1,122 @@
+"""Mobile V-MoE end to end: timm-mlit-superclasses from a dense checkpoint, then timm's own train.py with the
+super-class router loss (timm-mlit-run --superclasses) and validate.py on its checkpoint.
+
+The train.py / validate.py tests need the scripts: TIMM_SCRIPTS_DIR=/path/to/pytorch-image-models.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import timm_mlit  # noqa: F401
+from timm_mlit.run import _take_superclass_args
+from timm_mlit.superclasses import SuperClasses, load_superclasses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR', '')
+needs_scripts = pytest.mark.skipif(not SCRIPTS_DIR, reason='TIMM_SCRIPTS_DIR is not set: point it at a '
+                                                           'pytorch-image-models checkout (train.py, validate.py)')
+CLASSES = 4
+MODEL = ['--model', 'mobile_vmoe_vit_xxs_patch3_36', '--model-kwargs', 'num_experts=2', 'depth=3',
+         '--num-classes', str(CLASSES), '--input-size', '3', '36', '36']
+SMALL_RUN = ['-b', '8', '-j', '1', '--device', 'cpu']
+
+
+def run(*argv, check=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TIMM_SCRIPTS_DIR=SCRIPTS_DIR)
+    r = subprocess.run([sys.executable, '-m', *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if check:
+        assert r.returncode == 0, f'{argv}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}'
+    return r
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    """train/ and validation/ folders of 4 colour classes, two pairs of similar colours (two natural groups)."""
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    colours = np.array([(220, 40, 40), (180, 70, 40), (40, 40, 220), (40, 80, 180)])
+    for split, n in (('train', 12), ('validation', 8)):
+        for c in range(CLASSES):
+            d = root / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(colours[c] + rng.normal(0, 70, (36, 36, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f'{i}.png')
+    return root
+
+
+def _summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_superclasses_cli_clusters_a_dense_checkpoints_confusions(image_folder, tmp_path):
+    torch.manual_seed(0)
+    dense = timm.create_model('mobile_vmoe_vit_xxs_patch3_36', moe_layers=0, depth=2, num_classes=CLASSES)
+    ckpt = tmp_path / 'dense.pth'
+    torch.save(dense.state_dict(), ckpt)
+    out, png = tmp_path / 'sc.json', tmp_path / 'confusion.png'
+    r = run('timm_mlit.superclasses', '--model', 'mobile_vmoe_vit_xxs_patch3_36', '--model-kwargs', 'moe_layers=0',
+            'depth=2', '--num-classes', str(CLASSES), '--checkpoint', str(ckpt), '--data-dir', str(image_folder),
+            '--split', 'validation', '-E', '2', '-o', str(out), '--plot', str(png), '-j', '0')
+    sc = load_superclasses(str(out), num_classes=CLASSES, num_superclasses=2)
+    assert sc.class_names == [f'class{c}' for c in range(CLASSES)]
+    assert 'super-class 0: class0' in r.stdout and png.stat().st_size > 1000
+    data = json.loads(out.read_text())
+    assert np.asarray(data['confusion']).sum() == 8 * CLASSES  # every validation image counted once
+    r = run('timm_mlit.superclasses', '--model', 'x', '-o', str(out), check=False)
+    assert r.returncode == 2 and '--checkpoint' in r.stderr
+
+
+def test_superclass_options_are_taken_out_of_the_scripts_arguments():
+    rest, path, weight = _take_superclass_args(['--model', 'm', '--superclasses', 'f.json', '--router-loss-weight=0.5',
+                                                '-b', '8'])
+    assert rest == ['--model', 'm', '-b', '8'] and path == 'f.json' and weight == 0.5
+    assert _take_superclass_args(['--superclasses=f.json']) == ([], 'f.json', None)
+    with pytest.raises(ValueError, match='needs --superclasses'):
+        _take_superclass_args(['--router-loss-weight', '0.3'])
+    with pytest.raises(ValueError, match='must be a number'):
+        _take_superclass_args(['--superclasses', 'f', '--router-loss-weight', 'x'])
+    with pytest.raises(ValueError, match='needs a value'):
+        _take_superclass_args(['--superclasses'])
+
+
+@pytest.mark.slow
+@needs_scripts
+def test_train_py_with_the_superclass_router_loss_then_validate_py(image_folder, tmp_path):
+    sc_file = SuperClasses([0, 0, 1, 1], class_names=[f'class{c}' for c in range(CLASSES)]).save(
+        str(tmp_path / 'sc.json'))
+    out = tmp_path / 'train'
+    run('timm_mlit.run', 'train.py', '--data-dir', str(image_folder), *MODEL, '--epochs', '2', '--mixup', '0.2',
+        *SMALL_RUN, '--output', str(out), '--experiment', 'sc', '--superclasses', sc_file,
+        '--router-loss-weight', '0.3')
+    rows = _summary(out / 'sc' / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    for r in rows:
+        assert 0 <= float(r['train_router_acc']) <= 100 and 0 <= float(r['eval_router_acc']) <= 100
+        assert float(r['train_moe_loss']) >= 0
+    results = tmp_path / 'results.json'
+    run('timm_mlit.run', 'validate.py', '--data-dir', str(image_folder), *MODEL, '--checkpoint',
+        str(out / 'sc' / 'last.pth.tar'), *SMALL_RUN, '--results-file', str(results), '--results-format', 'json')
+    assert 0 <= json.loads(results.read_text())['top1'] <= 100
+
+
+@pytest.mark.slow
+@needs_scripts
+def test_train_py_names_a_superclass_file_that_does_not_fit_the_model(image_folder, tmp_path):
+    sc_file = SuperClasses([0, 1, 2, 2]).save(str(tmp_path / 'sc3.json'))
+    r = run('timm_mlit.run', 'train.py', '--data-dir', str(image_folder), *MODEL, '--epochs', '1', *SMALL_RUN,
+            '--output', str(tmp_path / 'train'), '--superclasses', sc_file, check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "timm-mlit-run: error: the super-class file has 3 super-classes, but the model's router has 2 experts: "
+        "create the model with num_experts=3")
