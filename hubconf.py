@@ -1,4 +1,4 @@
-"""torch.hub entrypoints for the mLiT models of timm-mlit (only ours, not the rest of timm's).
+"""torch.hub entrypoints for the models of timm-mlit, mLiT and Mobile V-MoE (only ours, not the rest of timm's).
 
     model = torch.hub.load('<owner>/timm-mlit', 'mlit_xxs', pretrained=True)
     model = torch.hub.load('path/to/timm-mlit', 'mlit_xxs', source='local', pretrained=True)
@@ -38,3 +38,13 @@ def mlit_xs(pretrained: bool = False, **kwargs):
 def mlit_xxs(pretrained: bool = False, **kwargs):
     """mLiT-XXS (0.651M encoder params; paper: 0.66M): 108 wide, 9 layers, 6 heads / 3 KV groups."""
     return _create('mlit_xxs', pretrained, **kwargs)
+
+
+def mobile_vmoe_vit_tiny_patch16_224(pretrained: bool = False, **kwargs):
+    """Mobile V-MoE ViT-Tiny (arXiv 2309.04354): 12 layers, 192 wide, MoE in the last 2, 10 experts, k=1."""
+    return _create('mobile_vmoe_vit_tiny_patch16_224', pretrained, **kwargs)
+
+
+def mobile_vmoe_vit_xxs_patch3_36(pretrained: bool = False, **kwargs):
+    """Mobile V-MoE with mLiT-XXS's input, patch, width and depth (36x36, patch 3, 108 wide, 9 layers)."""
+    return _create('mobile_vmoe_vit_xxs_patch3_36', pretrained, **kwargs)

@@ -519,7 +519,9 @@ def test_pretrained_weights_adapt_to_one_input_channel(embedded, published):
 def test_torch_hub_local_loads_our_models_only_with_kwargs_passed_through(embedded, published, offline_hf):
     hubconf = torch.hub._import_module('hubconf', str(REPO_ROOT / 'hubconf.py'))
     assert sorted(f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith('_')) == [
-        'mlit_s', 'mlit_xs', 'mlit_xxs']
+        'mlit_s', 'mlit_xs', 'mlit_xxs', 'mobile_vmoe_vit_tiny_patch16_224', 'mobile_vmoe_vit_xxs_patch3_36']
+    moe = torch.hub.load(str(REPO_ROOT), 'mobile_vmoe_vit_xxs_patch3_36', source='local', num_experts=4)
+    assert moe.num_experts == 4
     model = torch.hub.load(str(REPO_ROOT), 'mlit_xxs', source='local', pretrained=True)
     assert torch.equal(_out(model, _x()), published['expected'])
     model = torch.hub.load(str(REPO_ROOT), 'mlit_xxs', source='local', pretrained=True, num_classes=7, img_size=48)

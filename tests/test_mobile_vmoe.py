@@ -144,6 +144,16 @@ def test_dense_twin_is_timms_vit_with_the_same_arguments():
     assert not image_routers(twin)
 
 
+def test_vit_tiny_setting_has_the_papers_parameter_counts():
+    """arXiv 2309.04354 §3: the ViT-Tiny MoE activates 6.31M parameters per image; per-token routing up to 11.05M
+    (all of them)."""
+    model = timm.create_model('mobile_vmoe_vit_tiny_patch16_224', pretrained_cfg_overlay=dict(), num_classes=1000)
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = sum(p.numel() for p in model.blocks[-1].mlp.parameters()) // 10
+    touched = total - 2 * (10 - model.top_k) * per_expert
+    assert (round(total / 1e6, 2), round(touched / 1e6, 2), model.top_k) == (11.05, 6.31, 2)
+
+
 def test_per_image_parameters_match_the_dense_twin_at_k1():
     moe, twin = small_model(num_experts=4), small_model(moe_layers=0)
     expert = sum(p.numel() for p in moe.blocks[2].mlp.parameters()) // 4
@@ -307,3 +317,17 @@ def test_per_token_spreads_an_image_routing_over_its_tokens():
     tokens = per_token(routing, 5)
     assert tokens.gates.shape == (15, 4) and torch.equal(tokens.top_idx[5:10], routing.top_idx[1:2].expand(5, 2))
     assert torch.equal(tokens.load, routing.load)
+
+
+def test_readme_model_table_holds_the_measured_parameter_counts():
+    from readme import README
+    rows = [line for line in README.splitlines() if line.startswith('| `mobile_vmoe_vit_')]
+    assert len(rows) == 2
+    for line in rows:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        model = timm.create_model(cells[0].split('`')[1], num_classes=1000 if 'tiny' in cells[0] else 100)
+        total = sum(p.numel() for p in model.parameters())
+        per_expert = sum(p.numel() for p in model.blocks[-1].mlp.parameters()) // model.num_experts
+        touched = total - model.moe_layers * (model.num_experts - model.top_k) * per_expert
+        assert (cells[-2], cells[-1]) == (f'{total:,}', f'{touched:,}'), cells[0]
+        assert cells[3] == f'{model.moe_layers}, {model.num_experts}, {model.top_k}'

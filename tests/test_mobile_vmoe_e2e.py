@@ -6,6 +6,7 @@ The train.py / validate.py tests need the scripts: TIMM_SCRIPTS_DIR=/path/to/pyt
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from readme import snippet
 
 import timm_mlit  # noqa: F401
 from timm_mlit.run import _take_superclass_args
@@ -27,6 +29,18 @@ CLASSES = 4
 MODEL = ['--model', 'mobile_vmoe_vit_xxs_patch3_36', '--model-kwargs', 'num_experts=2', 'depth=3',
          '--num-classes', str(CLASSES), '--input-size', '3', '36', '36']
 SMALL_RUN = ['-b', '8', '-j', '1', '--device', 'cpu']
+SUPERCLASSES = snippet('vmoe-superclasses').strip()
+TRAIN = snippet('vmoe-train').strip()
+
+
+def readme_argv(command: str, **replace) -> list:
+    """A README command as argv for `python -m`, with its words replaced (timm-mlit-X -> timm_mlit.X)."""
+    for old, new in replace.items():
+        assert old in command, old
+        command = command.replace(old, str(new))
+    argv = shlex.split(command)
+    modules = {'timm-mlit-superclasses': 'timm_mlit.superclasses', 'timm-mlit-run': 'timm_mlit.run'}
+    return [modules[argv[0]]] + argv[1:]
 
 
 def run(*argv, check=True) -> subprocess.CompletedProcess:
@@ -65,9 +79,11 @@ def test_superclasses_cli_clusters_a_dense_checkpoints_confusions(image_folder, 
     ckpt = tmp_path / 'dense.pth'
     torch.save(dense.state_dict(), ckpt)
     out, png = tmp_path / 'sc.json', tmp_path / 'confusion.png'
-    r = run('timm_mlit.superclasses', '--model', 'mobile_vmoe_vit_xxs_patch3_36', '--model-kwargs', 'moe_layers=0',
-            'depth=2', '--num-classes', str(CLASSES), '--checkpoint', str(ckpt), '--data-dir', str(image_folder),
-            '--split', 'validation', '-E', '2', '-o', str(out), '--plot', str(png), '-j', '0')
+    r = run(*readme_argv(SUPERCLASSES, **{
+        'moe_layers=0': 'moe_layers=0 depth=2', '--num-classes 10': f'--num-classes {CLASSES}',
+        'output/train/dense/last.pth.tar': ckpt, '--dataset torch/fashion_mnist': "--dataset ''",
+        'data/fmnist-holdout': image_folder, '--num-superclasses 4': '--num-superclasses 2',
+        'superclasses.json': out, 'confusion.png': png}), '-j', '0')
     sc = load_superclasses(str(out), num_classes=CLASSES, num_superclasses=2)
     assert sc.class_names == [f'class{c}' for c in range(CLASSES)]
     assert 'super-class 0: class0' in r.stdout and png.stat().st_size > 1000
@@ -96,9 +112,9 @@ def test_train_py_with_the_superclass_router_loss_then_validate_py(image_folder,
     sc_file = SuperClasses([0, 0, 1, 1], class_names=[f'class{c}' for c in range(CLASSES)]).save(
         str(tmp_path / 'sc.json'))
     out = tmp_path / 'train'
-    run('timm_mlit.run', 'train.py', '--data-dir', str(image_folder), *MODEL, '--epochs', '2', '--mixup', '0.2',
-        *SMALL_RUN, '--output', str(out), '--experiment', 'sc', '--superclasses', sc_file,
-        '--router-loss-weight', '0.3')
+    run(*readme_argv(TRAIN, **{'num_experts=4': 'num_experts=2 depth=3', 'superclasses.json': sc_file}),
+        '--dataset', '', '--data-dir', str(image_folder), '--num-classes', str(CLASSES), '--epochs', '2',
+        '--warmup-epochs', '0', '--mixup', '0.2', *SMALL_RUN, '--output', str(out), '--experiment', 'sc')
     rows = _summary(out / 'sc' / 'summary.csv')
     assert [r['epoch'] for r in rows] == ['0', '1']
     for r in rows:
