@@ -18,6 +18,7 @@ from PIL import Image
 from readme import snippet
 
 import timm_mlit  # noqa: F401
+from timm_mlit.data import DEBIAN_FASHION_MNIST, read_idx, write_idx
 from timm_mlit.run import _take_superclass_args
 from timm_mlit.superclasses import SuperClasses, load_superclasses
 
@@ -136,3 +137,36 @@ def test_train_py_names_a_superclass_file_that_does_not_fit_the_model(image_fold
     assert r.stderr.strip().splitlines()[-1] == (
         "timm-mlit-run: error: the super-class file has 3 super-classes, but the model's router has 2 experts: "
         "create the model with num_experts=3")
+
+
+@pytest.mark.slow
+@needs_scripts
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST),
+                    reason='Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)')
+def test_fashion_mnist_benchmark_command_runs_every_stage(tmp_path):
+    """The README's benchmark command on the first 700 training and 300 test images of the real Fashion-MNIST
+    (200 held out), one epoch: every stage runs and the table has its four rows."""
+    data = tmp_path / 'fmnist'
+    data.mkdir()
+    for split, n in (('train', 700), ('t10k', 300)):
+        for kind, dims in (('images', 3), ('labels', 1)):
+            name = f'{split}-{kind}-idx{dims}-ubyte.gz'
+            write_idx(str(data / name), read_idx(os.path.join(DEBIAN_FASHION_MNIST, name))[:n].numpy())
+    argv = shlex.split(snippet('vmoe-benchmark').strip().replace('/var/tmp/mvmoe', str(tmp_path / 'out')))
+    results = tmp_path / 'results'
+    r = subprocess.run([sys.executable, *argv[1:], '--data-dir', str(data), '--holdout', '200', '--epochs', '1',
+                        '--results', str(results), '--repeats', '2', '--threads', '1', '--jobs', '1'],
+                       cwd=ROOT, env=dict(os.environ, TIMM_SCRIPTS_DIR=SCRIPTS_DIR), capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row['row']: row for row in json.loads((results / 'mobile_vmoe_fashion_mnist.json').read_text())['rows']}
+    assert sorted(rows) == ['dense_twin', 'mlit_xxs', 'moe_end_to_end', 'moe_superclass']
+    for row in rows.values():
+        assert 0 <= row['test_top1'] <= 100 and row['params_touched'] <= row['params_total']
+        assert row['latency_ms_b1'] > 0 and row['img_s_b256'] > 0
+    moe, dense = rows['moe_superclass'], rows['dense_twin']
+    assert moe['params_touched'] - dense['params_total'] == 4 * 108  # the router (E=4) is all a k=1 image adds
+    assert 0 <= moe['router_superclass_acc'] <= 100 and 'router_superclass_acc_matched' in rows['moe_end_to_end']
+    assert sum(moe['expert_share']) == 300  # every test image routed once
+    assert (results / 'mobile_vmoe_fashion_mnist_confusion.png').stat().st_size > 1000
+    assert '| Mobile V-MoE, super-class routing' in (results / 'mobile_vmoe_fashion_mnist.md').read_text()
