@@ -191,6 +191,7 @@ def test_balance_loss_reaches_the_gradients_and_moe_stats():
     model(torch.randn(8, 3, 36, 36)).sum().backward()
     stats = moe_stats(model)
     assert list(stats.load) == ['blocks.2.router'] and stats.load['blocks.2.router'].sum() == 8
+    assert torch.equal(model.moe_loss(), stats.loss) and stats.loss > 0
     assert model.blocks[2].router.weight.grad is not None
 
 

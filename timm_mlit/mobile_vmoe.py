@@ -19,9 +19,9 @@ Decisions where the paper is silent (also in the README):
 Models: `mobile_vmoe_vit_tiny_patch16_224` is the paper's setting (ViT-Tiny: 12 layers, 192 wide, 224x224, patch 16;
 MoE in the last L = 2 layers, E = 10, k = 2: with k = 2 it has the paper's 11.05M parameters of which an image touches
 6.31M, §3); `mobile_vmoe_vit_xxs_patch3_36` has mLiT-XXS's input, patch, width and depth (36x36, 3x3 patches, 108
-wide, 9 layers, 6 heads, MLP ratio 2) and k = 1, the per-image compute of its dense twin, for small datasets. `moe_layers=0` gives the
-dense twin of either (the same ViT without MoE: timm's VisionTransformer with the same arguments, weights
-interchangeable); `num_experts` and `top_k` are model kwargs. mLiT with per-image routing is
+wide, 9 layers, 6 heads, MLP ratio 2) and k = 1, the per-image compute of its dense twin, for small datasets.
+`moe_layers=0` gives the dense twin of either (the same ViT without MoE: timm's VisionTransformer with the same
+arguments, weights interchangeable); `num_experts` and `top_k` are model kwargs. mLiT with per-image routing is
 `mlit_*(moe_routing='image')`.
 """
 from functools import partial
@@ -37,7 +37,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 from torch.jit import Final
 
 from ._checks import check_int, check_rate
-from .layers import ImageRouter, MlpExperts, Routing
+from .layers import ImageRouter, MlpExperts, Routing, moe_stats
 
 __all__ = ['MobileVMoE', 'MobileVMoEBlock', 'image_routers']
 
@@ -142,6 +142,13 @@ class MobileVMoE(VisionTransformer):
         self.moe_layers = moe_layers
         self.num_experts = num_experts if moe_layers else 0
         self.top_k = top_k
+
+    @torch.jit.ignore
+    def moe_loss(self) -> torch.Tensor:
+        """The router's balance loss from the last training forward (unweighted; 0 before one, or when dense), for
+        loops that add it themselves (with moe_loss_weight=0)."""
+        stats = moe_stats(self)
+        return self.cls_token.new_zeros((), dtype=torch.float32) if stats is None else stats.loss
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
