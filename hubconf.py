@@ -41,7 +41,7 @@ def mlit_xxs(pretrained: bool = False, **kwargs):
 
 
 def mobile_vmoe_vit_tiny_patch16_224(pretrained: bool = False, **kwargs):
-    """Mobile V-MoE ViT-Tiny (arXiv 2309.04354): 12 layers, 192 wide, MoE in the last 2, 10 experts, k=1."""
+    """Mobile V-MoE ViT-Tiny (arXiv 2309.04354): 12 layers, 192 wide, MoE in the last 2, 10 experts, k=2."""
     return _create('mobile_vmoe_vit_tiny_patch16_224', pretrained, **kwargs)
 
 

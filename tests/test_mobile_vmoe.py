@@ -144,6 +144,25 @@ def test_dense_twin_is_timms_vit_with_the_same_arguments():
     assert not image_routers(twin)
 
 
+def test_dense_vit_weights_upcycle_into_every_expert():
+    from timm_mlit.mobile_vmoe import _checkpoint_filter_fn
+    dense = small_model(moe_layers=0)
+    moe = small_model(num_experts=3)
+    state = _checkpoint_filter_fn(dense.state_dict(), moe)
+    moe.load_state_dict(state)  # strict
+    for e in range(3):
+        assert torch.equal(moe.blocks[3].mlp.fc1.weight[e], dense.blocks[3].mlp.fc1.weight)
+        assert torch.equal(moe.blocks[3].mlp.fc2.bias[e], dense.blocks[3].mlp.fc2.bias)
+    assert torch.equal(moe.blocks[1].mlp.fc1.weight, dense.blocks[1].mlp.fc1.weight)  # the dense blocks as they are
+
+
+def test_get_intermediate_layers_of_timm_works():
+    model = small_model().eval()
+    with torch.no_grad():
+        (out,) = model.get_intermediate_layers(torch.randn(2, 3, 36, 36), n=1)
+    assert out.shape == (2, 144, 108)
+
+
 def test_vit_tiny_setting_has_the_papers_parameter_counts():
     """arXiv 2309.04354 §3: the ViT-Tiny MoE activates 6.31M parameters per image; per-token routing up to 11.05M
     (all of them)."""
@@ -186,13 +205,21 @@ def test_forward_intermediates_and_features_only_cover_every_block():
 
 def test_balance_loss_reaches_the_gradients_and_moe_stats():
     from timm_mlit.layers import moe_stats
-    torch.manual_seed(0)
-    model = small_model()
-    model(torch.randn(8, 3, 36, 36)).sum().backward()
-    stats = moe_stats(model)
+    x = torch.randn(8, 3, 36, 36)
+    grads = {}
+    for weight in (0., 2.):
+        torch.manual_seed(0)
+        model = small_model(moe_loss_weight=weight, drop_rate=0.)
+        out = model(x)
+        stats = moe_stats(model)
+        (balance_grad,) = torch.autograd.grad(stats.loss, model.blocks[2].router.weight, retain_graph=True)
+        out.sum().backward()
+        grads[weight] = model.blocks[2].router.weight.grad.clone()
     assert list(stats.load) == ['blocks.2.router'] and stats.load['blocks.2.router'].sum() == 8
     assert torch.equal(model.moe_loss(), stats.loss) and stats.loss > 0
-    assert model.blocks[2].router.weight.grad is not None
+    # the hook adds weight * d(balance loss) to what the classification output gives the router
+    assert torch.allclose(grads[2.] - grads[0.], 2. * balance_grad, atol=1e-6)
+    assert balance_grad.abs().sum() > 0
 
 
 # --- the super-class router loss ---

@@ -115,12 +115,24 @@ def test_train_py_with_the_superclass_router_loss_then_validate_py(image_folder,
     out = tmp_path / 'train'
     run(*readme_argv(TRAIN, **{'num_experts=4': 'num_experts=2 depth=3', 'superclasses.json': sc_file}),
         '--dataset', '', '--data-dir', str(image_folder), '--num-classes', str(CLASSES), '--epochs', '2',
-        '--warmup-epochs', '0', '--mixup', '0.2', *SMALL_RUN, '--output', str(out), '--experiment', 'sc')
+        '--warmup-epochs', '0', '--mixup', '0.2', '--model-ema', *SMALL_RUN, '--output', str(out), '--experiment', 'sc')
     rows = _summary(out / 'sc' / 'summary.csv')
     assert [r['epoch'] for r in rows] == ['0', '1']
     for r in rows:
         assert 0 <= float(r['train_router_acc']) <= 100 and 0 <= float(r['eval_router_acc']) <= 100
         assert float(r['train_moe_loss']) >= 0
+    # with --model-ema the eval metrics are the EMA model's: the router accuracy beside them is the EMA router's too
+    ckpt = torch.load(out / 'sc' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    model = timm.create_model('mobile_vmoe_vit_xxs_patch3_36', num_experts=2, depth=3, num_classes=CLASSES).eval()
+    model.load_state_dict(ckpt['state_dict_ema'])
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    ds = timm.data.create_dataset('', root=str(image_folder), split='validation', transform=transform)
+    with torch.no_grad():
+        x, y = map(torch.stack, zip(*[(img, torch.tensor(t)) for img, t in ds]))
+        model(x)
+    super_of = torch.tensor([0, 0, 1, 1])
+    ema_acc = 100. * (model.blocks[1].router.last_logits.argmax(1) == super_of[y]).float().mean().item()
+    assert float(rows[-1]['eval_router_acc']) == pytest.approx(ema_acc)
     results = tmp_path / 'results.json'
     run('timm_mlit.run', 'validate.py', '--data-dir', str(image_folder), *MODEL, '--checkpoint',
         str(out / 'sc' / 'last.pth.tar'), *SMALL_RUN, '--results-file', str(results), '--results-format', 'json')
@@ -137,6 +149,13 @@ def test_train_py_names_a_superclass_file_that_does_not_fit_the_model(image_fold
     assert r.stderr.strip().splitlines()[-1] == (
         "timm-mlit-run: error: the super-class file has 3 super-classes, but the model's router has 2 experts: "
         "create the model with num_experts=3")
+    # a script that builds no training task cannot take the router loss: said, not silently ignored
+    ckpt = tmp_path / 'weights.pth'
+    torch.save(timm.create_model('mobile_vmoe_vit_xxs_patch3_36', num_experts=2, depth=3,
+                                 num_classes=CLASSES).state_dict(), ckpt)
+    r = run('timm_mlit.run', 'validate.py', '--data-dir', str(image_folder), *MODEL, '--checkpoint', str(ckpt),
+            *SMALL_RUN, '--superclasses', sc_file, check=False)
+    assert r.returncode == 1 and 'built no classification task' in r.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

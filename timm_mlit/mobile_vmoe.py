@@ -176,6 +176,7 @@ class MobileVMoE(VisionTransformer):
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Forward features that returns intermediates (timm's VisionTransformer.forward_intermediates, without its
         attention-mask and dict options).
@@ -188,7 +189,10 @@ class MobileVMoE(VisionTransformer):
             stop_early: stop after the last block needed.
             output_fmt: 'NCHW' or 'NLC'.
             intermediates_only: return the intermediates alone.
+            attn_mask: must be None (timm's get_intermediate_layers passes it): the router reads every image whole.
         """
+        if attn_mask is not None:
+            raise ValueError('MobileVMoE takes no attention mask')
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
@@ -220,9 +224,18 @@ def image_routers(model: nn.Module) -> List[Tuple[str, ImageRouter]]:
 
 
 def _checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MobileVMoE) -> Dict[str, torch.Tensor]:
-    """timm's ViT filter (resampling of the position embedding and patch projection, train.py wrappers), which
-    also loads a dense ViT's weights into the dense part of a Mobile V-MoE."""
-    return checkpoint_filter_fn(state_dict.get('state_dict', state_dict), model)
+    """timm's ViT filter (resampling of the position embedding and patch projection, train.py wrappers), and a
+    dense ViT's weights made a Mobile V-MoE's: each MoE layer's experts start as copies of the dense MLP (sparse
+    upcycling, Komatsuzaki et al., arXiv 2212.05055) and the router keeps its fresh initialisation."""
+    state_dict = checkpoint_filter_fn(state_dict.get('state_dict', state_dict), model)
+    own = model.state_dict()
+    for k, v in list(state_dict.items()):
+        if k in own and v.dim() + 1 == own[k].dim() and own[k].shape[1:] == v.shape:  # a dense MLP -> E experts
+            state_dict[k] = v.unsqueeze(0).expand_as(own[k]).clone()
+    for k, v in own.items():
+        if k.endswith('.router.weight') and k not in state_dict:
+            state_dict[k] = v
+    return state_dict
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._weights import LABEL_NAMES
-from .layers import named_moe_layers
+from .layers import MoE, named_moe_layers
 
 __all__ = ['model_stats', 'write_model_card', 'write_training_args', 'recorded_args', 'recorded_model_kwargs',
            'from_pretraining', 'read_label_names', 'model_config', 'cfg_entry', 'hub_repo_id', 'PublishError',
@@ -82,7 +82,7 @@ def model_stats(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[str, 
     device = next(model.parameters()).device
     x = torch.rand(1, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
     was_training = model.training
-    moes = [m for _, m in named_moe_layers(model)]
+    moes = [m for _, m in named_moe_layers(model) if isinstance(m, MoE)]  # (a Mobile V-MoE router has no impl)
     impls = [m.impl for m in moes]
     model.eval()
     try:

@@ -168,6 +168,7 @@ class MoERecorder:
     def __init__(self):
         self.layer_names: Optional[List[str]] = None  # None until a model with MoE layers is watched
         self.router_task = None  # the SuperClassRouterTask train.py built, when training with super-classes
+        self.expects_router_task = False  # --superclasses was given
         self.eval_router_accuracy = None
         self._start()
 
@@ -248,10 +249,15 @@ def _recording_moe(recorder: MoERecorder) -> Iterator[MoERecorder]:
         loss = recorder.end_epoch(epoch, os.path.dirname(os.path.abspath(filename)))
         if loss is not None:
             train_metrics = dict(train_metrics, moe_loss=loss)
+        if recorder.expects_router_task and recorder.router_task is None:
+            from .superclasses import RouterTaskError
+            raise RouterTaskError('--superclasses was given, but the script built no classification task to add the '
+                                  'router loss to (a distillation run, or a train.py older than timm 1.0.29)')
         if recorder.router_task is not None:
             train_metrics = dict(train_metrics, router_acc=recorder.router_task.train_accuracy.compute_and_reset())
             if eval_metrics is not None:
                 eval_metrics = dict(eval_metrics, router_acc=recorder.eval_router_accuracy.compute_and_reset())
+                recorder.eval_router_accuracy = type(recorder.eval_router_accuracy)()
         return update_summary(epoch, train_metrics, eval_metrics, filename, *args, **kwargs)
 
     replacements = [(timm, 'create_model', create_and_watch), (timm.models, 'create_model', create_and_watch),
@@ -276,35 +282,51 @@ def _recording_moe(recorder: MoERecorder) -> Iterator[MoERecorder]:
 def _superclass_routing(recorder: MoERecorder, superclasses_path: str, weight: float) -> Iterator[None]:
     """Make timm.task.ClassificationTask, where train.py takes it from when it starts, build a SuperClassRouterTask
     (kept by `recorder`), and count the router's super-class accuracy on the images train.py's validate() scores
-    (its `utils.accuracy` call, right after the eval model's forward); restored on exit."""
-    import timm.task
-    import timm.utils
+    (its `utils.accuracy` call, right after the eval model's forward); restored on exit.
+
+    The router's eval forwards are seen through a forward hook, which the EMA copy of the model (a deepcopy) carries
+    too; each validate() pass starts the count again, so the accuracy written is that of the last pass, the model
+    whose metrics train.py writes beside it (the EMA model's, with --model-ema)."""
     import torch
 
-    from .superclasses import load_superclasses
+    from .superclasses import RouterTaskError, load_superclasses
+
+    try:
+        import timm.task
+    except ImportError as e:
+        raise RouterTaskError(f'--superclasses needs timm >= 1.0.29 (its train.py builds a training task); '
+                              f'timm here has no timm.task ({e})') from None
+    import timm.utils
+
     from .task import RouterAccuracy, SuperClassRouterTask, superclass_targets
 
     superclasses = load_superclasses(superclasses_path)
     classification_task = timm.task.ClassificationTask
     accuracy = timm.utils.accuracy
     recorder.eval_router_accuracy = RouterAccuracy()
-    seen = []  # the router logits already counted (an EMA model's validate() leaves the trained router's as they were)
+    last = {}  # the newest eval forward of a router: its module and logits, and which ones were counted
+
+    def remember(module, args, output):
+        if not module.training:
+            last.update(router=module, logits=module.last_logits)
 
     class Task(SuperClassRouterTask):
         def __init__(self, model, criterion=None, **kwargs):
             super().__init__(model, superclasses, weight, criterion=criterion, **kwargs)
+            self.router[0].register_forward_hook(remember)
             recorder.router_task = self
 
     @functools.wraps(accuracy)
     def accuracy_and_router(output, target, *args, **kwargs):
-        task = recorder.router_task
-        logits = None if task is None else task.router[0].last_logits
-        if logits is not None and not task.router[0].training and target.ndim == 1 \
-                and logits.shape[0] == target.shape[0] and not any(logits is s for s in seen):
-            seen[:] = [logits]
+        logits = last.get('logits')
+        if logits is not None and logits is not last.get('counted') and target.ndim == 1 \
+                and logits.shape[0] == target.shape[0]:
+            if last['router'] is not last.get('counted_router'):  # another model's validate() pass: start again
+                recorder.eval_router_accuracy = RouterAccuracy()
+            last.update(counted=logits, counted_router=last['router'])
             with torch.no_grad():
                 recorder.eval_router_accuracy.update(
-                    logits, superclass_targets(target, task.class_to_super.to(target.device)))
+                    logits, superclass_targets(target, recorder.router_task.class_to_super.to(target.device)))
         return accuracy(output, target, *args, **kwargs)
 
     timm.task.ClassificationTask, timm.utils.accuracy = Task, accuracy_and_router
@@ -383,11 +405,15 @@ def main(argv: Optional[Sequence[str]] = None):
         with ExitStack() as stack:
             stack.enter_context(_recording_moe(recorder))
             if superclasses is not None:
-                from .task import RouterTaskError
-                stack.enter_context(_superclass_routing(recorder, superclasses, 0.3 if weight is None else weight))
+                from .superclasses import RouterTaskError
                 # a model that does not fit the file is a usage error, named in one line
                 stack.enter_context(exit_on_error(PROG, (RouterTaskError,)))
+                stack.enter_context(_superclass_routing(recorder, superclasses, 0.3 if weight is None else weight))
+                recorder.expects_router_task = True
             runpy.run_path(script_argv[0], run_name='__main__')
+            if recorder.expects_router_task and recorder.router_task is None:
+                raise RouterTaskError(f'--superclasses was given, but {os.path.basename(script_argv[0])} built no '
+                                      f'classification task to add the router loss to (it is for timm\'s train.py)')
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0

@@ -32,11 +32,16 @@ import numpy as np
 from .cli import HelpFormatter, exit_on_error
 from .files import atomic_write
 
-__all__ = ['SuperClasses', 'load_superclasses', 'confusion_graph', 'cluster_confusion', 'cifar100_coarse',
-           'superclasses_from_confusion', 'main']
+__all__ = ['RouterTaskError', 'SuperClasses', 'load_superclasses', 'confusion_graph', 'cluster_confusion',
+           'cifar100_coarse', 'superclasses_from_confusion', 'main']
 
 PROG = 'timm-mlit-superclasses'
 FORMAT = 'timm-mlit-superclasses/1'
+
+
+class RouterTaskError(ValueError):
+    """A model that the super-class router loss cannot train, or a super-class file that does not fit it (raised by
+    `timm_mlit.task`, defined here so that it can be caught without importing timm.task, timm >= 1.0.29)."""
 
 
 @dataclass
@@ -261,6 +266,11 @@ def confusion_of_checkpoint(args) -> SuperClasses:
     data_args = {k: getattr(args, k) for k in ('input_size', 'crop_pct', 'mean', 'std', 'interpolation')
                  if getattr(args, k) is not None}
     transform = create_transform(**resolve_data_config(data_args, model=model))
+    if args.dataset.startswith('torch/') and args.split not in ('train', 'training'):
+        import sys
+        print(f'{PROG}: warning: split {args.split!r} of {args.dataset} is its test set; take the confusions on '
+              f'images held out of the training data (e.g. a copy whose test files are the last training images), '
+              f'never on the test set you report', file=sys.stderr)
     dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, transform=transform)
     preds, targets = predict(model, dataset, args.batch_size, args.workers, args.device)
     n = model.num_classes

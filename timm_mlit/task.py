@@ -20,13 +20,9 @@ import torch.nn.functional as F
 from timm.task import ClassificationTask
 
 from .layers import ImageRouter
-from .superclasses import SuperClasses
+from .superclasses import RouterTaskError, SuperClasses
 
 __all__ = ['SuperClassRouterTask', 'RouterAccuracy', 'RouterTaskError', 'superclass_targets', 'the_router']
-
-
-class RouterTaskError(ValueError):
-    """A model that the super-class router loss cannot train, or a super-class file that does not fit it."""
 
 
 def superclass_targets(target: torch.Tensor, class_to_super: torch.Tensor) -> torch.Tensor:
@@ -66,9 +62,13 @@ class RouterAccuracy:
 
     def compute_and_reset(self) -> Optional[float]:
         """The accuracy in % since the last call (None if nothing was counted)."""
-        if not self.total:
+        counts = torch.tensor([0. if self.correct is None else float(self.correct.item()), float(self.total)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's images
+            counts = counts.to(self.correct.device if self.correct is not None else 'cpu')
+            torch.distributed.all_reduce(counts)
+        if not counts[1]:
             return None
-        acc = 100. * self.correct.item() / self.total
+        acc = 100. * float(counts[0]) / float(counts[1])
         self.correct, self.total = None, 0
         return acc
 

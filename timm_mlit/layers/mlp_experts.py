@@ -9,7 +9,7 @@ Two ways of mixing, equal to float tolerance:
     an image's tokens touch only its k experts' weights, and an unchosen expert gets no gradient from it.
   * `forward_dense`: every expert on every token, mixed with the (mostly zero) gates: fixed shapes, no host sync,
     for torch.fx, TorchScript, ONNX export, torch.compile and meta tensors, where data-dependent shapes do not
-    trace.
+    trace. The same outputs at E times the MLP compute: a compiled or exported model does not skip unchosen experts.
 """
 from typing import Optional, Type
 
