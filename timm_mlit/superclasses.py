@@ -268,9 +268,9 @@ def confusion_of_checkpoint(args) -> SuperClasses:
     transform = create_transform(**resolve_data_config(data_args, model=model))
     if args.dataset.startswith('torch/') and args.split not in ('train', 'training'):
         import sys
-        print(f'{PROG}: warning: split {args.split!r} of {args.dataset} is its test set; take the confusions on '
-              f'images held out of the training data (e.g. a copy whose test files are the last training images), '
-              f'never on the test set you report', file=sys.stderr)
+        print(f'{PROG}: warning: split {args.split!r} of {args.dataset} reads the test files in {args.data_dir}: '
+              f'they should be images held out of the training data (e.g. a copy whose test files are the last '
+              f'training images), never the test set you report', file=sys.stderr)
     dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, transform=transform)
     preds, targets = predict(model, dataset, args.batch_size, args.workers, args.device)
     n = model.num_classes
