@@ -359,3 +359,21 @@ def test_readme_model_table_holds_the_measured_parameter_counts():
         touched = total - model.moe_layers * (model.num_experts - model.top_k) * per_expert
         assert (cells[-2], cells[-1]) == (f'{total:,}', f'{touched:,}'), cells[0]
         assert cells[3] == f'{model.moe_layers}, {model.num_experts}, {model.top_k}'
+
+
+def test_readme_fashion_mnist_table_and_groups_are_the_benchmarks():
+    """The README's Mobile V-MoE results are the files benchmarks/mobile_vmoe_fashion_mnist.py wrote."""
+    from pathlib import Path
+
+    from readme import README
+    results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
+    table = [line for line in (results / 'mobile_vmoe_fashion_mnist.md').read_text().splitlines()
+             if line.startswith('|')]
+    assert len(table) == 6
+    for line in table:
+        assert line in README.splitlines(), line
+    sc = load_superclasses(str(results / 'mobile_vmoe_fashion_mnist_superclasses.json'), num_classes=10)
+    for line in sc.describe().splitlines():
+        assert f'- {line}' in README.splitlines(), line
+    meta = json.loads((results / 'mobile_vmoe_fashion_mnist.json').read_text())['meta']
+    assert f"--epochs {meta['epochs']}" in README and (results / 'mobile_vmoe_fashion_mnist_confusion.png').is_file()
