@@ -172,6 +172,13 @@ class MoERecorder:
         self.eval_router_accuracy = None
         self._start()
 
+    def check_router_task(self):
+        """Raise if --superclasses was given but the script built no classification task to add the loss to."""
+        if self.expects_router_task and self.router_task is None:
+            from .superclasses import RouterTaskError
+            raise RouterTaskError('--superclasses was given, but the script built no classification task to add the '
+                                  'router loss to (it is for timm\'s train.py >= 1.0.29, without distillation)')
+
     def _start(self):
         self.steps = 0
         self._loss = None
@@ -249,15 +256,11 @@ def _recording_moe(recorder: MoERecorder) -> Iterator[MoERecorder]:
         loss = recorder.end_epoch(epoch, os.path.dirname(os.path.abspath(filename)))
         if loss is not None:
             train_metrics = dict(train_metrics, moe_loss=loss)
-        if recorder.expects_router_task and recorder.router_task is None:
-            from .superclasses import RouterTaskError
-            raise RouterTaskError('--superclasses was given, but the script built no classification task to add the '
-                                  'router loss to (a distillation run, or a train.py older than timm 1.0.29)')
+        recorder.check_router_task()
         if recorder.router_task is not None:
             train_metrics = dict(train_metrics, router_acc=recorder.router_task.train_accuracy.compute_and_reset())
             if eval_metrics is not None:
                 eval_metrics = dict(eval_metrics, router_acc=recorder.eval_router_accuracy.compute_and_reset())
-                recorder.eval_router_accuracy = type(recorder.eval_router_accuracy)()
         return update_summary(epoch, train_metrics, eval_metrics, filename, *args, **kwargs)
 
     replacements = [(timm, 'create_model', create_and_watch), (timm.models, 'create_model', create_and_watch),
@@ -411,9 +414,7 @@ def main(argv: Optional[Sequence[str]] = None):
                 stack.enter_context(_superclass_routing(recorder, superclasses, 0.3 if weight is None else weight))
                 recorder.expects_router_task = True
             runpy.run_path(script_argv[0], run_name='__main__')
-            if recorder.expects_router_task and recorder.router_task is None:
-                raise RouterTaskError(f'--superclasses was given, but {os.path.basename(script_argv[0])} built no '
-                                      f'classification task to add the router loss to (it is for timm\'s train.py)')
+            recorder.check_router_task()  # (validate.py and the like build none and write no summary)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0

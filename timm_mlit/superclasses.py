@@ -24,10 +24,12 @@ import argparse
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from timm.utils import ParseKwargs
 
 from .cli import HelpFormatter, exit_on_error
 from .files import atomic_write
@@ -267,7 +269,6 @@ def confusion_of_checkpoint(args) -> SuperClasses:
                  if getattr(args, k) is not None}
     transform = create_transform(**resolve_data_config(data_args, model=model))
     if args.dataset.startswith('torch/') and args.split not in ('train', 'training'):
-        import sys
         print(f'{PROG}: warning: split {args.split!r} of {args.dataset} reads the test files in {args.data_dir}: '
               f'they should be images held out of the training data (e.g. a copy whose test files are the last '
               f'training images), never the test set you report', file=sys.stderr)
@@ -283,27 +284,12 @@ def confusion_of_checkpoint(args) -> SuperClasses:
     return sc
 
 
-def _parse_kwargs(items: Sequence[str]) -> dict:
-    """`key=value` pairs, values read as Python literals where they are one (as timm's train.py reads them)."""
-    import ast
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'--model-kwargs takes key=value pairs, got {item!r}')
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split('\n\n')[1])
     parser.add_argument('--output', '-o', required=True, help='the super-class JSON file to write')
     src = parser.add_argument_group('from a dense model\'s confusions')
     src.add_argument('--model', help='timm model name of the dense baseline')
-    src.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+    src.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                      help='model arguments, as train.py\'s --model-kwargs')
     src.add_argument('--checkpoint', help='its weights (a train.py checkpoint or a state dict)')
     src.add_argument('--num-classes', type=int, default=None, help='classes of its head (default: the model\'s)')
@@ -340,7 +326,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    if value is None]
         if missing:
             parser.error(f'the following arguments are required without --cifar100-coarse: {", ".join(missing)}')
-        args.model_kwargs = _parse_kwargs(args.model_kwargs)
         sc = confusion_of_checkpoint(args)
     sc.save(args.output)
     print(sc.describe())

@@ -89,8 +89,9 @@ class SuperClassRouterTask(ClassificationTask):
         router = the_router(model)
         num_classes = getattr(model, 'num_classes', None)
         if num_classes is not None and num_classes != superclasses.num_classes:
-            raise RouterTaskError(f'the super-class file covers {superclasses.num_classes} classes, but the model has '
-                             f'num_classes={num_classes}')
+            raise RouterTaskError(
+                f'the super-class file covers {superclasses.num_classes} classes, but the model has '
+                f'num_classes={num_classes}')
         if router.num_experts != superclasses.num_superclasses:
             raise RouterTaskError(
                 f'the super-class file has {superclasses.num_superclasses} super-classes, but the model\'s router has '

@@ -17,16 +17,11 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from ._tracing import is_tracing
 from .experts import ExpertLinear
 from .gate import Routing
 
 __all__ = ['MlpExperts']
-
-
-def _is_tracing() -> bool:
-    from .moe import _is_fx_symbolic_tracing
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
-        or _is_fx_symbolic_tracing()
 
 
 class MlpExperts(nn.Module):
@@ -80,7 +75,7 @@ class MlpExperts(nn.Module):
 
     @torch.jit.unused
     def _forward_grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if _is_tracing() or x.device.type == 'meta':  # (meta tensors: shapes only, no counts to group by)
+        if is_tracing() or x.device.type == 'meta':  # (meta tensors: shapes only, no counts to group by)
             return self.forward_dense(x, routing)
         B, k = routing.top_idx.shape
         experts = routing.top_idx.reshape(-1)  # [B·k], image-major

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._tracing import is_tracing
 from .experts import SwiGLUExperts
 from .gate import NoisyTopKGate, Routing, moe_balance_loss
 from .image_gate import ImageRouter, per_token
@@ -24,12 +25,6 @@ __all__ = [
 
 MOE_IMPLS = ('auto', 'loop', 'dense', 'sparse')
 MOE_ROUTINGS = ('token', 'image')
-
-
-def _is_fx_symbolic_tracing() -> bool:
-    fx = torch.fx._symbolic_trace
-    check = getattr(fx, 'is_fx_symbolic_tracing', None) or fx.is_fx_tracing  # the first is torch >= 2.6
-    return check()
 
 
 def _gemm_pad(width: int, multiple: int = 16) -> int:
@@ -175,8 +170,7 @@ class MoE(nn.Module):
         it picks; 'dense' otherwise, on other devices (the sparse path reads the tokens-per-expert counts back to the
         host) and whenever a graph is being compiled, exported or traced (fixed shapes). The choice is measured by
         benchmarks/moe_layer.py and benchmarks/models.py."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
-                or _is_fx_symbolic_tracing():
+        if is_tracing():
             return 'dense'  # (checked before touching x: under torch.fx it is a Proxy)
         if x.device.type != 'cpu':
             return 'dense'
