@@ -197,7 +197,7 @@ def make_plan(budget: Budget, out: str, source_dir: str, scripts_dir: str, devic
                       '--checkpoint-hist', '1', '--output', out, '--experiment', name]
         if model != 'mlit_xxs':
             argv += ['--model', model] + _kwargs_argv(kwargs)
-        if cuda:  # the configs: fp32 on CPU, "on a GPU add --amp --amp-dtype bfloat16"
+        if cuda:  # the configs set no precision: timm-mlit-run picks bfloat16 on a CPU with bf16 units
             argv += ['--amp', '--amp-dtype', 'bfloat16']
         return argv + list(extra)
 
@@ -230,8 +230,8 @@ def make_plan(budget: Budget, out: str, source_dir: str, scripts_dir: str, devic
                   '--output', out, '--experiment', p_name]
         if budget.pretrain_images:
             p_argv += ['--train-num-samples', str(budget.pretrain_images)]
-        if not cuda:
-            p_argv += ['--no-amp']  # float16 autocast needs CUDA; bf16 is ~7x slower on CPU
+        if not cuda and pcfg.get('amp'):
+            p_argv += ['--no-amp']  # the config's float16 autocast needs CUDA (without `amp`: chosen per device)
         stages.append(Stage(p_name, 'pretrain', p_argv, p_epochs, n_pretrain,
                             NOMINAL_IMG_S.get(f'pretrain_{model}', 50.), row=f'mmlit_{size}'))
         ft = f'finetune_{model}'

@@ -123,7 +123,9 @@ def test_recipe_says_what_differs_from_the_paper(rel):
     assert f'timm ships no {paper_policy} AutoAugment policy' in text
     assert f'aa: original  # paper: {paper_policy} policy' in text
     cfg = _load(rel)
-    if cfg['amp']:
+    if 'amp' not in cfg:  # the CPU recipes: the launcher picks the precision for the device (timm_mlit.precision)
+        assert 'timm-mlit-run adds --amp --amp-dtype bfloat16 where the device has bfloat16 units' in text
+    elif cfg['amp']:
         assert cfg['amp_dtype'] == 'bfloat16' and 'bfloat16 autocast instead of the paper\'s float16' in text
     else:
         assert 'fp32 (amp off)' in text

@@ -65,6 +65,7 @@ from .files import atomic_write, check_writable_path, remove_stale_temporaries
 from .mae import MaskedAutoencoderMLiT
 from .mlit import MLiT
 from .plots import truncate_csv
+from .precision import auto_amp_dtype
 from .recipes import resolve_recipe
 
 # train_one_epoch lives in engine.py, the checkpoint functions in checkpoint.py; importable from here as before
@@ -146,8 +147,10 @@ def _add_optimization_args(parser: argparse.ArgumentParser):
 def _add_run_args(parser: argparse.ArgumentParser):
     """Device, outputs, resuming and export."""
     group = parser.add_argument_group('Run')
-    group.add_argument('--amp', default=False, action=argparse.BooleanOptionalAction,
-                       help='mixed precision (autocast)')
+    group.add_argument('--amp', default=None, action=argparse.BooleanOptionalAction,
+                       help='mixed precision (autocast) in --amp-dtype; --no-amp for float32; neither: bfloat16 where '
+                            'the device has bfloat16 units (AVX512_BF16/AMX CPU, CUDA), else float32 '
+                            '(timm_mlit.precision)')
     group.add_argument('--amp-dtype', default='float16', type=str,
                        help='float16 (CUDA, with a loss scaler) or bfloat16')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
@@ -357,9 +360,14 @@ def _build_loader(args, dataset, device: torch.device):
 
 def _amp(args, device: torch.device) -> Tuple[Callable, Optional[NativeScaler]]:
     """(autocast context factory, loss scaler): a scaler only for float16."""
-    if not args.amp:
+    if args.amp is None:
+        dtype = auto_amp_dtype(device)
+    else:
+        dtype = (torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) if args.amp else None
+    _logger.info(f'precision: {"float32" if dtype is None else str(dtype).split(".")[1] + " autocast"}'
+                 f'{" (chosen for this device)" if args.amp is None else ""}')
+    if dtype is None:
         return nullcontext, None
-    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     loss_scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
     return lambda: torch.autocast(device_type=device.type, dtype=dtype), loss_scaler
 

@@ -377,6 +377,60 @@ def _resolve(argv: Sequence[str]) -> List[str]:
     return [path] + (resolve_config_args(args) if _takes_config(path) else args)
 
 
+def _option(args: Sequence[str], name: str) -> Tuple[bool, Optional[str]]:
+    """(whether `name` is among `args` before any `--`, its value in `name V` or `name=V` form)."""
+    for i, arg in enumerate(args):
+        if arg == '--':
+            break
+        if arg == name:
+            return True, args[i + 1] if i + 1 < len(args) else None
+        if arg.startswith(name + '='):
+            return True, arg[len(name) + 1:]
+    return False, None
+
+
+def _config_values(args: Sequence[str]) -> dict:
+    """The YAML mapping of the -c/--config file in `args` (already resolved to a path), {} without one."""
+    import yaml
+    path = None
+    for i, arg in enumerate(args):
+        if arg == '--':
+            break
+        if arg in ('-c', '--config') and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith('--config='):
+            path = arg[len('--config='):]
+        elif arg.startswith('-c') and not arg.startswith('--') and len(arg) > 2:
+            path = arg[2:]
+    if not path:
+        return {}
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def auto_precision_args(args: Sequence[str]) -> List[str]:
+    """`args` for train.py with `--amp --amp-dtype bfloat16` added when neither they nor their recipe say anything
+    of `amp` and the run's device has bfloat16 units (`timm_mlit.precision.auto_amp_dtype`; `--device` from the
+    arguments, else the recipe, else train.py's default, cuda)."""
+    import torch
+
+    from .precision import PRECISION_ENV, auto_amp_dtype
+    cfg = _config_values(args)
+    if _option(args, '--amp')[0] or _option(args, '--amp-dtype')[0] or 'amp' in cfg or 'amp_dtype' in cfg:
+        return list(args)
+    device = _option(args, '--device')[1] or cfg.get('device') or 'cuda'
+    try:
+        dtype = auto_amp_dtype(device)
+    except RuntimeError:
+        raise ValueError(f'--device {device!r} is not a device: use cpu, cuda or cuda:N') from None
+    if dtype != torch.bfloat16:
+        return list(args)
+    print(f'{PROG}: bfloat16 autocast (--amp --amp-dtype bfloat16): {device} has bfloat16 units; '
+          f'{PRECISION_ENV}=float32 for float32', file=sys.stderr)
+    return list(args) + ['--amp', '--amp-dtype', 'bfloat16']
+
+
 def main(argv: Optional[Sequence[str]] = None):
     """Run `argv[0]` as `__main__` with `argv[1:]` as its arguments. Its SystemExit (status) passes through."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -393,6 +447,8 @@ def main(argv: Optional[Sequence[str]] = None):
     with exit_on_error(PROG, (FileNotFoundError, ValueError)):  # the launcher's own errors: the script's pass through
         rest, superclasses, weight = _take_superclass_args(argv[1:])
         script_argv = _resolve([argv[0]] + rest)
+        if _takes_config(script_argv[0]):  # train.py: the precision for this machine, where nothing sets one
+            script_argv = script_argv[:1] + auto_precision_args(script_argv[1:])
         if superclasses is not None:
             from .superclasses import load_superclasses
             load_superclasses(superclasses)  # checked before the script starts

@@ -3,7 +3,8 @@
 H query heads share G key/value heads (head h reads key/value head h // (H / G)), with biases on all four
 projections (the paper's encoder layers have biases on every linear layer). The r = H / G query heads of a group are
 stacked along the sequence axis, so each group is one plain attention over its own K/V head: no K/V copies and no
-GQA-specific kernel, one `scaled_dot_product_attention` call per group.
+GQA-specific kernel, one `scaled_dot_product_attention` call per group. In bfloat16 on a CPU the attention itself is
+`ops.chunked_attention` (written out, a few images at a time, backward by hand), which measures faster there.
 
 Not timm's `AttentionRope(num_kv_heads=...)`: that option only exists in recent timm releases, and it keeps
 separate q/k/v projections. Here q, k and v come from one fused projection (one matmul instead of three, which
@@ -13,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import use_fused_attn
+
+from ._tracing import is_tracing
+from .ops import chunked_attention
 
 __all__ = ['GroupedQueryAttention']
 
@@ -58,10 +62,21 @@ class GroupedQueryAttention(nn.Module):
         v = qkv[2].reshape(B, N, G, hd).transpose(1, 2)  # [B, G, N, hd]
 
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+            if not torch.jit.is_scripting() and self._cpu_bf16(q):
+                x = chunked_attention(q.reshape(B * G, r * N, hd), k.reshape(B * G, N, hd), v.reshape(B * G, N, hd),
+                                      self.scale).reshape(B, G, r * N, hd)
+            else:
+                x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, G, r·N, N]
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
         x = x.reshape(B, G, r, N, hd).permute(0, 3, 1, 2, 4).reshape(B, N, C)  # heads back in order h = g·r + i
         return self.proj_drop(self.proj(x))
+
+    @torch.jit.unused
+    def _cpu_bf16(self, q: torch.Tensor) -> bool:
+        """bfloat16 on a CPU, no attention dropout, eager: `ops.chunked_attention` instead of PyTorch's CPU flash
+        kernel, whose bfloat16 backward is twice its float32 one at these shapes (benchmarks/attention.py)."""
+        return not is_tracing() and q.device.type == 'cpu' and q.dtype == torch.bfloat16 \
+            and not (self.training and self.attn_drop.p > 0.)

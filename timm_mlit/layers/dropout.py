@@ -1,0 +1,28 @@
+""" nn.Dropout with a cheaper mask on a CPU (`ops.cpu_dropout`); the same module everywhere else """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._tracing import is_tracing
+from .ops import MaskDropout
+
+__all__ = ['Dropout']
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same arguments, no state) that draws its CPU training mask from 16-bit random lanes
+    (`ops.MaskDropout`: the rate rounded to a multiple of 2⁻¹⁶) instead of one Bernoulli sample per element; on
+    other devices, and while a graph is compiled, exported or traced, it is nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.:
+            return x
+        if torch.jit.is_scripting() or self.inplace or self.p >= 1.:
+            return F.dropout(x, self.p, True, self.inplace)
+        return self._train(x)
+
+    @torch.jit.unused
+    def _train(self, x: torch.Tensor) -> torch.Tensor:
+        if is_tracing() or x.device.type != 'cpu':  # (tracing first: under torch.fx x is a Proxy)
+            return F.dropout(x, self.p, True)
+        return MaskDropout.apply(x, self.p)
