@@ -15,6 +15,8 @@ RSS during three training steps over the RSS before the first one (Linux /proc),
     python benchmarks/models.py --out benchmarks/results
     python benchmarks/models.py --specs mlit_xxs mlit_xxs@dense mlit_xxs@sparse mlit_xxs@loop mlit_xxs@one_expert \
         vit_twin@mlit_xxs resnet10t mobilenetv3_small_050 --repeats 7 --out benchmarks/results     # README's table
+    python benchmarks/models.py --specs mlit_xxs mlit_xxs@torch_dropout vit_twin@mlit_xxs \
+        --amp-dtype float32 bfloat16 --no-memory --repeats 7 --out benchmarks/results     # each in its best precision
     python benchmarks/models.py --device cuda --amp-dtype bfloat16 --out benchmarks/results
 """
 import argparse
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, write_results  # noqa: E402
+from common import machine, time_interleaved, torch_dropout, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
@@ -38,7 +40,8 @@ VIT_TWINS = dict(mlit_xxs=(108, 9, 6), mlit_xs=(128, 12, 8), mlit_s=(144, 15, 8)
 
 
 def build(spec: str, num_classes: int = 100):
-    """`name`, `name@one_expert` (one expert per layer), `name@<moe_impl>` or `vit_twin@name`."""
+    """`name`, `name@one_expert` (one expert per layer), `name@<moe_impl>`, `name@torch_dropout` (PyTorch's dropout
+    in the MoE layers: the float32 path before the cheaper CPU mask) or `vit_twin@name`."""
     if spec.startswith('vit_twin@'):
         dim, depth, heads = VIT_TWINS[spec.split('@')[1]]
         return timm.create_model(
@@ -46,13 +49,15 @@ def build(spec: str, num_classes: int = 100):
             mlp_ratio=2.0, num_classes=num_classes)
     name, _, variant = spec.partition('@')
     kwargs = {}
+    if variant == 'torch_dropout':
+        return torch_dropout(timm.create_model(name, num_classes=num_classes))
     if variant == 'one_expert':
         kwargs = dict(num_experts=(1, 1, 1), top_k=1)
     elif variant in MOE_IMPLS:
         kwargs = dict(moe_impl=variant)
     elif variant:
-        raise ValueError(f'unknown model variant {spec!r}: use name@one_expert or name@<moe_impl>, moe_impl one of '
-                         f'{", ".join(MOE_IMPLS)}')
+        raise ValueError(f'unknown model variant {spec!r}: use name@one_expert, name@torch_dropout or '
+                         f'name@<moe_impl>, moe_impl one of {", ".join(MOE_IMPLS)}')
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
@@ -97,7 +102,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f'{field} not in /proc/self/status (Linux only)')
 
 
-def train_peak_mib(spec, model, x, target, opt, amp_dtype, device, args) -> float:
+def train_peak_mib(spec, model, x, target, opt, amp_dtype, device, precision, args) -> float:
     """Peak memory of a training step: CUDA's allocator peak, or on CPU the peak-RSS growth in a fresh process."""
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
@@ -106,7 +111,7 @@ def train_peak_mib(spec, model, x, target, opt, amp_dtype, device, args) -> floa
         return torch.cuda.max_memory_allocated() / 2 ** 20
     out = subprocess.run(
         [sys.executable, __file__, '--_worker', spec, '--train-batch', str(args.train_batch),
-         '--amp-dtype', args.amp_dtype], capture_output=True, text=True, check=True).stdout
+         '--amp-dtype', precision], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])['peak_mib']
 
 
@@ -123,13 +128,36 @@ def add_ratios(rows):
             r['eval_vs_loop'] = r['eval_img_s'] / ref['eval_img_s']
 
 
+def _dtype(name: str):
+    return None if name in ('', 'float32') else getattr(torch, name)
+
+
+def add_best_precision(rows, dtypes):
+    """With several precisions: each model's best latency and rates over them, and mLiT's over its ViT twin's."""
+    best = {}
+    for r in rows:
+        b = best.setdefault(r['spec'], dict(model=r['spec'], precision='best', params=r['params']))
+        for key, better in (('latency_b1_ms', min), ('eval_img_s', max), ('train_img_s', max)):
+            if key not in b or better(r[key], b[key]) == r[key]:
+                b[key], b[key.split('_')[0] + '_precision'] = r[key], r['precision']
+    for spec, b in best.items():
+        twin = best.get(f'vit_twin@{spec}')
+        if twin:
+            b['train_vs_vit'] = b['train_img_s'] / twin['train_img_s']
+            b['eval_vs_vit'] = b['eval_img_s'] / twin['eval_img_s']
+            b['latency_b1_vs_vit'] = b['latency_b1_ms'] / twin['latency_b1_ms']
+    return list(best.values())
+
+
 @exit_on_error('models.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
     parser.add_argument('--specs', nargs='+', default=None, help='override the model list entirely')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--amp-dtype', default='', help="'' for fp32, or bfloat16 / float16 autocast")
+    parser.add_argument('--amp-dtype', nargs='+', default=['float32'],
+                        help='float32 (no autocast), bfloat16 or float16 autocast; several: every model in each, '
+                             'interleaved, and each model\'s best')
     parser.add_argument('--batch', type=int, default=256)
     parser.add_argument('--train-batch', type=int, default=128)
     parser.add_argument('--repeats', type=int, default=5)
@@ -137,19 +165,21 @@ def main(argv=None):
     parser.add_argument('--out', default='benchmarks/results')
     parser.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    dtypes = ['float32' if d == '' else d for d in args.amp_dtype]
     if args._worker:
-        return worker_peak_memory(args._worker, args.train_batch, args.amp_dtype)
+        return worker_peak_memory(args._worker, args.train_batch, _dtype(dtypes[0]) and dtypes[0])
 
     device = torch.device(args.device)
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     specs = args.specs or default_specs(args.models)
+    several = len(dtypes) > 1
+    runs = {(f'{s} [{d}]' if several else s): (s, d) for s in specs for d in dtypes}  # key -> (spec, precision)
     models = {s: build(s).to(device) for s in specs}
     x1 = torch.randn(1, 3, 36, 36, device=device)
     xb = torch.randn(args.batch, 3, 36, 36, device=device)
     xt = torch.randn(args.train_batch, 3, 36, 36, device=device)
     target = torch.randint(0, 100, (args.train_batch,), device=device)
 
-    def infer(model, x):
+    def infer(model, x, amp_dtype):
         def fn():
             with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 model(x)
@@ -157,30 +187,37 @@ def main(argv=None):
 
     for m in models.values():
         m.eval()
-    lat = time_interleaved({s: infer(m, x1) for s, m in models.items()}, args.repeats * 4, device=args.device)
-    thr = time_interleaved({s: infer(m, xb) for s, m in models.items()}, args.repeats, device=args.device)
+    lat = time_interleaved({k: infer(models[s], x1, _dtype(d)) for k, (s, d) in runs.items()}, args.repeats * 4,
+                           device=args.device)
+    thr = time_interleaved({k: infer(models[s], xb, _dtype(d)) for k, (s, d) in runs.items()}, args.repeats,
+                           device=args.device)
     for m in models.values():
         m.train()
     opts = {s: torch.optim.AdamW(m.parameters(), lr=1e-4) for s, m in models.items()}
     train = time_interleaved(
-        {s: train_step_fn(m, xt, target, opts[s], amp_dtype, device) for s, m in models.items()},
+        {k: train_step_fn(models[s], xt, target, opts[s], _dtype(d), device) for k, (s, d) in runs.items()},
         args.repeats, device=args.device)
 
     rows = []
-    for s, m in models.items():
-        row = dict(model=s, params=sum(p.numel() for p in m.parameters()),
-                   latency_b1_ms=lat[s] * 1e3, eval_img_s=args.batch / thr[s], train_img_s=args.train_batch / train[s])
+    for k, (s, d) in runs.items():
+        m = models[s]
+        row = dict(model=k, spec=s, precision=d, params=sum(p.numel() for p in m.parameters()),
+                   latency_b1_ms=lat[k] * 1e3, eval_img_s=args.batch / thr[k], train_img_s=args.train_batch / train[k])
         if not args.no_memory:
-            row['train_peak_mib'] = train_peak_mib(s, m, xt, target, opts[s], amp_dtype, device, args)
+            row['train_peak_mib'] = train_peak_mib(s, m, xt, target, opts[s], _dtype(d), device, d, args)
         rows.append(row)
         print(row, flush=True)
-    add_ratios(rows)
-    columns = ['model', 'params', 'latency_b1_ms', 'eval_img_s', 'train_img_s', 'train_peak_mib',
-               'eval_vs_one_expert', 'train_vs_one_expert', 'eval_vs_loop']
-    meta = dict(machine=machine(), device=args.device, amp_dtype=args.amp_dtype or 'float32', batch=args.batch,
+    columns = ['model', 'params', 'latency_b1_ms', 'eval_img_s', 'train_img_s', 'train_peak_mib']
+    if several:
+        rows += add_best_precision(rows, dtypes)
+        columns += ['train_vs_vit', 'eval_vs_vit', 'latency_b1_vs_vit']
+    else:
+        add_ratios(rows)
+        columns += ['eval_vs_one_expert', 'train_vs_one_expert', 'eval_vs_loop']
+    meta = dict(machine=machine(), device=args.device, amp_dtype='_'.join(dtypes), batch=args.batch,
                 train_batch=args.train_batch, torch=torch.__version__, timm=timm.__version__,
                 command='python benchmarks/models.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
-    write_results(args.out, f'models_{args.device}_{args.amp_dtype or "float32"}', meta, rows, columns)
+    write_results(args.out, f'models_{args.device}_{"_".join(dtypes)}', meta, rows, columns)
 
 
 if __name__ == '__main__':

@@ -9,22 +9,24 @@ CIFAR-100 epochs in under 4 hours).
 
     python benchmarks/pretrain_throughput.py --device cuda --amp-dtype bfloat16 --batch 1280 --out benchmarks/results
     python benchmarks/pretrain_throughput.py --models mlit_xxs --batch 256 --steps 5      # CPU, fp32
+    python benchmarks/pretrain_throughput.py --models mlit_xxs --amp-dtype previous auto --steps 3 --repeats 5 \
+        --dataset-size 5000 --out benchmarks/results       # CPU: the chosen precision against the previous path
 """
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, sync, write_results  # noqa: E402
+from common import machine, time_interleaved, torch_dropout, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
 from timm_mlit.mae import MaskedAutoencoderMLiT  # noqa: E402
+from timm_mlit.precision import auto_amp_dtype  # noqa: E402
 
 
 def random_resized_crop_flip(images: torch.Tensor, size: int, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3),
@@ -59,50 +61,62 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--amp-dtype', default='', help="'' for fp32, or bfloat16 / float16 autocast")
+    parser.add_argument('--amp-dtype', nargs='+', default=['float32'],
+                        help='float32 (no autocast), bfloat16 or float16 autocast, auto (timm-mlit-pretrain\'s '
+                             'choice for the device: timm_mlit.precision), previous (float32 with PyTorch\'s '
+                             'dropout: the float32 path before the cheaper CPU mask); several: each, in turns')
     parser.add_argument('--batch', type=int, default=256)
     parser.add_argument('--dataset-size', type=int, default=50000, help='uint8 images held on the device')
     parser.add_argument('--steps', type=int, default=10, help='timed steps (after 3 warm-up steps)')
+    parser.add_argument('--repeats', type=int, default=1, help='timed rounds of --steps, interleaved; the median')
     parser.add_argument('--compile', action='store_true', help='torch.compile the MAE')
     parser.add_argument('--out', default='benchmarks/results')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     # synthetic 32x32 images (CIFAR's size); the content does not change the speed
     data = torch.randint(0, 256, (args.dataset_size, 3, 32, 32), dtype=torch.uint8, device=device)
-    rows = []
-    for name in args.models:
+
+    def make_step(name: str, precision: str):
         mae = MaskedAutoencoderMLiT(name).to(device).train()
+        if precision == 'previous':
+            torch_dropout(mae)
+        amp_dtype = auto_amp_dtype(device) if precision == 'auto' else \
+            None if precision in ('float32', 'previous') else getattr(torch, precision)
         step_model = torch.compile(mae) if args.compile else mae
         opt = torch.optim.AdamW(mae.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == 'cuda')
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
         def step():
-            idx = torch.randint(0, args.dataset_size, (args.batch,), device=device)
-            imgs = random_resized_crop_flip(data[idx], 36)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = step_model(imgs).loss
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            for _ in range(args.steps):
+                idx = torch.randint(0, args.dataset_size, (args.batch,), device=device)
+                imgs = random_resized_crop_flip(data[idx], 36)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = step_model(imgs).loss
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+        return step, amp_dtype
 
-        for _ in range(3):
-            step()
-        sync(args.device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync(args.device)
-        img_s = args.steps * args.batch / (time.perf_counter() - start)
-        epochs_per_hour = img_s * 3600 / 50000
-        rows.append(dict(model=name, batch=args.batch, img_s=img_s, cifar100_epochs_per_hour=epochs_per_hour))
-        print(rows[-1], flush=True)
+    rows = []
+    for name in args.models:
+        runs = {p: make_step(name, p) for p in args.amp_dtype}
+        seconds = time_interleaved({p: fn for p, (fn, _) in runs.items()}, args.repeats, warmup=1,
+                                   device=args.device)
+        for precision, (_, amp_dtype) in runs.items():
+            img_s = args.steps * args.batch / seconds[precision]
+            rows.append(dict(model=name, precision=precision, autocast=str(amp_dtype).replace('torch.', ''),
+                             batch=args.batch, img_s=img_s, cifar100_epochs_per_hour=img_s * 3600 / 50000))
+            print(rows[-1], flush=True)
+        first = rows[-len(runs)]
+        for row in rows[-len(runs):]:
+            row[f'vs_{first["precision"]}'] = row['img_s'] / first['img_s']
     command = 'python benchmarks/pretrain_throughput.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    meta = dict(machine=machine(), device=args.device, amp_dtype=args.amp_dtype or 'float32', torch=torch.__version__,
+    meta = dict(machine=machine(), device=args.device, amp_dtype='_'.join(args.amp_dtype), torch=torch.__version__,
                 compile=args.compile, command=command)
-    write_results(args.out, f'pretrain_{args.device}_{args.amp_dtype or "float32"}', meta, rows,
-                  ['model', 'batch', 'img_s', 'cifar100_epochs_per_hour'])
+    write_results(args.out, f'pretrain_{args.device}_{"_".join(args.amp_dtype)}', meta, rows,
+                  ['model', 'precision', 'autocast', 'batch', 'img_s', 'cifar100_epochs_per_hour',
+                   f'vs_{args.amp_dtype[0]}'])
 
 
 if __name__ == '__main__':

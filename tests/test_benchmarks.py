@@ -87,3 +87,35 @@ def test_models_benchmark_writes_each_spec_and_its_ratios(tmp_path):
     xxs = rows['mlit_xxs']
     assert xxs['eval_vs_loop'] == pytest.approx(xxs['eval_img_s'] / rows['mlit_xxs@loop']['eval_img_s'])
     assert xxs['train_vs_one_expert'] == pytest.approx(xxs['train_img_s'] / rows['mlit_xxs@one_expert']['train_img_s'])
+
+
+def test_models_benchmark_in_several_precisions_gives_each_models_best_against_its_vit_twin(tmp_path):
+    models.main(['--specs', 'mlit_xxs', 'vit_twin@mlit_xxs', '--amp-dtype', 'float32', 'bfloat16', '--batch', '2',
+                 '--train-batch', '2', '--repeats', '1', '--no-memory', '--out', str(tmp_path)])
+    rows = json.loads((tmp_path / 'models_cpu_float32_bfloat16.json').read_text())['rows']
+    runs = {(r['spec'], r['precision']): r for r in rows if r['precision'] != 'best'}
+    assert set(runs) == {(s, p) for s in ('mlit_xxs', 'vit_twin@mlit_xxs') for p in ('float32', 'bfloat16')}
+    best = {r['model']: r for r in rows if r['precision'] == 'best'}
+    mlit, vit = best['mlit_xxs'], best['vit_twin@mlit_xxs']
+    assert mlit['train_img_s'] == max(runs['mlit_xxs', p]['train_img_s'] for p in ('float32', 'bfloat16'))
+    assert mlit['latency_b1_ms'] == min(runs['mlit_xxs', p]['latency_b1_ms'] for p in ('float32', 'bfloat16'))
+    assert runs['mlit_xxs', mlit['train_precision']]['train_img_s'] == mlit['train_img_s']
+    assert mlit['train_vs_vit'] == mlit['train_img_s'] / vit['train_img_s']
+    assert mlit['latency_b1_vs_vit'] == mlit['latency_b1_ms'] / vit['latency_b1_ms']
+
+
+def test_torch_dropout_variant_is_the_model_with_pytorchs_dropout():
+    from timm_mlit.layers.dropout import Dropout
+    model = models.build('mlit_xxs@torch_dropout')
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and not any(isinstance(m, Dropout) for m in drops)
+    assert any(isinstance(m, Dropout) for m in models.build('mlit_xxs').modules())
+
+
+def test_pretrain_benchmark_compares_precisions_in_one_run(tmp_path, monkeypatch):
+    monkeypatch.setenv('TIMM_MLIT_PRECISION', 'bfloat16')
+    pretrain_throughput.main(['--models', 'mlit_xxs', '--batch', '4', '--steps', '1', '--dataset-size', '16',
+                              '--amp-dtype', 'previous', 'auto', '--out', str(tmp_path)])
+    rows = json.loads((tmp_path / 'pretrain_cpu_previous_auto.json').read_text())['rows']
+    assert [(r['precision'], r['autocast']) for r in rows] == [('previous', 'None'), ('auto', 'bfloat16')]
+    assert rows[0]['vs_previous'] == 1 and rows[1]['vs_previous'] == rows[1]['img_s'] / rows[0]['img_s']
