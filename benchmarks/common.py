@@ -16,17 +16,6 @@ def machine() -> str:
     return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
 
 
-def torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with each of timm-mlit's CPU dropouts (layers.dropout.Dropout) made a plain nn.Dropout again: the
-    float32 path as it was before the cheaper mask, to measure against in the same run."""
-    from timm_mlit.layers.dropout import Dropout
-    for m in model.modules():
-        for name, child in m.named_children():
-            if isinstance(child, Dropout):
-                setattr(m, name, torch.nn.Dropout(child.p))
-    return model
-
-
 def sync(device: str):
     if device.startswith('cuda'):
         torch.cuda.synchronize()

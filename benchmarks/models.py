@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, torch_dropout, write_results  # noqa: E402
+from common import machine, time_interleaved, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
 from timm_mlit.layers import MOE_IMPLS  # noqa: E402
+from timm_mlit.layers.dropout import torch_dropout  # noqa: E402
 
 VIT_TWINS = dict(mlit_xxs=(108, 9, 6), mlit_xs=(128, 12, 8), mlit_s=(144, 15, 8))
 

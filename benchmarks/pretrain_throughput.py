@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, torch_dropout, write_results  # noqa: E402
+from common import machine, time_interleaved, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
+from timm_mlit.layers.dropout import torch_dropout  # noqa: E402
 from timm_mlit.mae import MaskedAutoencoderMLiT  # noqa: E402
 from timm_mlit.precision import auto_amp_dtype  # noqa: E402
 

@@ -11,6 +11,7 @@ import torch
 
 import timm_mlit  # noqa: F401
 from timm_mlit.layers import MoE
+from timm_mlit.layers.dropout import torch_dropout
 from timm_mlit.pretrain import main as pretrain_main
 
 DATA = Path(__file__).resolve().parent / 'data'
@@ -42,6 +43,7 @@ def test_a_state_dict_of_0_1_0_gives_the_outputs_it_gave(shared, impl):
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), OUTPUTS[f'{key}/eval/{impl}'], atol=1e-5)
     model.train()
+    torch_dropout(model)  # 0.1.0 drew its dropout masks with PyTorch's dropout (ours draws another stream)
     torch.manual_seed(1)  # the gate noise and dropout draws of the recorded forward
     y = model(x)
     (y.square().sum() + model.moe_loss()).backward()

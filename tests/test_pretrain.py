@@ -19,7 +19,8 @@ from timm_mlit.pretrain import PretrainError, main
 TINY = ['--model', 'mlit_xxs', '--model-kwargs', 'depth=3', '--workers', '0', '--warmup-epochs', '1',
         '--log-interval', '1']
 NOISE_FREE = ['--model-kwargs', 'depth=3', 'noisy_gating=False', 'moe_drop_rate=0',
-              '--mae-kwargs', 'decoder_noisy_gating=False', 'decoder_moe_drop_rate=0', '--beta', '0']
+              '--mae-kwargs', 'decoder_noisy_gating=False', 'decoder_moe_drop_rate=0', '--beta', '0',
+              '--no-amp']  # (float32 whatever the CPU: these runs are compared at float32 tolerance)
 
 
 @pytest.fixture(scope='module')
@@ -131,6 +132,18 @@ def test_two_process_torchrun_equals_one_process(tmp_path, image_folder):
     for a, b in zip(summary(one), summary(tmp_path / 'two')):
         assert float(a['train_loss']) == pytest.approx(float(b['train_loss']), rel=1e-5)
     assert_same_weights(state(one / 'last.pth.tar'), state(tmp_path / 'two' / 'last.pth.tar'), atol=1e-5)
+
+
+def test_pretraining_picks_bfloat16_where_the_cpu_has_it_and_no_amp_keeps_float32(tmp_path, image_folder, monkeypatch,
+                                                                                  caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger='timm_mlit.pretrain')
+    monkeypatch.setenv('TIMM_MLIT_PRECISION', 'bfloat16')  # as on a CPU with bf16 units
+    run(tmp_path, image_folder, 'auto', '--epochs', '1', '-b', '8', '--device', 'cpu')
+    assert 'precision: bfloat16 autocast (chosen for this device)' in caplog.text
+    caplog.clear()
+    run(tmp_path, image_folder, 'fp32', '--epochs', '1', '-b', '8', '--device', 'cpu', '--no-amp')
+    assert 'precision: float32' in caplog.text and 'bfloat16' not in caplog.text
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from ._tracing import is_tracing
 from .ops import MaskDropout
 
-__all__ = ['Dropout']
+__all__ = ['Dropout', 'torch_dropout']
 
 
 class Dropout(nn.Dropout):
@@ -26,3 +26,14 @@ class Dropout(nn.Dropout):
         if is_tracing() or x.device.type != 'cpu':  # (tracing first: under torch.fx x is a Proxy)
             return F.dropout(x, self.p, True)
         return MaskDropout.apply(x, self.p)
+
+
+def torch_dropout(model: nn.Module) -> nn.Module:
+    """`model` with each `Dropout` made a plain nn.Dropout of the same rate, in place: PyTorch's own masks, so that a
+    seeded run draws what it drew before the cheaper mask existed (and a float32 path to measure against).
+    Returns `model`."""
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, Dropout):
+                setattr(module, name, nn.Dropout(child.p))
+    return model
