@@ -172,7 +172,102 @@ def widths_table(results: Path) -> str:
             + _md(['output width', 'ms', 'padded to', 'ms', 'padded / plain'], rows) + '\n\n' + summary)
 
 
+PRECISION_STEM = 'models_cpu_float32_bfloat16'
+PRETRAIN_STEM = 'pretrain_cpu_previous_auto'
+EDGE_STEM = 'edge_cpu'
+
+
+def _best_rows(results: Path):
+    data = _load(results, PRECISION_STEM)
+    best = {r['model']: r for r in data['rows'] if r.get('precision') == 'best'}
+    runs = {(r['spec'], r['precision']): r for r in data['rows'] if r.get('precision') != 'best'}
+    needed = ['mlit_xxs', 'mlit_xxs@torch_dropout', 'vit_twin@mlit_xxs']
+    missing = [m for m in needed if m not in best]
+    if missing:
+        raise ReadmeTableError(f'{PRECISION_STEM}.json has no best row for {", ".join(missing)}: re-run '
+                               f'`{data["meta"]["command"]}` with --specs {" ".join(needed)}')
+    return data, best, runs
+
+
+def precision_table(results: Path) -> str:
+    """mlit_xxs and its ViT twin in float32 and bfloat16 autocast, and each one's best, on this CPU."""
+    data, best, runs = _best_rows(results)
+    labels = {'mlit_xxs': 'mlit_xxs', 'mlit_xxs@torch_dropout': 'mlit_xxs, PyTorch\'s dropout (the previous path)',
+              'vit_twin@mlit_xxs': 'dense ViT twin (timm, SDPA)'}
+    rows = []
+    for spec, label in labels.items():
+        for precision in ('float32', 'bfloat16'):
+            r = runs[spec, precision]
+            rows.append([label, precision, f"{r['latency_b1_ms']:.1f}", _rate(r['eval_img_s']),
+                         _rate(r['train_img_s'])])
+    return _measured_by(data['meta']) + '\n\n' + _md(
+        ['model', 'precision', 'latency b=1 (ms)', 'eval img/s', 'train img/s'], rows)
+
+
+def pretrain_table(results: Path) -> str:
+    data = _load(results, PRETRAIN_STEM)
+    label = {'previous': 'float32, PyTorch\'s dropout (the previous path)', 'auto': 'chosen for this CPU'}
+    rows = [[r['model'], label.get(r['precision'], r['precision']), r['autocast'].replace('None', 'float32'),
+             _rate(r['img_s']), f"{r['vs_previous']:.2f}"] for r in data['rows']]
+    return _measured_by(data['meta']) + '\n\n' + _md(
+        ['model', 'path', 'precision', 'img/s', 'vs previous'], rows)
+
+
+def edge_table(results: Path) -> str:
+    data = _load(results, EDGE_STEM)
+    rows = []
+    for r in data['rows']:
+        top1 = f"{r['test_top1']:.2f} ({r['top1_vs_eager_float32']:+.2f})" if 'test_top1' in r else '— (speed only)'
+        rows.append([r['model'].replace('vit_twin@mlit_xxs', 'dense ViT twin'), r['route'], top1,
+                     f"{r['latency_b1_ms']:.1f}", _rate(r['img_s'])])
+    return (_measured_by(data['meta']) + f" {data['meta']['images']:,} test images.\n\n"
+            + _md(['model', 'route', 'test top-1 % (vs eager float32)', 'latency b=1 (ms)', 'img/s (b=256)'], rows))
+
+
+def cpu_targets_table(results: Path) -> str:
+    """The CPU-speed goals against the dense ViT twin, each model in its best precision, from one run."""
+    data, best, runs = _best_rows(results)
+    pre = _load(results, PRETRAIN_STEM)
+    edge = {(r['model'], r['route']): r for r in _load(results, EDGE_STEM)['rows']}
+    mlit, vit = best['mlit_xxs'], best['vit_twin@mlit_xxs']
+    auto = next(r for r in pre['rows'] if r['precision'] == 'auto')
+    new32, old32 = runs['mlit_xxs', 'float32'], runs['mlit_xxs@torch_dropout', 'float32']
+    int8, fp32 = edge['mlit_xxs', 'onnxruntime int8'], edge['mlit_xxs', 'eager float32']
+
+    def verdict(ok: bool) -> str:
+        return 'met' if ok else 'missed'
+
+    def best_of(r, key):
+        return r[key.split('_')[0] + '_precision']
+    drop = int8['test_top1'] - fp32['test_top1']
+    fp32_train = new32['train_img_s'] / old32['train_img_s']
+    rows = [
+        ['mlit_xxs training step ≥ 1.8× the dense ViT twin, each in its best precision',
+         f"{mlit['train_vs_vit']:.2f}× ({_rate(mlit['train_img_s'])} img/s in {best_of(mlit, 'train_img_s')} vs "
+         f"{_rate(vit['train_img_s'])} in {best_of(vit, 'train_img_s')})", verdict(mlit['train_vs_vit'] >= 1.8)],
+        ['mlit_xxs eval ≥ 2.5× the ViT twin, each in its best precision',
+         f"{mlit['eval_vs_vit']:.2f}× ({_rate(mlit['eval_img_s'])} img/s in {best_of(mlit, 'eval_img_s')} vs "
+         f"{_rate(vit['eval_img_s'])} in {best_of(vit, 'eval_img_s')})", verdict(mlit['eval_vs_vit'] >= 2.5)],
+        ['mlit_xxs batch-1 latency ≤ the ViT twin\'s (eager PyTorch)',
+         f"{mlit['latency_b1_ms']:.1f} vs {vit['latency_b1_ms']:.1f} ms ({mlit['latency_b1_vs_vit']:.2f}×); "
+         f"through ONNX Runtime int8 {int8['latency_b1_ms']:.1f} ms", verdict(mlit['latency_b1_vs_vit'] <= 1)],
+        ['MAE pre-training ≥ 1.8× the previous float32 path, same run',
+         f"{auto['vs_previous']:.2f}× ({_rate(auto['img_s'])} img/s, {auto['autocast']})",
+         verdict(auto['vs_previous'] >= 1.8)],
+        ['float32 path (a CPU without bf16 units) no slower than the previous one',
+         f"training {fp32_train:.2f}× the previous path's (its one float32 change is the dropout mask); eval and "
+         f"batch 1 take the same kernels as before ({new32['eval_img_s'] / old32['eval_img_s']:.2f}× and "
+         f"{new32['latency_b1_ms'] / old32['latency_b1_ms']:.2f}× here: the noise of the run)",
+         verdict(fp32_train >= 0.95)],
+        ['int8 Fashion-MNIST test top-1 at most 0.5 points below float32',
+         f"{int8['test_top1']:.2f} vs {fp32['test_top1']:.2f} ({drop:+.2f})", verdict(drop >= -0.5)],
+    ]
+    return _md(['target', 'measured', ''], rows)
+
+
 TABLES: Dict[str, Callable[[Path], str]] = {
+    'cpu-precision': precision_table, 'pretrain-precision': pretrain_table, 'edge': edge_table,
+    'cpu-targets': cpu_targets_table,
     'moe-layer-ranges': layer_ranges, 'models': models_table, 'speed-targets': targets_table,
     'moe-paths': paths_table, 'matmul-widths': widths_table,
 }

@@ -40,3 +40,38 @@ def test_check_exits_with_one_error_line_when_a_table_is_stale(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exit_:
         readme_tables.main(['--check'])
     assert str(exit_.value).startswith('readme_tables.py: error: ')
+
+
+def _cpu_results(tmp_path, mlit_train, vit_train, old_train=100., int8_top1=84.0):
+    meta = dict(command='python benchmarks/x.py', torch='2', machine='cpu', images=10)
+
+    def run(spec, precision, train, eval_=300., lat=10.):
+        return dict(model=f'{spec} [{precision}]', spec=spec, precision=precision, params=1, latency_b1_ms=lat,
+                    eval_img_s=eval_, train_img_s=train)
+    runs = [run('mlit_xxs', 'float32', 100.), run('mlit_xxs', 'bfloat16', mlit_train, 800., 9.),
+            run('mlit_xxs@torch_dropout', 'float32', old_train), run('mlit_xxs@torch_dropout', 'bfloat16', 90.),
+            run('vit_twin@mlit_xxs', 'float32', vit_train, 300., 9.5), run('vit_twin@mlit_xxs', 'bfloat16', 10.)]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    from models import add_best_precision
+    rows = runs + add_best_precision(runs, ['float32', 'bfloat16'])
+    (tmp_path / 'models_cpu_float32_bfloat16.json').write_text(json.dumps(dict(meta=meta, rows=rows)))
+    pre = [dict(model='mlit_xxs', precision='previous', autocast='None', img_s=100., vs_previous=1.),
+           dict(model='mlit_xxs', precision='auto', autocast='bfloat16', img_s=190., vs_previous=1.9)]
+    (tmp_path / 'pretrain_cpu_previous_auto.json').write_text(json.dumps(dict(meta=meta, rows=pre)))
+    edge = [dict(model='mlit_xxs', route=r, test_top1=t, top1_vs_eager_float32=t - 84.3, latency_b1_ms=5., img_s=1.)
+            for r, t in (('eager float32', 84.3), ('onnxruntime int8', int8_top1))]
+    (tmp_path / 'edge_cpu.json').write_text(json.dumps(dict(meta=meta, rows=edge)))
+
+
+def _verdicts(tmp_path):
+    lines = readme_tables.cpu_targets_table(tmp_path).splitlines()[2:]
+    return [line.rstrip(' |').rsplit('| ', 1)[-1] for line in lines]
+
+
+def test_cpu_targets_compare_each_models_best_precision(tmp_path):
+    _cpu_results(tmp_path, mlit_train=200., vit_train=100.)  # every goal reached
+    assert _verdicts(tmp_path) == ['met'] * 6
+    # training 1.5x the twin's best, the float32 path 1/1.2 of the previous one, int8 0.8 points down
+    _cpu_results(tmp_path, mlit_train=150., vit_train=100., old_train=120., int8_top1=83.5)
+    assert _verdicts(tmp_path) == ['missed', 'met', 'met', 'met', 'missed', 'missed']
+    assert '1.50× (150 img/s in bfloat16 vs 100 in float32)' in readme_tables.cpu_targets_table(tmp_path)
