@@ -174,7 +174,9 @@ def main(argv=None):
     specs = args.specs or default_specs(args.models)
     several = len(dtypes) > 1
     runs = {(f'{s} [{d}]' if several else s): (s, d) for s in specs for d in dtypes}  # key -> (spec, precision)
-    models = {s: build(s).to(device) for s in specs}
+    # one model (and optimizer) per run: a model trained in turns in two precisions measured slower in both than
+    # one trained in a single precision, as training does (allocator churn between the two dtypes' buffers)
+    models = {k: build(s).to(device) for k, (s, _) in runs.items()}
     x1 = torch.randn(1, 3, 36, 36, device=device)
     xb = torch.randn(args.batch, 3, 36, 36, device=device)
     xt = torch.randn(args.train_batch, 3, 36, 36, device=device)
@@ -188,24 +190,24 @@ def main(argv=None):
 
     for m in models.values():
         m.eval()
-    lat = time_interleaved({k: infer(models[s], x1, _dtype(d)) for k, (s, d) in runs.items()}, args.repeats * 4,
+    lat = time_interleaved({k: infer(models[k], x1, _dtype(d)) for k, (s, d) in runs.items()}, args.repeats * 4,
                            device=args.device)
-    thr = time_interleaved({k: infer(models[s], xb, _dtype(d)) for k, (s, d) in runs.items()}, args.repeats,
+    thr = time_interleaved({k: infer(models[k], xb, _dtype(d)) for k, (s, d) in runs.items()}, args.repeats,
                            device=args.device)
     for m in models.values():
         m.train()
-    opts = {s: torch.optim.AdamW(m.parameters(), lr=1e-4) for s, m in models.items()}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     train = time_interleaved(
-        {k: train_step_fn(models[s], xt, target, opts[s], _dtype(d), device) for k, (s, d) in runs.items()},
+        {k: train_step_fn(models[k], xt, target, opts[k], _dtype(d), device) for k, (s, d) in runs.items()},
         args.repeats, device=args.device)
 
     rows = []
     for k, (s, d) in runs.items():
-        m = models[s]
+        m = models[k]
         row = dict(model=k, spec=s, precision=d, params=sum(p.numel() for p in m.parameters()),
                    latency_b1_ms=lat[k] * 1e3, eval_img_s=args.batch / thr[k], train_img_s=args.train_batch / train[k])
         if not args.no_memory:
-            row['train_peak_mib'] = train_peak_mib(s, m, xt, target, opts[s], _dtype(d), device, d, args)
+            row['train_peak_mib'] = train_peak_mib(s, m, xt, target, opts[k], _dtype(d), device, d, args)
         rows.append(row)
         print(row, flush=True)
     columns = ['model', 'params', 'latency_b1_ms', 'eval_img_s', 'train_img_s', 'train_peak_mib']

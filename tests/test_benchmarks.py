@@ -119,3 +119,18 @@ def test_pretrain_benchmark_compares_precisions_in_one_run(tmp_path, monkeypatch
     rows = json.loads((tmp_path / 'pretrain_cpu_previous_auto.json').read_text())['rows']
     assert [(r['precision'], r['autocast']) for r in rows] == [('previous', 'None'), ('auto', 'bfloat16')]
     assert rows[0]['vs_previous'] == 1 and rows[1]['vs_previous'] == rows[1]['img_s'] / rows[0]['img_s']
+
+
+def test_cpu_paths_benchmark_times_each_piece_against_its_alternative(tmp_path):
+    import cpu_paths
+
+    import timm_mlit.layers.ops.cpu_attention as cpu_attention
+    before = cpu_attention.CHUNK_BYTES
+    cpu_paths.main(['--batch', '2', '--repeats', '1', '--out', str(tmp_path)])
+    assert cpu_attention.CHUNK_BYTES == before  # the block size is put back
+    rows = json.loads((tmp_path / 'cpu_paths_cpu.json').read_text())['rows']
+    cases = [r['case'] for r in rows]
+    assert cases[0] == 'attention: SDPA float32' and 'dropout 0.1: MaskDropout' in cases
+    assert cases[-2:] == ["mlit_xxs training step, bfloat16: moe_impl='dense'",
+                          "mlit_xxs training step, bfloat16: moe_impl='sparse'"]
+    assert all(r['ms'] > 0 for r in rows) and rows[0]['vs_first_of_group'] == 1

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import timm_mlit  # noqa: F401
 import timm_mlit.layers.ops.cpu_attention as chunked
 from timm_mlit import precision
-from timm_mlit.layers import GroupedQueryAttention, MoE
+from timm_mlit.layers import GroupedQueryAttention
 from timm_mlit.layers.dropout import Dropout
 from timm_mlit.layers.ops import ChunkedAttention, MaskDropout, chunked_attention, keep_mask
 from timm_mlit.run import auto_precision_args
@@ -91,7 +91,7 @@ def test_attention_takes_the_chunked_path_in_bfloat16_on_cpu_only(monkeypatch):
 
 
 def test_bfloat16_model_gradients_follow_float32_ones():
-    """mlit_xxs trained one step under bf16 autocast (chunked attention, dense MoE mix, cheap dropout off) gives
+    """mlit_xxs trained one step under bf16 autocast (chunked attention; dropout and gate noise off) gives
     gradients pointing the way float32's do."""
     torch.manual_seed(0)
     model = timm.create_model('mlit_xxs', num_classes=10, moe_drop_rate=0., noisy_gating=False).train()
@@ -104,17 +104,6 @@ def test_bfloat16_model_gradients_follow_float32_ones():
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     g32, g16 = grads(False), grads(True)
     assert F.cosine_similarity(g32, g16, dim=0) > 0.99
-
-
-def test_moe_mixes_all_experts_when_training_in_bfloat16_on_cpu():
-    moe = MoE(108, 81, 3, top_k=2).train()
-    x = torch.randn(64, 108)
-    assert moe._auto_impl(x) == 'sparse'
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert moe._auto_impl(x) == 'dense'
-    with torch.no_grad():
-        assert moe._auto_impl(x.bfloat16()) == 'dense'
-    assert MoE(108, 81, 10, top_k=1)._auto_impl(x.bfloat16()) == 'sparse'  # many experts: the sparse dispatch
 
 
 def test_keep_mask_rate_and_repeatability():
@@ -187,5 +176,22 @@ def test_launcher_adds_bfloat16_only_where_nothing_sets_a_precision(monkeypatch,
     assert auto_precision_args(['-c', str(recipe)]) == ['-c', str(recipe)]
     recipe.write_text('device: cpu\n')
     assert auto_precision_args(['-c', str(recipe)])[-3:] == ['--amp', '--amp-dtype', 'bfloat16']
+    assert auto_precision_args(args + ['--', 'x']) == args + ['--amp', '--amp-dtype', 'bfloat16', '--', 'x']
     monkeypatch.setenv(precision.PRECISION_ENV, 'float32')
     assert auto_precision_args(args) == args
+
+
+def test_launcher_adds_precision_flags_only_to_scripts_that_have_them(tmp_path):
+    from timm_mlit.run import _trains_with_amp
+    train = tmp_path / 'train.py'
+    train.write_text("p.add_argument('-c', '--config')\np.add_argument('--amp-dtype')\n")
+    other = tmp_path / 'mine.py'
+    other.write_text("p.add_argument('-c', '--config')\n")
+    assert _trains_with_amp(str(train)) and not _trains_with_amp(str(other))
+
+
+def test_dropout_rates_that_round_to_one_drop_everything():
+    x = torch.randn(50, 4)
+    assert torch.equal(Dropout(0.999999).train()(x), torch.zeros_like(x))  # rounds to 1 on the 2^-16 grid
+    y = Dropout(0.99).train()(x)
+    assert (y == 0).float().mean() > 0.9

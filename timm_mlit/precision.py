@@ -43,6 +43,6 @@ def auto_amp_dtype(device) -> Optional[torch.dtype]:
     device = torch.device(device)
     if device.type == 'cpu':
         return torch.bfloat16 if cpu_has_bf16() else None
-    if device.type == 'cuda' and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device.type == 'cuda' and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16  # Ampere and later compute bfloat16 natively (is_bf16_supported counts emulation too)
     return None

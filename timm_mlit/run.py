@@ -44,6 +44,7 @@ PROG = 'timm-mlit-run'
 SCRIPTS_DIR_ENV = 'TIMM_SCRIPTS_DIR'
 EXPERT_LOAD_CSV = 'expert_load.csv'
 _CONFIG_OPTION = re.compile(r"""['"]--config['"]""")
+_AMP_DTYPE_OPTION = re.compile(r"""['"]--amp-dtype['"]""")
 
 
 def _version() -> str:
@@ -144,13 +145,22 @@ def resolve_config_args(args: Sequence[str]) -> List[str]:
     return out
 
 
-def _takes_config(path: str) -> bool:
-    """Whether the script declares a `--config` option (timm's train.py does: `-c/--config FILE`)."""
+def _declares(path: str, option: 're.Pattern[str]') -> bool:
     try:
         with open(path, encoding='utf-8', errors='replace') as f:
-            return _CONFIG_OPTION.search(f.read()) is not None
+            return option.search(f.read()) is not None
     except OSError:
         return False
+
+
+def _takes_config(path: str) -> bool:
+    """Whether the script declares a `--config` option (timm's train.py does: `-c/--config FILE`)."""
+    return _declares(path, _CONFIG_OPTION)
+
+
+def _trains_with_amp(path: str) -> bool:
+    """Whether the script is a training script with a config and timm's `--amp`/`--amp-dtype` options (train.py)."""
+    return _takes_config(path) and _declares(path, _AMP_DTYPE_OPTION)
 
 
 class MoERecorder:
@@ -426,9 +436,13 @@ def auto_precision_args(args: Sequence[str]) -> List[str]:
         raise ValueError(f'--device {device!r} is not a device: use cpu, cuda or cuda:N') from None
     if dtype != torch.bfloat16:
         return list(args)
-    print(f'{PROG}: bfloat16 autocast (--amp --amp-dtype bfloat16): {device} has bfloat16 units; '
-          f'{PRECISION_ENV}=float32 for float32', file=sys.stderr)
-    return list(args) + ['--amp', '--amp-dtype', 'bfloat16']
+    forced = os.environ.get(PRECISION_ENV, '').strip().lower() == 'bfloat16'
+    why = f'{PRECISION_ENV}=bfloat16' if forced else f'{device} has bfloat16 units'
+    print(f'{PROG}: bfloat16 autocast (--amp --amp-dtype bfloat16): {why}; {PRECISION_ENV}=float32 for float32',
+          file=sys.stderr)
+    args = list(args)
+    end = args.index('--') if '--' in args else len(args)  # (before a `--`: after it they would be positional)
+    return args[:end] + ['--amp', '--amp-dtype', 'bfloat16'] + args[end:]
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -447,7 +461,7 @@ def main(argv: Optional[Sequence[str]] = None):
     with exit_on_error(PROG, (FileNotFoundError, ValueError)):  # the launcher's own errors: the script's pass through
         rest, superclasses, weight = _take_superclass_args(argv[1:])
         script_argv = _resolve([argv[0]] + rest)
-        if _takes_config(script_argv[0]):  # train.py: the precision for this machine, where nothing sets one
+        if _trains_with_amp(script_argv[0]):  # train.py: the precision for this machine, where nothing sets one
             script_argv = script_argv[:1] + auto_precision_args(script_argv[1:])
         if superclasses is not None:
             from .superclasses import load_superclasses

@@ -2,13 +2,16 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from ._tracing import is_tracing
 from .ops import MaskDropout
+from .ops.cpu_dropout import rounds_to_one
 
 __all__ = ['Dropout', 'torch_dropout']
 
 
+@register_notrace_module  # a leaf for timm's fx tracing, as nn.Dropout is: its training flag is read at run time
 class Dropout(nn.Dropout):
     """nn.Dropout (same arguments, no state) that draws its CPU training mask from 16-bit random lanes
     (`ops.MaskDropout`: the rate rounded to a multiple of 2⁻¹⁶) instead of one Bernoulli sample per element; on
@@ -17,9 +20,13 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.:
             return x
-        if torch.jit.is_scripting() or self.inplace or self.p >= 1.:
+        if torch.jit.is_scripting() or self.inplace or self._rate_rounds_to_one():
             return F.dropout(x, self.p, True, self.inplace)
         return self._train(x)
+
+    @torch.jit.unused
+    def _rate_rounds_to_one(self) -> bool:
+        return rounds_to_one(self.p)
 
     @torch.jit.unused
     def _train(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,5 +42,5 @@ def torch_dropout(model: nn.Module) -> nn.Module:
     for module in model.modules():
         for name, child in module.named_children():
             if isinstance(child, Dropout):
-                setattr(module, name, nn.Dropout(child.p))
+                setattr(module, name, nn.Dropout(child.p, child.inplace))
     return model

@@ -167,21 +167,16 @@ class MoE(nn.Module):
 
     @torch.jit.unused
     def _auto_impl(self, x: torch.Tensor) -> str:
-        """On a CPU: 'sparse' when gradients are computed in float32 (in bfloat16 the matmuls of all experts cost
-        less than the sparse dispatch), and in inference once a layer has 4x more experts than it picks; 'dense'
-        otherwise, on other devices (the sparse path reads the tokens-per-expert counts back to the host) and
-        whenever a graph is being compiled, exported or traced (fixed shapes). The choice is measured by
+        """'sparse' on a CPU whenever gradients are computed, and in inference once a layer has 4x more experts than
+        it picks; 'dense' otherwise, on other devices (the sparse path reads the tokens-per-expert counts back to the
+        host) and whenever a graph is being compiled, exported or traced (fixed shapes). The choice is measured by
         benchmarks/moe_layer.py and benchmarks/models.py."""
         if is_tracing():
             return 'dense'  # (checked before touching x: under torch.fx it is a Proxy)
         if x.device.type != 'cpu':
             return 'dense'
-        if self.gate.num_experts >= 4 * self.gate.top_k:
+        if torch.is_grad_enabled() or self.gate.num_experts >= 4 * self.gate.top_k:
             return 'sparse'
-        if torch.is_grad_enabled():
-            bf16 = x.dtype == torch.bfloat16 or (
-                torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)
-            return 'dense' if bf16 else 'sparse'
         return 'dense'
 
 

@@ -5,23 +5,24 @@ mLiT's heads are 18 wide over 145 tokens. At these shapes PyTorch's CPU flash-at
 (its backward takes about twice its float32 time), while the three plain products and the softmax run on the CPU's
 bfloat16 units; done over the whole batch at once, though, the [B·G, r·N, N] score tensor (32 MB a layer for 128
 images) streams through memory several times. `ChunkedAttention` computes it in blocks of `chunk` (image, head
-group) pairs, about 1 MiB of scores each, and keeps the probabilities for the backward (they cost 2 bytes a score
-in bfloat16, and recomputing them measured slower). Measured in `benchmarks/attention.py`.
+group) pairs, about 1 MiB of scores each (4 MiB measures alike; 256 KiB and the whole batch at once are slower),
+and keeps the probabilities for the backward (2 bytes a score in bfloat16). Measured by benchmarks/cpu_paths.py.
 """
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ['ChunkedAttention', 'attention_chunk', 'chunked_attention']
 
-CHUNK_BYTES = 2 ** 20  # scores per block (about a core's L2 cache): benchmarks/attention.py
+CHUNK_BYTES = 2 ** 20  # scores per block (about a core's L2 cache): benchmarks/cpu_paths.py
 
 
 def attention_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
     """How many of the leading (batch) entries of q [b, M, d] and k [b, N, d] make a block of about CHUNK_BYTES of
     scores."""
     per_entry = q.shape[1] * k.shape[1] * q.element_size()
-    return max(1, CHUNK_BYTES // per_entry)
+    return max(1, CHUNK_BYTES // max(per_entry, 1))
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: Optional[torch.Tensor]) -> torch.Tensor:
@@ -63,6 +64,7 @@ class ChunkedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # (its products write into buffers: no graph of the backward)
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, probs = ctx.saved_tensors  # q scaled
         with torch.autocast(q.device.type, enabled=False):

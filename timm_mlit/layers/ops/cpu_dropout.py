@@ -3,11 +3,12 @@
 PyTorch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`), which took 17 ms for one MoE layer's
 output of a batch of 128 on mLiT-XXS (18,560 × 108 floats), about 8% of a training step. Here the mask comes from
 64-bit random words cut into four 16-bit lanes, an element kept when its lane is at least p·2¹⁶ above the lowest:
-the dropout rate is p rounded to a multiple of 2⁻¹⁶ (0.1 → 0.0999908), and the kept elements are scaled by the
+the dropout rate is p rounded to a multiple of 2⁻¹⁶ (0.1 → 0.1000061), and the kept elements are scaled by the
 reciprocal of that exact keep rate, so the expectation is unchanged. The mask is kept as bytes for the backward.
-Measured in `benchmarks/attention.py` (its dropout row).
+Measured by benchmarks/cpu_paths.py.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ['MaskDropout', 'keep_mask']
 
@@ -29,6 +30,11 @@ def keep_scale(p: float) -> float:
     return _LANES / (_LANES - round(p * _LANES))
 
 
+def rounds_to_one(p: float) -> bool:
+    """Whether p rounds to a dropout rate of 1 on the 2⁻¹⁶ grid (nothing kept: `keep_scale` has no value)."""
+    return round(p * _LANES) >= _LANES
+
+
 class MaskDropout(torch.autograd.Function):
     """y = x ⊙ mask / keep-rate, mask from `keep_mask`; the gradient goes through the same mask."""
 
@@ -40,6 +46,7 @@ class MaskDropout(torch.autograd.Function):
         return (x * ctx.scale).mul_(keep)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         keep, = ctx.saved_tensors
         return (grad * ctx.scale).mul_(keep), None
