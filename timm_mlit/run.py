@@ -127,22 +127,31 @@ def resolve_config_args(args: Sequence[str]) -> List[str]:
     from .recipes import resolve_recipe
 
     out = list(args)
+    for i, prefix in _config_slots(out):
+        out[i] = prefix + resolve_recipe(out[i][len(prefix):])
+    return out
+
+
+def _config_slots(args: Sequence[str]) -> List[Tuple[int, str]]:
+    """Where `args` name a config file, as (index, prefix): `args[index]` is prefix + the value, for each of
+    `-c X`, `--config X` (prefix ''), `--config=X` and `-cX`, before any `--`."""
+    slots = []
     i = 0
-    while i < len(out):
-        arg = out[i]
+    while i < len(args):
+        arg = args[i]
         if arg == '--':
             break
         if arg in ('-c', '--config'):
-            if i + 1 < len(out) and out[i + 1]:
-                out[i + 1] = resolve_recipe(out[i + 1])
+            if i + 1 < len(args) and args[i + 1]:
+                slots.append((i + 1, ''))
             i += 2
             continue
         if arg.startswith('--config=') and arg != '--config=':
-            out[i] = '--config=' + resolve_recipe(arg[len('--config='):])
+            slots.append((i, '--config='))
         elif arg.startswith('-c') and not arg.startswith('--') and len(arg) > 2:
-            out[i] = '-c' + resolve_recipe(arg[2:])
+            slots.append((i, '-c'))
         i += 1
-    return out
+    return slots
 
 
 def _declares(path: str, option: 're.Pattern[str]') -> bool:
@@ -400,21 +409,13 @@ def _option(args: Sequence[str], name: str) -> Tuple[bool, Optional[str]]:
 
 
 def _config_values(args: Sequence[str]) -> dict:
-    """The YAML mapping of the -c/--config file in `args` (already resolved to a path), {} without one."""
+    """The YAML mapping of the (last) config file in `args`, already resolved to a path; {} without one."""
     import yaml
-    path = None
-    for i, arg in enumerate(args):
-        if arg == '--':
-            break
-        if arg in ('-c', '--config') and i + 1 < len(args):
-            path = args[i + 1]
-        elif arg.startswith('--config='):
-            path = arg[len('--config='):]
-        elif arg.startswith('-c') and not arg.startswith('--') and len(arg) > 2:
-            path = arg[2:]
-    if not path:
+    slots = _config_slots(args)
+    if not slots:
         return {}
-    with open(path) as f:
+    i, prefix = slots[-1]
+    with open(args[i][len(prefix):]) as f:
         cfg = yaml.safe_load(f)
     return cfg if isinstance(cfg, dict) else {}
 

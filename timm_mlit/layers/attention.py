@@ -77,6 +77,6 @@ class GroupedQueryAttention(nn.Module):
     @torch.jit.unused
     def _cpu_bf16(self, q: torch.Tensor) -> bool:
         """bfloat16 on a CPU, no attention dropout, eager: `ops.chunked_attention` instead of PyTorch's CPU flash
-        kernel, whose bfloat16 backward is twice its float32 one at these shapes (benchmarks/cpu_paths.py)."""
+        kernel, which takes more than twice its float32 time in bfloat16 at these shapes (benchmarks/cpu_paths.py)."""
         return not is_tracing() and q.device.type == 'cpu' and q.dtype == torch.bfloat16 \
             and not (self.training and self.attn_drop.p > 0.)

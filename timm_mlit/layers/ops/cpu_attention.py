@@ -2,11 +2,12 @@
 the CPU's cache, with the backward written out: the fast attention for mLiT's shapes in bfloat16 on a CPU
 
 mLiT's heads are 18 wide over 145 tokens. At these shapes PyTorch's CPU flash-attention kernel is slow in bfloat16
-(its backward takes about twice its float32 time), while the three plain products and the softmax run on the CPU's
-bfloat16 units; done over the whole batch at once, though, the [B·G, r·N, N] score tensor (32 MB a layer for 128
-images) streams through memory several times. `ChunkedAttention` computes it in blocks of `chunk` (image, head
-group) pairs, about 1 MiB of scores each (4 MiB measures alike; 256 KiB and the whole batch at once are slower),
-and keeps the probabilities for the backward (2 bytes a score in bfloat16). Measured by benchmarks/cpu_paths.py.
+(forward and backward together take more than twice its float32 time), while the three plain products and the
+softmax run on the CPU's bfloat16 units; done over the whole batch at once, though, the [B·G, r·N, N] score tensor
+(32 MB a layer for 128 images) streams through memory several times. `ChunkedAttention` computes it in blocks of
+`chunk` (image, head group) pairs, about 1 MiB of scores each (4 MiB measures alike; 256 KiB and the whole batch at
+once are slower), and keeps the probabilities for the backward (2 bytes a score in bfloat16). Measured by
+benchmarks/cpu_paths.py.
 """
 from typing import Optional
 

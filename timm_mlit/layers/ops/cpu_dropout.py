@@ -1,11 +1,12 @@
-""" Dropout whose mask costs a quarter of nn.Dropout's on a CPU
+""" Dropout whose mask costs less than nn.Dropout's on a CPU
 
-PyTorch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`), which took 17 ms for one MoE layer's
-output of a batch of 128 on mLiT-XXS (18,560 × 108 floats), about 8% of a training step. Here the mask comes from
+PyTorch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`), a visible share of an mLiT training
+step in `torch.profiler` for the MoE layers' output dropout (18,560 × 108 floats a layer at batch 128). Here the mask
+comes from
 64-bit random words cut into four 16-bit lanes, an element kept when its lane is at least p·2¹⁶ above the lowest:
 the dropout rate is p rounded to a multiple of 2⁻¹⁶ (0.1 → 0.1000061), and the kept elements are scaled by the
 reciprocal of that exact keep rate, so the expectation is unchanged. The mask is kept as bytes for the backward.
-Measured by benchmarks/cpu_paths.py.
+Forward and backward against nn.Dropout's: benchmarks/cpu_paths.py.
 """
 import torch
 from torch.autograd.function import once_differentiable
