@@ -7,6 +7,8 @@
   ... and `eval_loss` where there is one) against the epoch, on log-log axes as the mLiT paper's Fig. 6.
 - `plot_expert_load(expert_load_csv, png)`: one panel per MoE layer, each expert's share of the routing per epoch
   beside the even share 1/E, so that a layer whose experts collapse onto a few stands out.
+- `plot_metric(summaries, column, png)`: one column (e.g. `eval_top1`) of several runs' summary.csv against the
+  epoch, one line per run: the validation curves of runs compared with each other.
 
 Both read the files the run has written so far, so a run can redraw them after every epoch (and the plots of a run
 that was killed show every finished epoch). Each PNG is written atomically: a reader sees the previous plot or the
@@ -23,7 +25,7 @@ from .files import atomic_write
 
 __all__ = [
     'append_expert_load', 'read_expert_load', 'truncate_csv', 'loss_figure', 'plot_losses', 'plot_expert_load',
-    'plot_confusion',
+    'plot_confusion', 'read_column', 'plot_metric',
 ]
 
 
@@ -90,6 +92,49 @@ def plot_losses(summary_csv: str, path: str, title: str = '') -> Optional[str]:
         _save(fig, path)
     finally:
         _pyplot().close(fig)
+    return path
+
+
+def read_column(summary_csv: str, column: str) -> Tuple[List[int], List[float]]:
+    """(epochs counted from 1, values) of one column of a timm-style summary.csv; rows without a number there are
+    skipped. KeyError naming the columns there are when the file has no such column."""
+    with open(summary_csv, newline='') as f:
+        rows = list(csv.DictReader(f))
+    if rows and column not in rows[0]:
+        raise KeyError(f'{summary_csv} has no column {column!r} (it has {", ".join(rows[0])})')
+    epochs, values = [], []
+    for r in rows:
+        try:
+            e, v = int(float(r['epoch'])) + 1, float(r[column])
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(v):
+            epochs.append(e)
+            values.append(v)
+    return epochs, values
+
+
+def plot_metric(summaries: Dict[str, str], column: str, path: str, title: str = '', ylabel: str = '') -> Optional[str]:
+    """One line per run ({label: summary.csv}) of `column` against the epoch; runs without the file or without a
+    value yet are left out; None when no run has one."""
+    series = {label: read_column(p, column) for label, p in summaries.items() if os.path.exists(p)}
+    series = {label: s for label, s in series.items() if s[0]}
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    try:
+        for label, (epochs, values) in series.items():
+            ax.plot(epochs, values, marker='o' if len(epochs) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(ylabel or column)
+        ax.set_title(title or column)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize='small')
+        fig.tight_layout()
+        _save(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -1,0 +1,239 @@
+""" Fashion-MNIST recipes for a short CPU budget, chosen on a held-out validation split
+
+    python benchmarks/fashion_mnist_zoo.py tune --out /var/tmp/zoo/out   # the pilots (mLiT-XXS): ~3h on 2 cores
+    python benchmarks/fashion_mnist_zoo.py tune --out /var/tmp/zoo/out --dry-run   # the plan and the commands only
+    python benchmarks/fashion_mnist_zoo.py curves --out /var/tmp/zoo/out # redraw the table and plot from what ran
+
+The last 5,000 of the 60k Fashion-MNIST training images are held out as the validation split (OUT/data holds the
+first 55,000 as `train-*` and the held-out ones as `t10k-*`, so train.py's `--val-split validation` reads them and
+logs their top-1 after every epoch in summary.csv). Pre-training and training see only the 55,000; the 10k test
+images are not read by anything here: recipes are chosen on the validation curves alone, and each shipped model is
+scored on the test set once, afterwards.
+
+`tune` runs the MAE pre-training of mLiT-XXS (train_configs/pretrain/mmlit_xxs_fashion_mnist.yaml, PRETRAIN_EPOCHS
+epochs) and then each pilot of PILOTS: the paper's fine-tuning and from-scratch recipes (train_configs/finetune/
+and scratch/mlit_xxs_fashion_mnist.yaml, whose 100-epoch schedules are cut to PILOT_EPOCHS) against variants for a
+short budget, all through timm's own train.py (`timm-mlit-run`, from $TIMM_SCRIPTS_DIR or --timm-scripts), all
+with the same epochs and warm-up. It writes RESULTS_DIR/fashion_mnist_tune.md/.json (each pilot's validation top-1
+per epoch, wall time, img/s) and fashion_mnist_tune.png (the validation curves), rewritten after every pilot.
+
+Stages run one after the other through benchmarks/fashion_mnist.py's orchestrator: each writes OUT/<stage>/ (the
+script's outputs, stage.log, done.json); re-running the same command after a kill skips finished stages and resumes
+an interrupted one from its newest checkpoint.
+"""
+import argparse
+import dataclasses
+import fcntl
+import importlib.util
+import json
+import os
+import sys
+from datetime import datetime
+from typing import Dict, List, Optional, Sequence
+
+from timm_mlit.cli import exit_on_error
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location('fashion_mnist_benchmark', os.path.join(HERE, 'fashion_mnist.py'))
+fm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fm)
+
+HOLDOUT = 5000  # the last 5,000 training images: the validation split
+PRETRAIN_EPOCHS, PRETRAIN_WARMUP = 10, 1
+PILOT_EPOCHS, PILOT_WARMUP = 3, 1
+TRAIN_IMAGES = 60000 - HOLDOUT
+VAL_COLUMN = 'eval_top1'  # train.py's summary.csv: top-1 on --val-split after each epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class Pilot:
+    key: str
+    label: str
+    kind: str  # 'finetune' (from the MAE encoder) | 'scratch'
+    extra: Sequence[str] = ()  # train.py arguments over the recipe's
+
+
+PILOTS = (
+    Pilot('ft_paper', 'fine-tune, paper recipe (AutoAugment, batch 256, layer decay 0.8)', 'finetune'),
+    Pilot('ft_noaa_b128', 'fine-tune, no AutoAugment, batch 128, layer decay 0.8', 'finetune',
+          ('--aa', '', '-b', '128')),
+    Pilot('ft_noaa_b128_ld09', 'fine-tune, no AutoAugment, batch 128, layer decay 0.9', 'finetune',
+          ('--aa', '', '-b', '128', '--layer-decay', '0.9')),
+    Pilot('sc_paper', 'scratch, paper recipe (AutoAugment, batch 256)', 'scratch'),
+    Pilot('sc_noaa_b128_lr2e3', 'scratch, no AutoAugment, batch 128, lr 2e-3', 'scratch',
+          ('--aa', '', '-b', '128', '--lr', '2e-3')),
+)
+
+
+def prepare_holdout(source_dir: str, data_dir: str, holdout: int = HOLDOUT, log=print):
+    """data_dir/train-* = the first len - `holdout` training images of source_dir, data_dir/t10k-* = the last
+    `holdout` (the validation split); rewritten only when missing or made from another source or split."""
+    from timm_mlit.data import read_idx, write_idx
+    marker = os.path.join(data_dir, 'holdout.json')
+    spec = dict(source=os.path.abspath(source_dir), holdout=holdout)
+    if (fm._read_json(marker) or {}).get('spec') == spec:
+        return
+    arrays = {}
+    for kind in ('images-idx3', 'labels-idx1'):
+        for name in (f'train-{kind}-ubyte', f'train-{kind}-ubyte.gz'):
+            if os.path.exists(os.path.join(source_dir, name)):
+                arrays[kind] = read_idx(os.path.join(source_dir, name)).numpy()
+                break
+        else:
+            raise fm.BenchmarkError(f'train-{kind}-ubyte[.gz] not found in {source_dir} '
+                                    '(apt-get install dataset-fashion-mnist)')
+    n = len(arrays['labels-idx1'])
+    if not 0 < holdout < n:
+        raise fm.BenchmarkError(f'cannot hold out {holdout} of {n} training images')
+    os.makedirs(data_dir, exist_ok=True)
+    for kind, a in arrays.items():
+        write_idx(os.path.join(data_dir, f'train-{kind}-ubyte'), a[:n - holdout])
+        write_idx(os.path.join(data_dir, f't10k-{kind}-ubyte'), a[n - holdout:])
+    fm._write_json(marker, dict(spec=spec, train_images=n - holdout, validation_images=holdout))
+    log(f'data: {n - holdout} training images and {holdout} held-out validation images in {data_dir}')
+
+
+def pretrain_stage(out: str, data_dir: str, model: str, device: str, workers: int, python: str) -> fm.Stage:
+    name = f'pretrain_{model}'
+    argv = [python, '-m', 'timm_mlit.pretrain', '-c', fm.PRETRAIN_CFG_CPU, '--model', model,
+            '--data-dir', data_dir, '--train-split', 'train', '--epochs', str(PRETRAIN_EPOCHS),
+            '--warmup-epochs', str(PRETRAIN_WARMUP), '--device', device, '-j', str(workers), '--log-interval', '50',
+            '--checkpoint-hist', '1', '--output', out, '--experiment', name]
+    return fm.Stage(name, 'pretrain', argv, PRETRAIN_EPOCHS, TRAIN_IMAGES,
+                    fm.NOMINAL_IMG_S.get(f'pretrain_{model}', 50.), row=model)
+
+
+def train_argv(out: str, data_dir: str, scripts_dir: str, name: str, cfg: str, model: str, epochs: int, warmup: int,
+               device: str, workers: int, python: str, extra: Sequence[str] = ()) -> List[str]:
+    """train.py through timm-mlit-run, validating on the held-out split after every epoch."""
+    argv = [python, '-m', 'timm_mlit.run', os.path.join(scripts_dir, 'train.py'), '-c', cfg, '--model', model,
+            '--data-dir', data_dir, '--val-split', 'validation', '--epochs', str(epochs), '--warmup-epochs',
+            str(warmup), '--device', device, '-j', str(workers), '--log-interval', '50', '--checkpoint-hist', '1',
+            '--output', out, '--experiment', name, *extra]
+    if device.startswith('cuda'):  # on a CPU timm-mlit-run picks the precision from the CPU's bf16 units
+        argv += ['--amp', '--amp-dtype', 'bfloat16']
+    return argv
+
+
+def make_tune_plan(out: str, source_dir: str, scripts_dir: str, device: str = 'cpu', workers: int = 2,
+                   python: str = sys.executable, pilots: Sequence[Pilot] = PILOTS) -> fm.Plan:
+    out = os.path.abspath(out)
+    data_dir = os.path.join(out, 'data')
+    model = 'mlit_xxs'
+    pre = pretrain_stage(out, data_dir, model, device, workers, python)
+    stages = [pre]
+    for p in pilots:
+        name = f'tune_{p.key}'
+        cfg, extra = fm.SCRATCH_CFG, list(p.extra)
+        if p.kind == 'finetune':
+            cfg, extra = fm.FINETUNE_CFG, extra + ['--pretrained-path', os.path.join(out, pre.name,
+                                                                                    'encoder.safetensors')]
+        argv = train_argv(out, data_dir, scripts_dir, name, cfg, model, PILOT_EPOCHS, PILOT_WARMUP, device, workers,
+                          python, extra)
+        stages.append(fm.Stage(name, 'train', argv, PILOT_EPOCHS, TRAIN_IMAGES, fm.NOMINAL_IMG_S[model], row=p.key))
+    budget = fm.Budget('tune', f'Recipe pilots: mLiT-XXS, MAE pre-training {PRETRAIN_EPOCHS} epochs, then each pilot '
+                       f'{PILOT_EPOCHS} epochs ({PILOT_WARMUP} warm-up) on the first {TRAIN_IMAGES:,} training '
+                       f'images, validated on the last {HOLDOUT:,}', sizes=('xxs',), epochs=PILOT_EPOCHS,
+                       warmup_epochs=PILOT_WARMUP, pretrain_epochs=PRETRAIN_EPOCHS,
+                       pretrain_warmup_epochs=PRETRAIN_WARMUP, peers=())
+    return fm.Plan(budget, out, data_dir, '', stages, [], PILOT_EPOCHS, {model: PRETRAIN_EPOCHS}, TRAIN_IMAGES,
+                   TRAIN_IMAGES, 0, device)
+
+
+def _summary(plan: fm.Plan, stage: fm.Stage) -> str:
+    return os.path.join(fm.stage_dir(plan, stage), 'summary.csv')
+
+
+def write_tune_results(plan: fm.Plan, results_dir: str, pilots: Sequence[Pilot] = PILOTS) -> Dict[str, str]:
+    """fashion_mnist_tune.json/.md (validation top-1 per epoch of every pilot that has one) and the curves' PNG."""
+    from timm_mlit.plots import plot_metric, read_column
+    labels = {p.key: p.label for p in pilots}
+    rows = []
+    for s in plan.stages[1:]:
+        if not os.path.exists(_summary(plan, s)):
+            continue
+        epochs, top1 = read_column(_summary(plan, s), VAL_COLUMN)
+        done = fm._read_json(os.path.join(fm.stage_dir(plan, s), 'done.json')) or {}
+        rows.append(dict(key=s.row, label=labels.get(s.row, s.row), stage=s.name, epochs_done=len(epochs),
+                         val_top1=top1, final_val_top1=top1[-1] if top1 else None,
+                         best_val_top1=max(top1) if top1 else None, complete=bool(done),
+                         wall_s=done.get('wall_s'), img_s=done.get('img_s'), argv=s.argv))
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, 'fashion_mnist_tune')
+    pre = fm._read_json(os.path.join(plan.out, plan.stages[0].name, 'done.json')) or {}
+    meta = dict(description=plan.budget.description, hardware=fm.hardware(plan.device), code=fm.code_version(),
+                pretrain=dict(epochs=PRETRAIN_EPOCHS, wall_s=pre.get('wall_s'), img_s=pre.get('img_s'),
+                              argv=plan.stages[0].argv),
+                written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
+                complete=len(rows) == len(plan.stages) - 1 and all(r['complete'] for r in rows))
+    fm._write_json(stem + '.json', dict(meta=meta, rows=rows))
+    png = plot_metric({r['label']: _summary(plan, plan.stages[[s.name for s in plan.stages].index(r['stage'])])
+                       for r in rows}, VAL_COLUMN, stem + '.png', ylabel='validation top-1 (%)',
+                      title=f'mLiT-XXS on Fashion-MNIST: top-1 on the {HOLDOUT:,} held-out training images')
+    lines = ['# Fashion-MNIST recipe pilots (validation split)', '', f'{meta["description"]}.', '',
+             f'Hardware: {meta["hardware"]}. MAE pre-training: '
+             f'{fm.fmt_s(pre["wall_s"]) + " at " + str(pre["img_s"]) + " img/s" if pre else "not finished"}.', '']
+    if not meta['complete']:
+        lines += [f'**Incomplete: {sum(r["complete"] for r in rows)} of {len(plan.stages) - 1} pilots done.**', '']
+    lines += ['| pilot | validation top-1 per epoch (%) | final | wall time | img/s |', '|---|---|---:|---:|---:|']
+    for r in rows:
+        lines.append(f'| {r["label"]} | {" / ".join(f"{v:.2f}" for v in r["val_top1"])} | '
+                     f'{r["final_val_top1"]:.2f} | {fm.fmt_s(r["wall_s"]) if r["wall_s"] else "-"} | '
+                     f'{r["img_s"] or "-"} |')
+    written = f'Written by benchmarks/fashion_mnist_zoo.py at {meta["written"]}'
+    lines += ['', f'{written}; the curves: {os.path.basename(png)}.' if png else f'{written}.']
+    from timm_mlit.files import atomic_write
+    atomic_write(stem + '.md', lambda f: f.write(('\n'.join(lines) + '\n').encode()))
+    return dict(json=stem + '.json', md=stem + '.md', png=png)
+
+
+def _parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('phase', choices=('tune', 'curves'))
+    p.add_argument('--out', required=True, help='stage folders (keep them outside the repository)')
+    p.add_argument('--results-dir', default=os.path.join(HERE, 'results'), help='where the tables and plot go')
+    p.add_argument('--data-dir', default=fm.DEFAULT_DATA, help='Fashion-MNIST idx files (60k train)')
+    p.add_argument('--timm-scripts', default=os.environ.get('TIMM_SCRIPTS_DIR', ''),
+                   help='folder with timm\'s train.py (default: $TIMM_SCRIPTS_DIR)')
+    p.add_argument('--holdout', type=int, default=HOLDOUT, help='the last N training images: the validation split')
+    p.add_argument('--device', default='cpu', help='cpu or cuda')
+    p.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
+    p.add_argument('--dry-run', action='store_true', help='print the plan and the commands, run nothing')
+    return p.parse_args(argv)
+
+
+@exit_on_error('fashion_mnist_zoo.py', (fm.BenchmarkError,))
+def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> int:
+    args = _parse_args(argv)
+    scripts = os.path.abspath(args.timm_scripts) if args.timm_scripts else '$TIMM_SCRIPTS_DIR'
+    plan = make_tune_plan(args.out, os.path.abspath(args.data_dir), scripts, args.device, args.workers)
+    if args.phase == 'curves':
+        print(json.dumps(write_tune_results(plan, args.results_dir)))
+        return 0
+    if args.dry_run:
+        print(f'{plan.budget.description}.\nOutput: {plan.out}; results: {args.results_dir}/fashion_mnist_tune.*')
+        for s in plan.stages:
+            print(f'\n# {s.name} ({s.kind}, ~{fm.fmt_s(s.nominal_s)})\n' + ' '.join(a if a else "''" for a in s.argv))
+        return 0
+    if runner is fm.subprocess_runner and not os.path.isfile(os.path.join(scripts, 'train.py')):
+        raise fm.BenchmarkError('timm\'s train.py not found: pass --timm-scripts or set TIMM_SCRIPTS_DIR to a '
+                                'pytorch-image-models checkout')
+    os.makedirs(plan.out, exist_ok=True)
+    lock = open(os.path.join(plan.out, '.lock'), 'w')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise fm.BenchmarkError(f'another run is using {plan.out}')
+    orch = fm.Orchestrator(plan, runner=runner, log_file=os.path.join(plan.out, 'zoo.log'))
+    prepare_holdout(os.path.abspath(args.data_dir), plan.data_dir, args.holdout, log=orch.log)
+    for i in range(len(plan.stages)):
+        orch.run_stage(i)
+        if i:
+            write_tune_results(plan, args.results_dir)
+    orch.log(f'results: {os.path.join(args.results_dir, "fashion_mnist_tune")}.md / .json / .png')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
