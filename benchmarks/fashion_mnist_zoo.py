@@ -2,20 +2,29 @@
 
     python benchmarks/fashion_mnist_zoo.py tune --out /var/tmp/zoo/out   # the pilots (mLiT-XXS): ~3h on 2 cores
     python benchmarks/fashion_mnist_zoo.py tune --out /var/tmp/zoo/out --dry-run   # the plan and the commands only
-    python benchmarks/fashion_mnist_zoo.py curves --out /var/tmp/zoo/out # redraw the table and plot from what ran
+    python benchmarks/fashion_mnist_zoo.py zoo --out /var/tmp/zoo/out    # then every size with the chosen recipes
+    python benchmarks/fashion_mnist_zoo.py curves --out /var/tmp/zoo/out # redraw the tables and plots from what ran
 
 The last 5,000 of the 60k Fashion-MNIST training images are held out as the validation split (OUT/data holds the
 first 55,000 as `train-*` and the held-out ones as `t10k-*`, so train.py's `--val-split validation` reads them and
-logs their top-1 after every epoch in summary.csv). Pre-training and training see only the 55,000; the 10k test
-images are not read by anything here: recipes are chosen on the validation curves alone, and each shipped model is
-scored on the test set once, afterwards.
+logs their top-1 after every epoch in summary.csv). Pre-training and training see only the 55,000. Recipes are
+chosen on the validation curves alone; the 10k test images are read only by the `zoo` phase's evaluations, once
+per trained model, afterwards.
 
-`tune` runs the MAE pre-training of mLiT-XXS (train_configs/pretrain/mmlit_xxs_fashion_mnist.yaml, PRETRAIN_EPOCHS
-epochs) and then each pilot of PILOTS: the paper's fine-tuning and from-scratch recipes (train_configs/finetune/
-and scratch/mlit_xxs_fashion_mnist.yaml, whose 100-epoch schedules are cut to PILOT_EPOCHS) against variants for a
-short budget, all through timm's own train.py (`timm-mlit-run`, from $TIMM_SCRIPTS_DIR or --timm-scripts), all
-with the same epochs and warm-up. It writes RESULTS_DIR/fashion_mnist_tune.md/.json (each pilot's validation top-1
-per epoch, wall time, img/s) and fashion_mnist_tune.png (the validation curves), rewritten after every pilot.
+`tune` runs the MAE pre-training of mLiT-XXS (train_configs/pretrain/mmlit_xxs_fashion_mnist.yaml for the epochs
+SCHEDULE gives XXS) and then each pilot of PILOTS: the paper's fine-tuning and from-scratch recipes
+(train_configs/finetune/ and scratch/mlit_xxs_fashion_mnist.yaml, their 100-epoch schedules cut to PILOT_EPOCHS)
+against variants for a short budget, all through timm's own train.py (`timm-mlit-run`, from $TIMM_SCRIPTS_DIR or
+--timm-scripts), all with the same epochs and warm-up. It writes RESULTS_DIR/fashion_mnist_tune.md/.json (each
+pilot's validation top-1 per epoch, wall time, img/s) and fashion_mnist_tune.png (the validation curves),
+rewritten after every pilot.
+
+`zoo` takes, of each kind (fine-tuning, scratch), the pilot with the best final validation top-1 in
+fashion_mnist_tune.json, and trains every size with it on the same 55,000 images for SCHEDULE's epochs: mmLiT
+(MAE pre-training, then fine-tuning) of XXS, XS and S first, then mLiT from scratch for as many epochs as the same
+size was fine-tuned. Each final checkpoint is scored on the 10k test images by timm's validate.py, once; nothing is
+selected on those scores. It writes RESULTS_DIR/fashion_mnist_zoo.md/.json (per size: test top-1, epochs, wall
+time, img/s, the checkpoint and encoder to publish) and fashion_mnist_zoo.png (each run's validation curve).
 
 Stages run one after the other through benchmarks/fashion_mnist.py's orchestrator: each writes OUT/<stage>/ (the
 script's outputs, stage.log, done.json); re-running the same command after a kill skips finished stages and resumes
@@ -39,9 +48,13 @@ fm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fm)
 
 HOLDOUT = 5000  # the last 5,000 training images: the validation split
-PRETRAIN_EPOCHS, PRETRAIN_WARMUP = 10, 1
+PRETRAIN_WARMUP = 1
 PILOT_EPOCHS, PILOT_WARMUP = 3, 1
 TRAIN_IMAGES = 60000 - HOLDOUT
+# per size: (MAE pre-training epochs, fine-tuning = scratch epochs). Pre-training shrinks with the size as Table 3's
+# 8000/6000/4000 epochs do; the training epochs give each size a few hours of fine-tuning on 2 CPU cores.
+SCHEDULE = {'xxs': (10, 20), 'xs': (8, 12), 's': (5, 6)}
+ZOO_WARMUP = 1
 VAL_COLUMN = 'eval_top1'  # train.py's summary.csv: top-1 on --val-split after each epoch
 
 
@@ -93,14 +106,15 @@ def prepare_holdout(source_dir: str, data_dir: str, holdout: int = HOLDOUT, log=
     log(f'data: {n - holdout} training images and {holdout} held-out validation images in {data_dir}')
 
 
-def pretrain_stage(out: str, data_dir: str, model: str, device: str, workers: int, python: str) -> fm.Stage:
+def pretrain_stage(out: str, data_dir: str, model: str, epochs: int, device: str, workers: int,
+                   python: str) -> fm.Stage:
     name = f'pretrain_{model}'
     argv = [python, '-m', 'timm_mlit.pretrain', '-c', fm.PRETRAIN_CFG_CPU, '--model', model,
-            '--data-dir', data_dir, '--train-split', 'train', '--epochs', str(PRETRAIN_EPOCHS),
+            '--data-dir', data_dir, '--train-split', 'train', '--epochs', str(epochs),
             '--warmup-epochs', str(PRETRAIN_WARMUP), '--device', device, '-j', str(workers), '--log-interval', '50',
             '--checkpoint-hist', '1', '--output', out, '--experiment', name]
-    return fm.Stage(name, 'pretrain', argv, PRETRAIN_EPOCHS, TRAIN_IMAGES,
-                    fm.NOMINAL_IMG_S.get(f'pretrain_{model}', 50.), row=model)
+    return fm.Stage(name, 'pretrain', argv, epochs, TRAIN_IMAGES, fm.NOMINAL_IMG_S.get(f'pretrain_{model}', 50.),
+                    row=model)
 
 
 def train_argv(out: str, data_dir: str, scripts_dir: str, name: str, cfg: str, model: str, epochs: int, warmup: int,
@@ -120,7 +134,7 @@ def make_tune_plan(out: str, source_dir: str, scripts_dir: str, device: str = 'c
     out = os.path.abspath(out)
     data_dir = os.path.join(out, 'data')
     model = 'mlit_xxs'
-    pre = pretrain_stage(out, data_dir, model, device, workers, python)
+    pre = pretrain_stage(out, data_dir, model, SCHEDULE['xxs'][0], device, workers, python)
     stages = [pre]
     for p in pilots:
         name = f'tune_{p.key}'
@@ -131,13 +145,120 @@ def make_tune_plan(out: str, source_dir: str, scripts_dir: str, device: str = 'c
         argv = train_argv(out, data_dir, scripts_dir, name, cfg, model, PILOT_EPOCHS, PILOT_WARMUP, device, workers,
                           python, extra)
         stages.append(fm.Stage(name, 'train', argv, PILOT_EPOCHS, TRAIN_IMAGES, fm.NOMINAL_IMG_S[model], row=p.key))
-    budget = fm.Budget('tune', f'Recipe pilots: mLiT-XXS, MAE pre-training {PRETRAIN_EPOCHS} epochs, then each pilot '
+    p_epochs = SCHEDULE['xxs'][0]
+    budget = fm.Budget('tune', f'Recipe pilots: mLiT-XXS, MAE pre-training {p_epochs} epochs, then each pilot '
                        f'{PILOT_EPOCHS} epochs ({PILOT_WARMUP} warm-up) on the first {TRAIN_IMAGES:,} training '
                        f'images, validated on the last {HOLDOUT:,}', sizes=('xxs',), epochs=PILOT_EPOCHS,
-                       warmup_epochs=PILOT_WARMUP, pretrain_epochs=PRETRAIN_EPOCHS,
+                       warmup_epochs=PILOT_WARMUP, pretrain_epochs=p_epochs,
                        pretrain_warmup_epochs=PRETRAIN_WARMUP, peers=())
-    return fm.Plan(budget, out, data_dir, '', stages, [], PILOT_EPOCHS, {model: PRETRAIN_EPOCHS}, TRAIN_IMAGES,
+    return fm.Plan(budget, out, data_dir, '', stages, [], PILOT_EPOCHS, {model: p_epochs}, TRAIN_IMAGES,
                    TRAIN_IMAGES, 0, device)
+
+
+def chosen_pilots(results_dir: str, pilots: Sequence[Pilot] = PILOTS) -> Dict[str, Pilot]:
+    """{'finetune': pilot, 'scratch': pilot}: of each kind, the pilot with the best final validation top-1 in
+    fashion_mnist_tune.json (the first listed, i.e. the paper's recipe, on a tie)."""
+    path = os.path.join(results_dir, 'fashion_mnist_tune.json')
+    res = fm._read_json(path)
+    if not res or not res['meta'].get('complete'):
+        raise fm.BenchmarkError(f'{path} is missing or incomplete: run the tune phase to its end first')
+    by_key = {p.key: p for p in pilots}
+    best: Dict[str, tuple] = {}
+    for r in res['rows']:
+        p = by_key.get(r['key'])
+        if p is not None and (p.kind not in best or r['final_val_top1'] > best[p.kind][1]):
+            best[p.kind] = (p, r['final_val_top1'])
+    if set(best) != {'finetune', 'scratch'}:
+        raise fm.BenchmarkError(f'{path} lacks a fine-tuning or a scratch pilot')
+    return {kind: p for kind, (p, _) in best.items()}
+
+
+def eval_stage(out: str, test_dir: str, scripts_dir: str, key: str, model: str, train_name: str, device: str,
+               workers: int, python: str) -> fm.Stage:
+    """validate.py on the 10k test images, in float32 as the shipped weights are used (`python -m timm_mlit`)."""
+    argv = ['env', 'TIMM_MLIT_PRECISION=float32', python, '-m', 'timm_mlit.run',
+            os.path.join(scripts_dir, 'validate.py'), '--model', model,
+            '--checkpoint', os.path.join(out, train_name, 'last.pth.tar'), '--dataset', 'torch/fashion_mnist',
+            '--data-dir', test_dir, '--split', 'validation', '--num-classes', '10', '--input-size', '3', '36', '36',
+            '--crop-pct', '1.0', '--interpolation', 'bicubic', '--mean', '0.5', '0.5', '0.5', '--std', '0.5', '0.5',
+            '0.5', '-b', '256', '-j', str(workers), '--device', device, '--log-freq', '10',
+            '--results-file', os.path.join(out, f'eval_{key}', 'results.json'), '--results-format', 'json']
+    return fm.Stage(f'eval_{key}', 'eval', argv, images=10000, nominal_img_s=fm.NOMINAL_IMG_S['eval'], row=key)
+
+
+def make_zoo_plan(out: str, source_dir: str, scripts_dir: str, chosen: Dict[str, Pilot],
+                  sizes: Sequence[str] = ('xxs', 'xs', 's'), device: str = 'cpu', workers: int = 2,
+                  python: str = sys.executable) -> fm.Plan:
+    """mmLiT of every size (pre-train, fine-tune, test), then mLiT from scratch of every size (train, test)."""
+    out = os.path.abspath(out)
+    data_dir = os.path.join(out, 'data')
+    stages, rows = [], []
+    for kind in ('finetune', 'scratch'):
+        pilot = chosen[kind]
+        for size in sizes:
+            model = f'mlit_{size}'
+            p_epochs, epochs = SCHEDULE[size]
+            extra, pre = list(pilot.extra), None
+            if kind == 'finetune':
+                pre = pretrain_stage(out, data_dir, model, p_epochs, device, workers, python)
+                extra += ['--pretrained-path', os.path.join(out, pre.name, 'encoder.safetensors')]
+                stages.append(pre)
+            key = f'mmlit_{size}' if kind == 'finetune' else f'mlit_{size}'
+            name = f'{kind}_{model}'
+            cfg = fm.FINETUNE_CFG if kind == 'finetune' else fm.SCRATCH_CFG
+            stages.append(fm.Stage(name, 'train', train_argv(out, data_dir, scripts_dir, name, cfg, model, epochs,
+                                                              ZOO_WARMUP, device, workers, python, extra),
+                                   epochs, TRAIN_IMAGES, fm.NOMINAL_IMG_S.get(model, 20.), row=key))
+            stages.append(eval_stage(out, source_dir, scripts_dir, key, model, name, device, workers, python))
+            label = f'mmLiT-{size.upper()} (MAE + fine-tune)' if pre else f'mLiT-{size.upper()} (from scratch)'
+            rows.append(fm.Row(key, label, model, {}, name, f'eval_{key}', pretrain=pre.name if pre else None,
+                               recipe=f'{os.path.relpath(cfg, fm.REPO)} {" ".join(pilot.extra)}'.strip()))
+    budget = fm.Budget('zoo', f'mmLiT and mLiT on the first {TRAIN_IMAGES:,} Fashion-MNIST training images '
+                       f'(validated on the last {HOLDOUT:,}), the recipes chosen on the validation split; '
+                       f'final checkpoints tested once on the 10,000 test images', sizes=tuple(sizes),
+                       epochs=None, warmup_epochs=ZOO_WARMUP, pretrain_epochs=None,
+                       pretrain_warmup_epochs=PRETRAIN_WARMUP, peers=())
+    return fm.Plan(budget, out, data_dir, source_dir, stages, rows, 0,
+                   {f'mlit_{z}': SCHEDULE[z][0] for z in sizes}, TRAIN_IMAGES, TRAIN_IMAGES, 10000, device)
+
+
+def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
+    """fashion_mnist_zoo.json/.md (a row per finished, tested run) and fashion_mnist_zoo.png (validation curves)."""
+    from timm_mlit.plots import plot_metric, read_column
+    rows = fm.collect(plan)
+    for r in rows:
+        summary = os.path.join(plan.out, next(x.train for x in plan.rows if x.key == r['key']), 'summary.csv')
+        r['val_top1'] = read_column(summary, VAL_COLUMN)[1] if os.path.exists(summary) else []
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, 'fashion_mnist_zoo')
+    meta = dict(description=plan.budget.description, hardware=fm.hardware(plan.device), code=fm.code_version(),
+                schedule={z: dict(pretrain_epochs=SCHEDULE[z][0], epochs=SCHEDULE[z][1]) for z in plan.budget.sizes},
+                written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
+                complete=len(rows) == len(plan.rows))
+    fm._write_json(stem + '.json', dict(meta=meta, rows=rows))
+    png = plot_metric({x.label: os.path.join(plan.out, x.train, 'summary.csv') for x in plan.rows}, VAL_COLUMN,
+                      stem + '.png', ylabel='validation top-1 (%)',
+                      title=f'Fashion-MNIST: top-1 on the {HOLDOUT:,} held-out training images')
+    lines = ['# Fashion-MNIST: mmLiT and mLiT of every size (recipes chosen on the validation split)', '',
+             f'{meta["description"]}.', '', f'Hardware: {meta["hardware"]}.', '']
+    if not meta['complete']:
+        lines += [f'**Incomplete: {len(rows)} of {len(plan.rows)} rows so far.**', '']
+    lines += ['| Model | Params | Epochs (pre-train + train) | Test top-1 (%) | Final validation top-1 (%) | '
+              'Wall time (pre-train + train) | img/s (pre-train / train / test) |',
+              '|---|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        wall = fm.fmt_s(r['wall_s']) + (f' ({fm.fmt_s(r["pretrain_wall_s"])} + {fm.fmt_s(r["train_wall_s"])})'
+                                         if r['pretrain_epochs'] else '')
+        val = f'{r["val_top1"][-1]:.2f}' if r['val_top1'] else '-'
+        img_s = ' / '.join('-' if v is None else f'{v:.0f}' for v in (r['pretrain_img_s'], r['train_img_s'],
+                                                                       r['test_img_s']))
+        lines.append(f'| {r["model"]} | {r["params"] or 0:,} | {r["pretrain_epochs"]} + {r["epochs"]} | '
+                     f'{r["top1"]:.2f} | {val} | {wall} | {img_s} |')
+    written = f'Written by benchmarks/fashion_mnist_zoo.py at {meta["written"]}'
+    lines += ['', f'{written}; the curves: {os.path.basename(png)}.' if png else f'{written}.']
+    from timm_mlit.files import atomic_write
+    atomic_write(stem + '.md', lambda f: f.write(('\n'.join(lines) + '\n').encode()))
+    return dict(json=stem + '.json', md=stem + '.md', png=png)
 
 
 def _summary(plan: fm.Plan, stage: fm.Stage) -> str:
@@ -162,7 +283,7 @@ def write_tune_results(plan: fm.Plan, results_dir: str, pilots: Sequence[Pilot] 
     stem = os.path.join(results_dir, 'fashion_mnist_tune')
     pre = fm._read_json(os.path.join(plan.out, plan.stages[0].name, 'done.json')) or {}
     meta = dict(description=plan.budget.description, hardware=fm.hardware(plan.device), code=fm.code_version(),
-                pretrain=dict(epochs=PRETRAIN_EPOCHS, wall_s=pre.get('wall_s'), img_s=pre.get('img_s'),
+                pretrain=dict(epochs=plan.stages[0].epochs, wall_s=pre.get('wall_s'), img_s=pre.get('img_s'),
                               argv=plan.stages[0].argv),
                 written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
                 complete=len(rows) == len(plan.stages) - 1 and all(r['complete'] for r in rows))
@@ -190,12 +311,13 @@ def write_tune_results(plan: fm.Plan, results_dir: str, pilots: Sequence[Pilot] 
 def _parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('phase', choices=('tune', 'curves'))
+    p.add_argument('phase', choices=('tune', 'zoo', 'curves'))
     p.add_argument('--out', required=True, help='stage folders (keep them outside the repository)')
-    p.add_argument('--results-dir', default=os.path.join(HERE, 'results'), help='where the tables and plot go')
-    p.add_argument('--data-dir', default=fm.DEFAULT_DATA, help='Fashion-MNIST idx files (60k train)')
+    p.add_argument('--results-dir', default=os.path.join(HERE, 'results'), help='where the tables and plots go')
+    p.add_argument('--data-dir', default=fm.DEFAULT_DATA, help='Fashion-MNIST idx files (60k train, 10k test)')
     p.add_argument('--timm-scripts', default=os.environ.get('TIMM_SCRIPTS_DIR', ''),
-                   help='folder with timm\'s train.py (default: $TIMM_SCRIPTS_DIR)')
+                   help='folder with timm\'s train.py and validate.py (default: $TIMM_SCRIPTS_DIR)')
+    p.add_argument('--sizes', nargs='+', choices=tuple(SCHEDULE), default=list(SCHEDULE), help='zoo: the sizes')
     p.add_argument('--holdout', type=int, default=HOLDOUT, help='the last N training images: the validation split')
     p.add_argument('--device', default='cpu', help='cpu or cuda')
     p.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
@@ -203,22 +325,43 @@ def _parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _plans(args, scripts: str) -> Dict[str, Optional[fm.Plan]]:
+    data = os.path.abspath(args.data_dir)
+    plans: Dict[str, Optional[fm.Plan]] = dict(tune=make_tune_plan(args.out, data, scripts, args.device,
+                                                                   args.workers), zoo=None)
+    if args.phase != 'tune':
+        try:
+            chosen = chosen_pilots(args.results_dir)
+        except fm.BenchmarkError:
+            if args.phase == 'zoo':
+                raise
+        else:
+            plans['zoo'] = make_zoo_plan(args.out, data, scripts, chosen, args.sizes, args.device, args.workers)
+    return plans
+
+
 @exit_on_error('fashion_mnist_zoo.py', (fm.BenchmarkError,))
 def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> int:
     args = _parse_args(argv)
     scripts = os.path.abspath(args.timm_scripts) if args.timm_scripts else '$TIMM_SCRIPTS_DIR'
-    plan = make_tune_plan(args.out, os.path.abspath(args.data_dir), scripts, args.device, args.workers)
+    plans = _plans(args, scripts)
+    writers = dict(tune=write_tune_results, zoo=write_zoo_results)
     if args.phase == 'curves':
-        print(json.dumps(write_tune_results(plan, args.results_dir)))
+        for phase, plan in plans.items():
+            if plan is not None:
+                print(json.dumps(writers[phase](plan, args.results_dir)))
         return 0
+    plan, write = plans[args.phase], writers[args.phase]
     if args.dry_run:
-        print(f'{plan.budget.description}.\nOutput: {plan.out}; results: {args.results_dir}/fashion_mnist_tune.*')
+        print(f'{plan.budget.description}.\nOutput: {plan.out}; results: '
+              f'{args.results_dir}/fashion_mnist_{args.phase}.*')
         for s in plan.stages:
             print(f'\n# {s.name} ({s.kind}, ~{fm.fmt_s(s.nominal_s)})\n' + ' '.join(a if a else "''" for a in s.argv))
         return 0
-    if runner is fm.subprocess_runner and not os.path.isfile(os.path.join(scripts, 'train.py')):
-        raise fm.BenchmarkError('timm\'s train.py not found: pass --timm-scripts or set TIMM_SCRIPTS_DIR to a '
-                                'pytorch-image-models checkout')
+    needed = ('train.py',) if args.phase == 'tune' else ('train.py', 'validate.py')
+    if runner is fm.subprocess_runner and not all(os.path.isfile(os.path.join(scripts, f)) for f in needed):
+        raise fm.BenchmarkError(f'timm\'s {" / ".join(needed)} not found: pass --timm-scripts or set '
+                                'TIMM_SCRIPTS_DIR to a pytorch-image-models checkout')
     os.makedirs(plan.out, exist_ok=True)
     lock = open(os.path.join(plan.out, '.lock'), 'w')
     try:
@@ -227,11 +370,11 @@ def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> i
         raise fm.BenchmarkError(f'another run is using {plan.out}')
     orch = fm.Orchestrator(plan, runner=runner, log_file=os.path.join(plan.out, 'zoo.log'))
     prepare_holdout(os.path.abspath(args.data_dir), plan.data_dir, args.holdout, log=orch.log)
-    for i in range(len(plan.stages)):
+    for i, stage in enumerate(plan.stages):
         orch.run_stage(i)
-        if i:
-            write_tune_results(plan, args.results_dir)
-    orch.log(f'results: {os.path.join(args.results_dir, "fashion_mnist_tune")}.md / .json / .png')
+        if stage.kind != 'pretrain':
+            write(plan, args.results_dir)
+    orch.log(f'results: {os.path.join(args.results_dir, "fashion_mnist_" + args.phase)}.md / .json / .png')
     return 0
 
 

@@ -54,7 +54,7 @@ def test_holdout_is_the_last_images_and_the_test_set_is_not_copied(tmp_path, sou
 def test_pilots_are_like_for_like_and_validate_on_the_held_out_split(tmp_path):
     plan = zoo.make_tune_plan(str(tmp_path), '/data/fmnist', '/scripts')
     pre, pilots = plan.stages[0], plan.stages[1:]
-    assert pre.kind == 'pretrain' and _arg(pre.argv, '--epochs') == str(zoo.PRETRAIN_EPOCHS)
+    assert pre.kind == 'pretrain' and _arg(pre.argv, '--epochs') == str(zoo.SCHEDULE['xxs'][0])
     assert [s.name for s in pilots] == [f'tune_{p.key}' for p in zoo.PILOTS]
     for flag in ('--epochs', '--warmup-epochs', '--data-dir', '--device', '--model'):
         assert len({_arg(s.argv, flag) for s in pilots}) == 1, flag
@@ -82,14 +82,25 @@ class FakeTrain:
 
     def __call__(self, argv, log_path, on_poll):
         self.calls.append(list(argv))
+        if any(a.endswith('validate.py') for a in argv):  # top-1 = 80 + 1 per size step, + 5 for mmLiT
+            model = _arg(argv, '--model')
+            top1 = 80 + ['mlit_xxs', 'mlit_xs', 'mlit_s'].index(model) + 5 * ('finetune_' in _arg(argv, '--checkpoint'))
+            on_poll(f'Model {model} created, param count: 1000\nTest: [   0/1]  Time: 0.500s (0.500s,  1.0/s)\n')
+            with open(log_path, 'a') as f:
+                f.write(f'Model {model} created, param count: 1000\n'
+                        'Test: [   0/1]  Time: 0.500s (0.500s,  1.0/s)  Loss: 1 (1)\n')
+            with open(_arg(argv, '--results-file'), 'w') as f:
+                json.dump(dict(model=model, top1=top1, top5=99.0), f)
+            return 0
         name, epochs = _arg(argv, '--experiment'), int(_arg(argv, '--epochs'))
         d = os.path.join(_arg(argv, '--output'), name)
         os.makedirs(d, exist_ok=True)
         start = torch.load(_arg(argv, '--resume'), weights_only=False)['epoch'] + 1 if '--resume' in argv else 0
         offset = [f'tune_{p.key}' for p in zoo.PILOTS].index(name) if name.startswith('tune_') else 0
+        write_summary = name.startswith(('tune_', 'finetune_', 'scratch_'))
         for epoch in range(start, epochs):
             on_poll(f'Train: {epoch} [   3/4 (100%)]  Loss: 1.0\n')
-            if name.startswith('tune_'):
+            if write_summary:
                 summary = os.path.join(d, 'summary.csv')
                 new = not os.path.exists(summary)
                 with open(summary, 'a', newline='') as f:
@@ -146,3 +157,74 @@ def test_read_column_and_plot_metric(tmp_path):
     assert out.read_bytes()[:4] == b'\x89PNG'
     assert plot_metric({'missing': str(tmp_path / 'none.csv')}, 'eval_top1', str(tmp_path / 'x.png')) is None
     assert not (tmp_path / 'x.png').exists()
+
+
+def _tune_results(folder, finals):
+    """A complete fashion_mnist_tune.json whose pilots end at `finals` (one per PILOTS entry)."""
+    rows = [dict(key=p.key, final_val_top1=v, complete=True) for p, v in zip(zoo.PILOTS, finals)]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'fashion_mnist_tune.json'), 'w') as f:
+        json.dump(dict(meta=dict(complete=True), rows=rows), f)
+
+
+def test_zoo_takes_the_best_pilot_of_each_kind_on_validation(tmp_path):
+    with pytest.raises(zoo.fm.BenchmarkError, match='run the tune phase to its end first'):
+        zoo.chosen_pilots(str(tmp_path))
+    kinds = [p.kind for p in zoo.PILOTS]
+    finals = [80.0 + i for i in range(len(zoo.PILOTS))]  # the last pilot of each kind is best
+    _tune_results(str(tmp_path), finals)
+    chosen = zoo.chosen_pilots(str(tmp_path))
+    last = {k: max(i for i, x in enumerate(kinds) if x == k) for k in set(kinds)}
+    assert chosen == {k: zoo.PILOTS[i] for k, i in last.items()}
+    _tune_results(str(tmp_path), [80.0] * len(zoo.PILOTS))  # a tie: the first listed, the paper's recipe
+    assert {p.key for p in zoo.chosen_pilots(str(tmp_path)).values()} == {'ft_paper', 'sc_paper'}
+
+
+def test_zoo_plan_ships_mmlit_first_like_for_like_and_tests_once(tmp_path):
+    chosen = {'finetune': zoo.PILOTS[1], 'scratch': zoo.PILOTS[-1]}
+    plan = zoo.make_zoo_plan(str(tmp_path), '/data/fmnist', '/scripts', chosen)
+    names = [s.name for s in plan.stages]
+    sizes = list(zoo.SCHEDULE)
+    assert names == [n for z in sizes for n in (f'pretrain_mlit_{z}', f'finetune_mlit_{z}', f'eval_mmlit_{z}')] + \
+        [n for z in sizes for n in (f'scratch_mlit_{z}', f'eval_mlit_{z}')]
+    st = {s.name: s for s in plan.stages}
+    for z, (p_epochs, epochs) in zoo.SCHEDULE.items():
+        ft, sc = st[f'finetune_mlit_{z}'].argv, st[f'scratch_mlit_{z}'].argv
+        assert _arg(st[f'pretrain_mlit_{z}'].argv, '--epochs') == str(p_epochs)
+        assert _arg(ft, '--epochs') == _arg(sc, '--epochs') == str(epochs)  # equal fine-tuning epochs per size
+        assert _arg(ft, '--model') == _arg(sc, '--model') == f'mlit_{z}'
+        assert _arg(ft, '--pretrained-path') == os.path.join(str(tmp_path), f'pretrain_mlit_{z}', 'encoder.safetensors')
+        assert ft[-len(chosen['finetune'].extra) - 2:-2] == list(chosen['finetune'].extra)
+        assert sc[-len(chosen['scratch'].extra):] == list(chosen['scratch'].extra)
+    trains = [s for s in plan.stages if s.kind != 'eval']
+    assert not any('/data/fmnist' in a for s in trains for a in s.argv)  # training never sees the test set
+    evals = [s for s in plan.stages if s.kind == 'eval']
+    assert len(evals) == 2 * len(sizes)  # once per trained model
+    for s in evals:
+        assert s.argv[:2] == ['env', 'TIMM_MLIT_PRECISION=float32']  # as the shipped weights are used
+        assert _arg(s.argv, '--data-dir') == '/data/fmnist' and _arg(s.argv, '--split') == 'validation'
+        assert _arg(s.argv, '--checkpoint').endswith('last.pth.tar')  # the final checkpoint: nothing selected
+
+
+def test_zoo_runs_every_row_and_writes_the_table(tmp_path, source):
+    res = tmp_path / 'res'
+    _tune_results(str(res), [80.0 + i for i in range(len(zoo.PILOTS))])
+    runner = FakeTrain()
+    assert zoo.main(['zoo', '--out', str(tmp_path / 'out'), '--results-dir', str(res), '--data-dir', source,
+                     '--timm-scripts', str(tmp_path), '-j', '1', '--holdout', '15', '--sizes', 'xxs', 'xs'],
+                    runner=runner) == 0
+    out = json.loads((res / 'fashion_mnist_zoo.json').read_text())
+    assert out['meta']['complete']
+    top1 = {r['key']: r['top1'] for r in out['rows']}
+    assert top1 == {'mmlit_xxs': 85, 'mmlit_xs': 86, 'mlit_xxs': 80, 'mlit_xs': 81}
+    for r in out['rows']:
+        assert len(r['val_top1']) == r['epochs'] == zoo.SCHEDULE[r['arch'].split('_')[1]][1]
+        assert (r['pretrain_epochs'] > 0) == r['key'].startswith('mmlit') and r['checkpoint'].endswith('last.pth.tar')
+    md = (res / 'fashion_mnist_zoo.md').read_text()
+    assert '| mmLiT-XXS (MAE + fine-tune) | 1,000 | {} + {} | 85.00 |'.format(*zoo.SCHEDULE['xxs']) in md
+    assert (res / 'fashion_mnist_zoo.png').read_bytes()[:4] == b'\x89PNG'
+    calls = len(runner.calls)
+    assert zoo.main(['zoo', '--out', str(tmp_path / 'out'), '--results-dir', str(res), '--data-dir', source,
+                     '--timm-scripts', str(tmp_path), '-j', '1', '--holdout', '15', '--sizes', 'xxs', 'xs'],
+                    runner=runner) == 0
+    assert len(runner.calls) == calls  # all done: nothing runs again
