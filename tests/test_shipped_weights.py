@@ -1,8 +1,9 @@
-"""The weights shipped in the package, mmLiT-XXS on Fashion-MNIST (mlit_xxs's default tag) and the MAE encoder it
-was fine-tuned from, and the main job (`python -m timm_mlit`) that shows them off.
+"""The weights shipped in the package, for every size that has them: the mmLiT Fashion-MNIST classifier (the
+size's default tag, `<arch>.mae_ft_fashion_mnist`) and the MAE encoder it was fine-tuned from
+(`<arch>.mae_in_fashion_mnist`), and the main job (`python -m timm_mlit`) that shows them off.
 
 Re-evaluated on the real Fashion-MNIST test set (Debian's dataset-fashion-mnist; skipped where it is not installed),
-the shipped classifier gives the top-1 its model card reports and the README states.
+each shipped classifier gives the top-1 its model card reports and the README states.
 """
 import os
 import re
@@ -26,6 +27,9 @@ from timm_mlit.data import DEBIAN_FASHION_MNIST, write_idx
 ROOT = Path(__file__).resolve().parents[1]
 FT = 'mlit_xxs.mae_ft_fashion_mnist'
 ENC = 'mlit_xxs.mae_in_fashion_mnist'
+# every size with shipped Fashion-MNIST weights (what the main job lists as shipped, in its order)
+SHIPPED_FT = [n for n in timm.list_pretrained('mlit_*') if n.endswith('.mae_ft_fashion_mnist')]
+SHIPPED = [n.split('.')[0] for n in SHIPPED_FT]
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(DEBIAN_FASHION_MNIST, 't10k-images-idx3-ubyte.gz')),
                                   reason='Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)')
 
@@ -37,21 +41,27 @@ def card_top1(name: str) -> float:
     return float(re.search(r'value: ([0-9.]+)\s+name: top1', front).group(1))
 
 
-def test_default_tag_is_the_embedded_fashion_mnist_classifier():
-    model = timm.create_model('mlit_xxs', pretrained=True)
+@pytest.mark.parametrize('arch', SHIPPED)
+def test_default_tag_is_the_embedded_fashion_mnist_classifier(arch):
+    model = timm.create_model(arch, pretrained=True)
     cfg = model.pretrained_cfg
     assert cfg['tag'] == 'mae_ft_fashion_mnist'
-    assert Path(cfg['file']) == _weights.WEIGHTS_DIR / FT / 'model.safetensors'
+    assert Path(cfg['file']) == _weights.WEIGHTS_DIR / f'{arch}.mae_ft_fashion_mnist' / 'model.safetensors'
     assert model.num_classes == 10 and tuple(cfg['label_names']) == _weights.LABEL_NAMES['fashion_mnist']
     shipped = safetensors.torch.load_file(cfg['file'])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in shipped.items())
     assert set(shipped) == set(model.state_dict())
-    # the other sizes ship nothing: their default stays the untrained tag
-    assert timm.create_model('mlit_s').pretrained_cfg['tag'] == 'untrained'
 
 
-def test_shipped_folders_are_hub_ready():
-    for name, num_classes in ((FT, 10), (ENC, 0)):
+def test_sizes_without_shipped_weights_default_to_untrained():
+    assert 'mlit_xxs' in SHIPPED
+    for arch in set(timm.list_models('mlit_*')) - set(SHIPPED):
+        assert timm.create_model(arch).pretrained_cfg['tag'] == 'untrained', arch
+
+
+@pytest.mark.parametrize('arch', SHIPPED)
+def test_shipped_folders_are_hub_ready(arch):
+    for name, num_classes in ((f'{arch}.mae_ft_fashion_mnist', 10), (f'{arch}.mae_in_fashion_mnist', 0)):
         folder = _weights.WEIGHTS_DIR / name
         assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
         model = timm.create_model(f'local-dir:{folder}', pretrained=True)  # timm's own reader of a Hub folder
@@ -67,13 +77,16 @@ def test_default_weights_load_offline_without_any_cache(tmp_path):
     assert not (tmp_path / 'hf').exists() and not (tmp_path / 'torch').exists()  # nothing fetched, nothing cached
 
 
-def test_shipped_encoder_is_the_one_the_classifier_was_fine_tuned_from():
-    encoder = timm.create_model(ENC, pretrained=True)
-    classifier = timm.create_model('mlit_xxs', pretrained=True)
-    fresh = timm.create_model('mlit_xxs', num_classes=0)
+@pytest.mark.parametrize('arch', SHIPPED)
+def test_shipped_encoder_is_the_one_the_classifier_was_fine_tuned_from(arch):
+    encoder = timm.create_model(f'{arch}.mae_in_fashion_mnist', pretrained=True)
+    classifier = timm.create_model(arch, pretrained=True)
+    fresh = timm.create_model(arch, num_classes=0)
     assert encoder.num_classes == 0
     # fine-tuning moved every block, but the tuned weights stay far closer to the encoder than to a fresh init
-    for k in ('blocks.0.attn.qkv.weight', 'blocks.4.mlp.experts.w.weight', 'blocks.8.mlp.gate.weight'):
+    depth = len(classifier.blocks)
+    for k in ('blocks.0.attn.qkv.weight', f'blocks.{depth // 2}.mlp.experts.w.weight',
+              f'blocks.{depth - 1}.mlp.gate.weight'):
         tuned, enc = classifier.state_dict()[k], encoder.state_dict()[k]
         assert not torch.equal(tuned, enc)
         assert (tuned - enc).norm() < 0.5 * (tuned - fresh.state_dict()[k]).norm(), k
@@ -81,13 +94,15 @@ def test_shipped_encoder_is_the_one_the_classifier_was_fine_tuned_from():
 
 @needs_fmnist
 @pytest.mark.slow
-def test_shipped_weights_give_the_reported_accuracy_on_the_test_set():
-    r = main([])
-    assert r['images'] == 10000 and r['data'] == DEBIAN_FASHION_MNIST
+@pytest.mark.parametrize('arch', SHIPPED)
+def test_shipped_weights_give_the_reported_accuracy_on_the_test_set(arch):
+    r = main(['--model', arch])
+    name = f'{arch}.mae_ft_fashion_mnist'
+    assert r['images'] == 10000 and r['data'] == DEBIAN_FASHION_MNIST and r['model'] == name
     # 0.05 points = 5 of the 10k images: another CPU's float rounding may flip a borderline prediction or two
-    assert r['top1'] == pytest.approx(card_top1(FT), abs=0.05)
+    assert r['top1'] == pytest.approx(card_top1(name), abs=0.05)
     readme = (ROOT / 'README.md').read_text()
-    assert f'{card_top1(FT):.2f}%' in readme
+    assert f'{card_top1(name):.2f}%' in readme
 
 
 @needs_fmnist
@@ -149,15 +164,16 @@ def test_main_job_without_the_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_main_job_refuses_a_model_without_fashion_mnist_weights(capsys):
-    with pytest.raises(SystemExit, match=f'(?s)cannot load mlit_s .*Fashion-MNIST classifiers shipped: {FT}$'):
-        main(['--model', 'mlit_s'])
+    with pytest.raises(SystemExit, match=f'(?s)cannot load mlit_s.untrained .*Fashion-MNIST classifiers shipped: '
+                                         f'{", ".join(SHIPPED_FT)}$'):
+        main(['--model', 'mlit_s.untrained'])
     with pytest.raises(SystemExit, match='not a Fashion-MNIST classifier'):
         main(['--model', ENC])
 
 
 @pytest.mark.parametrize('name, match', [
     ('resnet18', r'error: resnet18 is not an mLiT model'),
-    ('mlit_s', r'error: cannot load mlit_s with pretrained=True: .*mlit_s\.untrained'),
+    ('mlit_s.untrained', r'error: cannot load mlit_s.untrained with pretrained=True: .*mlit_s\.untrained'),
     (ENC, r'error: .*not a Fashion-MNIST classifier'),
     ('no_such_model', r"error: unknown model 'no_such_model'"),
 ])
@@ -166,7 +182,7 @@ def test_main_job_refuses_a_model_before_loading_any_weights(name, match, monkey
     loads = []
     monkeypatch.setattr(timm.models._builder, 'load_pretrained', lambda *args, **kwargs: loads.append(args))
     with pytest.raises(SystemExit, match=f'(?s)^python -m timm_mlit: {match}.*Fashion-MNIST classifiers shipped: '
-                                         f'{FT}$') as e:
+                                         f'{", ".join(SHIPPED_FT)}$') as e:
         main(['--model', name])
     assert loads == [] and '\n' not in str(e.value)
 
@@ -223,7 +239,7 @@ def test_the_wheel_ships_the_weight_folders(tmp_path):
     import zipfile
     wheel, = tmp_path.glob('timm_mlit-*.whl')
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in (FT, ENC):
+    for name in [n for arch in SHIPPED for n in (f'{arch}.mae_ft_fashion_mnist', f'{arch}.mae_in_fashion_mnist')]:
         for f in ('model.safetensors', 'config.json', 'README.md'):
             assert f'timm_mlit/weights/{name}/{f}' in names
     assert 'timm_mlit/py.typed' in names
