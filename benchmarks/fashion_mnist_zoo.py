@@ -288,8 +288,8 @@ def write_tune_results(plan: fm.Plan, results_dir: str, pilots: Sequence[Pilot] 
                 written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
                 complete=len(rows) == len(plan.stages) - 1 and all(r['complete'] for r in rows))
     fm._write_json(stem + '.json', dict(meta=meta, rows=rows))
-    png = plot_metric({r['label']: _summary(plan, plan.stages[[s.name for s in plan.stages].index(r['stage'])])
-                       for r in rows}, VAL_COLUMN, stem + '.png', ylabel='validation top-1 (%)',
+    png = plot_metric({r['label']: os.path.join(plan.out, r['stage'], 'summary.csv') for r in rows}, VAL_COLUMN,
+                      stem + '.png', ylabel='validation top-1 (%)',
                       title=f'mLiT-XXS on Fashion-MNIST: top-1 on the {HOLDOUT:,} held-out training images')
     lines = ['# Fashion-MNIST recipe pilots (validation split)', '', f'{meta["description"]}.', '',
              f'Hardware: {meta["hardware"]}. MAE pre-training: '

@@ -40,24 +40,16 @@ def _save(fig, path: str):
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
 
 
-def _loss_series(summary_csv: str) -> Dict[str, Tuple[List[float], List[float]]]:
+def _loss_series(summary_csv: str) -> Dict[str, Tuple[List[int], List[float]]]:
     """{column: (epochs counted from 1, values)} for each loss column, positive finite values only."""
     with open(summary_csv, newline='') as f:
-        rows = list(csv.DictReader(f))
+        columns = next(csv.reader(f), [])
     series = {}
-    for col in (rows[0].keys() if rows else ()):
-        if 'loss' not in col:
-            continue
-        pts = []
-        for r in rows:
-            try:
-                e, v = float(r['epoch']) + 1, float(r[col])
-            except (TypeError, ValueError):
-                continue
-            if v > 0 and math.isfinite(v):
-                pts.append((e, v))
-        if pts:
-            series[col] = ([p[0] for p in pts], [p[1] for p in pts])
+    for col in columns:
+        if 'loss' in col:
+            pts = [(e, v) for e, v in zip(*read_column(summary_csv, col)) if v > 0]
+            if pts:
+                series[col] = ([p[0] for p in pts], [p[1] for p in pts])
     return series
 
 
