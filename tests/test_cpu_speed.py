@@ -165,6 +165,45 @@ def test_cpu_bf16_probe_reads_cpuinfo_without_torchs_probes(monkeypatch, tmp_pat
     assert precision.cpu_has_bf16() == ('avx512_bf16' in flags or 'amx_bf16' in flags)
 
 
+def test_run_precision_takes_the_flags_then_the_environment_then_the_resumed_run_then_the_device(monkeypatch):
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: True)
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert precision.run_amp_dtype('cpu', amp=False, amp_dtype='bfloat16')[0] is None  # --no-amp overrides a recipe
+    assert precision.run_amp_dtype('cpu', amp_dtype='bfloat16')[0] is bf16  # --amp-dtype alone is autocast
+    assert precision.run_amp_dtype('cpu', amp=True)[0] is bf16  # CPU autocast: no float16 here
+    assert precision.run_amp_dtype('cuda', amp=True)[0] is fp16  # timm's default on CUDA
+    with pytest.raises(ValueError, match='--amp-dtype must be float16 or bfloat16, got int8'):
+        precision.run_amp_dtype('cpu', amp_dtype='int8')
+    fp32_run = {'amp': False, 'amp_dtype': 'float16'}  # a run trained in float32 (timm train.py's default)
+    assert precision.run_amp_dtype('cpu', resumed=fp32_run) == (None, 'as the resumed run was trained')
+    assert precision.run_amp_dtype('cpu', resumed={'amp': True, 'amp_dtype': 'bfloat16'})[0] is bf16
+    assert precision.run_amp_dtype('cpu', resumed={'amp': None})[0] is bf16  # recorded nothing: the device decides
+    with pytest.raises(ValueError, match='trained in float16 autocast, which cpu cannot run here'):
+        precision.run_amp_dtype('cpu', resumed={'amp': True, 'amp_dtype': 'float16'})  # a GPU run, resumed on a CPU
+    assert precision.run_amp_dtype('cpu', amp_dtype='bfloat16', resumed=fp32_run)[0] is bf16  # asked for: asked
+    monkeypatch.setenv(precision.PRECISION_ENV, 'bfloat16')
+    assert precision.run_amp_dtype('cpu', resumed=fp32_run) == (bf16, 'TIMM_MLIT_PRECISION=bfloat16')
+    monkeypatch.delenv(precision.PRECISION_ENV)
+    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: False)
+    assert precision.run_amp_dtype('cpu') == (None, 'cpu has no bfloat16 units')
+
+
+def test_launcher_resumes_a_run_in_the_precision_its_checkpoint_records(monkeypatch, tmp_path, capsys):
+    import argparse
+    monkeypatch.setenv(precision.PRECISION_ENV, 'auto')
+    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: True)
+    ckpt = tmp_path / 'last.pth.tar'
+    args = ['--device', 'cpu', '--resume', str(ckpt)]
+    torch.save({'state_dict': {}, 'args': argparse.Namespace(amp=False, amp_dtype='float16')}, ckpt)
+    assert auto_precision_args(args) == args
+    assert 'float32 (as the resumed run was trained)' in capsys.readouterr().err
+    torch.save({'state_dict': {}, 'args': argparse.Namespace(amp=True, amp_dtype='bfloat16')}, ckpt)
+    assert auto_precision_args(args) == args + ['--amp', '--amp-dtype', 'bfloat16']
+    ckpt.write_bytes(b'not a checkpoint')  # train.py names that problem; the launcher takes the device's choice
+    assert auto_precision_args(args) == args + ['--amp', '--amp-dtype', 'bfloat16']
+
+
 def test_launcher_adds_bfloat16_only_where_nothing_sets_a_precision(monkeypatch, tmp_path):
     monkeypatch.setenv(precision.PRECISION_ENV, 'bfloat16')
     args = ['--model', 'mlit_xxs', '--device', 'cpu']

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 import timm_mlit  # noqa: F401
+from timm_mlit import precision
 from timm_mlit.pretrain import PretrainError, main
 
 # a 3-layer encoder, no gate noise / MoE dropout: small, fast and deterministic up to the data pipeline
@@ -134,16 +136,27 @@ def test_two_process_torchrun_equals_one_process(tmp_path, image_folder):
     assert_same_weights(state(one / 'last.pth.tar'), state(tmp_path / 'two' / 'last.pth.tar'), atol=1e-5)
 
 
-def test_pretraining_picks_bfloat16_where_the_cpu_has_it_and_no_amp_keeps_float32(tmp_path, image_folder, monkeypatch,
-                                                                                  caplog):
+def test_pretraining_picks_bfloat16_where_the_cpu_has_it_no_amp_keeps_float32_and_so_does_its_resume(
+        tmp_path, image_folder, monkeypatch, caplog):
     import logging
     caplog.set_level(logging.INFO, logger='timm_mlit.pretrain')
-    monkeypatch.setenv('TIMM_MLIT_PRECISION', 'bfloat16')  # as on a CPU with bf16 units
+    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: True)  # as on a CPU with bf16 units
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
     run(tmp_path, image_folder, 'auto', '--epochs', '1', '-b', '8', '--device', 'cpu')
-    assert 'precision: bfloat16 autocast (chosen for this device)' in caplog.text
+    assert 'precision: bfloat16 autocast (cpu has bfloat16 units)' in caplog.text
+    assert yaml.safe_load((tmp_path / 'auto' / 'args.yaml').read_text())['amp_dtype'] == 'bfloat16'  # as it ran
     caplog.clear()
-    run(tmp_path, image_folder, 'fp32', '--epochs', '1', '-b', '8', '--device', 'cpu', '--no-amp')
+    fp32 = run(tmp_path, image_folder, 'fp32', '--epochs', '1', '-b', '8', '--device', 'cpu', '--no-amp')
     assert 'precision: float32' in caplog.text and 'bfloat16' not in caplog.text
+    recorded = yaml.safe_load((fp32 / 'args.yaml').read_text())
+    assert recorded['amp'] is False and recorded['amp_dtype'] is None
+    caplog.clear()  # resumed with no precision given: it stays float32 on this bfloat16 machine
+    run(tmp_path, image_folder, 'fp32', '--epochs', '2', '-b', '8', '--device', 'cpu',
+        '--resume', str(fp32 / 'last.pth.tar'))
+    assert 'precision: float32 (as the resumed run was trained)' in caplog.text
+    caplog.clear()  # --amp-dtype alone asks for autocast
+    run(tmp_path, image_folder, 'dtype', '--epochs', '1', '-b', '8', '--device', 'cpu', '--amp-dtype', 'bfloat16')
+    assert 'precision: bfloat16 autocast (--amp-dtype bfloat16)' in caplog.text
 
 
 @pytest.mark.slow

@@ -5,16 +5,18 @@ run several times faster in bfloat16 and the attention takes `layers.ops.chunked
 supports bfloat16; float32 everywhere else, where bfloat16 would be emulated and slower. `TIMM_MLIT_PRECISION`
 overrides the choice: `float32` (the path of a CPU without bfloat16 units) or `bfloat16`.
 
-Used by `timm-mlit-pretrain` (no `--amp` / `--no-amp` given) and by `timm-mlit-run train.py` (neither the command
-line nor the recipe sets `amp`). Measured by benchmarks/models.py and benchmarks/pretrain_throughput.py.
+Used by `timm-mlit-pretrain` and by `timm-mlit-run train.py` through `run_amp_dtype`, where neither the command line
+nor the recipe sets `amp` or `amp_dtype`. A resumed run keeps the precision its checkpoint records, so that a run
+started in float32 does not turn bfloat16 half-way (or back) because it was resumed on another machine or under
+another default. Measured by benchmarks/models.py and benchmarks/pretrain_throughput.py.
 """
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ['PRECISION_ENV', 'auto_amp_dtype', 'cpu_has_bf16']
+__all__ = ['PRECISION_ENV', 'auto_amp_dtype', 'cpu_has_bf16', 'run_amp_dtype']
 
 PRECISION_ENV = 'TIMM_MLIT_PRECISION'
 _CHOICES = ('auto', 'float32', 'bfloat16')
@@ -33,11 +35,16 @@ def cpu_has_bf16() -> bool:
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
-def auto_amp_dtype(device) -> Optional[torch.dtype]:
-    """The autocast dtype for training on `device` (None: float32, no autocast), after `TIMM_MLIT_PRECISION`."""
+def _env_choice() -> str:
     choice = os.environ.get(PRECISION_ENV, 'auto').strip().lower() or 'auto'
     if choice not in _CHOICES:
         raise ValueError(f'{PRECISION_ENV}={choice!r}: use one of {", ".join(_CHOICES)}')
+    return choice
+
+
+def auto_amp_dtype(device) -> Optional[torch.dtype]:
+    """The autocast dtype for training on `device` (None: float32, no autocast), after `TIMM_MLIT_PRECISION`."""
+    choice = _env_choice()
     if choice != 'auto':
         return torch.bfloat16 if choice == 'bfloat16' else None
     device = torch.device(device)
@@ -46,3 +53,37 @@ def auto_amp_dtype(device) -> Optional[torch.dtype]:
     if device.type == 'cuda' and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16  # Ampere and later compute bfloat16 natively (is_bf16_supported counts emulation too)
     return None
+
+
+_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def run_amp_dtype(device, amp: Optional[bool] = None, amp_dtype: Optional[str] = None,
+                  resumed: Optional[Mapping[str, Any]] = None) -> Tuple[Optional[torch.dtype], str]:
+    """(autocast dtype or None for float32, why) of a training run on `device`. `amp` / `amp_dtype`: what the
+    command line or recipe says (None where it says nothing); `resumed`: the arguments the resumed checkpoint
+    records (timm's train.py and `timm-mlit-pretrain` both store them), None for a new run.
+
+    In order: `--no-amp` is float32; `--amp-dtype X` is X (with or without `--amp`); `--amp` alone is float16 on
+    CUDA (timm's default) and bfloat16 elsewhere (CPU autocast has no float16 path here); `TIMM_MLIT_PRECISION`
+    when set; a resumed run's recorded precision; else `auto_amp_dtype(device)`."""
+    if amp is False:
+        return None, '--no-amp'
+    if amp_dtype is not None or amp:
+        name = amp_dtype or ('float16' if torch.device(device).type == 'cuda' else 'bfloat16')
+        if name not in _DTYPES:
+            raise ValueError(f'--amp-dtype must be float16 or bfloat16, got {name}')
+        return _DTYPES[name], f'--amp-dtype {name}' if amp_dtype else '--amp'
+    choice = _env_choice()
+    if choice != 'auto':
+        return auto_amp_dtype(device), f'{PRECISION_ENV}={choice}'
+    recorded = (resumed or {}).get('amp')
+    if isinstance(recorded, bool):  # (older runs record None: their precision followed the machine)
+        name = (resumed or {}).get('amp_dtype') or 'float16'
+        if recorded and (name not in _DTYPES or (name == 'float16' and torch.device(device).type != 'cuda')):
+            raise ValueError(f'the resumed run was trained in {name} autocast, which {torch.device(device).type} '
+                             f'cannot run here: give --amp-dtype bfloat16 or --no-amp')
+        return (_DTYPES[name] if recorded else None), 'as the resumed run was trained'
+    dtype = auto_amp_dtype(device)
+    return dtype, (f'{torch.device(device).type} has bfloat16 units' if dtype is not None
+                   else f'{torch.device(device).type} has no bfloat16 units')

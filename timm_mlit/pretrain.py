@@ -65,7 +65,7 @@ from .files import atomic_write, check_writable_path, remove_stale_temporaries
 from .mae import MaskedAutoencoderMLiT
 from .mlit import MLiT
 from .plots import truncate_csv
-from .precision import auto_amp_dtype
+from .precision import run_amp_dtype
 from .recipes import resolve_recipe
 
 # train_one_epoch lives in engine.py, the checkpoint functions in checkpoint.py; importable from here as before
@@ -148,11 +148,12 @@ def _add_run_args(parser: argparse.ArgumentParser):
     """Device, outputs, resuming and export."""
     group = parser.add_argument_group('Run')
     group.add_argument('--amp', default=None, action=argparse.BooleanOptionalAction,
-                       help='mixed precision (autocast) in --amp-dtype; --no-amp for float32; neither: bfloat16 where '
-                            'the device has bfloat16 units (AVX512_BF16/AMX CPU, CUDA), else float32 '
-                            '(timm_mlit.precision)')
-    group.add_argument('--amp-dtype', default='float16', type=str,
-                       help='float16 (CUDA, with a loss scaler) or bfloat16')
+                       help='mixed precision (autocast) in --amp-dtype (default: float16 on CUDA, bfloat16 on CPU); '
+                            '--no-amp for float32; neither: a resumed run keeps its checkpoint\'s precision, a new one '
+                            'takes bfloat16 where the device has bfloat16 units (AVX512_BF16/AMX CPU, CUDA), else '
+                            'float32 (timm_mlit.precision.run_amp_dtype)')
+    group.add_argument('--amp-dtype', default=None, type=str,
+                       help='float16 (CUDA, with a loss scaler) or bfloat16; implies --amp')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
                        help='cpu, cuda or cuda:N')
     group.add_argument('--dist-backend', default=None, type=str, help='default: nccl on CUDA, gloo on CPU')
@@ -247,7 +248,7 @@ def _check_args(args: argparse.Namespace):
     opt = args.opt.lower().split('_')[-1]
     if opt not in timm.optim.list_optimizers():
         raise ValueError(f'--opt {args.opt!r} is not a timm optimizer (timm.optim.list_optimizers())')
-    if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
+    if args.amp is not False and args.amp_dtype is not None and args.amp_dtype not in ('float16', 'bfloat16'):
         raise ValueError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
     try:
         device = torch.device(args.device)
@@ -255,7 +256,7 @@ def _check_args(args: argparse.Namespace):
         raise ValueError(f'--device {args.device!r} is not a device: use cpu, cuda or cuda:N') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'--device {args.device}: no CUDA GPU is available here; use --device cpu')
-    if args.amp and args.amp_dtype == 'float16' and device.type == 'cpu':
+    if args.amp is not False and args.amp_dtype == 'float16' and device.type == 'cpu':
         raise ValueError('float16 autocast needs CUDA; on CPU use --amp-dtype bfloat16')
     for flag, path in (('--resume', args.resume), ('--export-only', args.export_only)):
         if path and os.path.isdir(path):
@@ -358,14 +359,12 @@ def _build_loader(args, dataset, device: torch.device):
     return sampler, loader
 
 
-def _amp(args, device: torch.device) -> Tuple[Callable, Optional[NativeScaler]]:
-    """(autocast context factory, loss scaler): a scaler only for float16."""
-    if args.amp is None:
-        dtype = auto_amp_dtype(device)
-    else:
-        dtype = (torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16) if args.amp else None
-    _logger.info(f'precision: {"float32" if dtype is None else str(dtype).split(".")[1] + " autocast"}'
-                 f'{" (chosen for this device)" if args.amp is None else ""}')
+def _amp(args, device: torch.device, ckpt: Optional[Dict[str, Any]]) -> Tuple[Callable, Optional[NativeScaler]]:
+    """(autocast context factory, loss scaler): a scaler only for float16. `args.amp` / `args.amp_dtype` are set to
+    the precision chosen, so that args.yaml and the checkpoints record it (and a resume keeps it)."""
+    dtype, why = run_amp_dtype(device, args.amp, args.amp_dtype, ckpt.get('args') if ckpt else None)
+    args.amp, args.amp_dtype = dtype is not None, None if dtype is None else str(dtype).split('.')[1]
+    _logger.info(f'precision: {"float32" if dtype is None else args.amp_dtype + " autocast"} ({why})')
     if dtype is None:
         return nullcontext, None
     loss_scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
@@ -386,7 +385,7 @@ def _setup(args) -> _Run:
     if args.lr is None:
         args.lr = args.lr_base * global_batch / args.lr_base_size  # eq. 17
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
-    amp_autocast, loss_scaler = _amp(args, device)
+    amp_autocast, loss_scaler = _amp(args, device, ckpt)
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=True), updates_per_epoch=updates_per_epoch)
     args.num_epochs = num_epochs  # epochs + cooldown (+ warm-up as a prefix): for the time left

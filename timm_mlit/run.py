@@ -420,30 +420,45 @@ def _config_values(args: Sequence[str]) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def auto_precision_args(args: Sequence[str]) -> List[str]:
-    """`args` for train.py with `--amp --amp-dtype bfloat16` added when neither they nor their recipe say anything
-    of `amp` and the run's device has bfloat16 units (`timm_mlit.precision.auto_amp_dtype`; `--device` from the
-    arguments, else the recipe, else train.py's default, cuda)."""
-    import torch
+def _resumed_args(path: Optional[str]) -> Optional[dict]:
+    """The arguments a `--resume` checkpoint records (train.py stores its Namespace), None without one; an
+    unreadable file is left for train.py to report."""
+    if not path:
+        return None
+    from .checkpoint import load_torch_file
+    from .model_card import recorded_args
+    try:
+        ckpt = load_torch_file(path)
+    except Exception:  # (train.py names the problem with the file itself)
+        return None
+    return recorded_args(ckpt.get('args')) if isinstance(ckpt, dict) else None
 
-    from .precision import PRECISION_ENV, auto_amp_dtype
+
+def auto_precision_args(args: Sequence[str]) -> List[str]:
+    """`args` for train.py with the precision made explicit where neither they nor their recipe say anything of
+    `amp`: a `--resume` keeps the precision its checkpoint records, a new run takes `--amp --amp-dtype bfloat16`
+    where its device has bfloat16 units (`timm_mlit.precision.run_amp_dtype`; `--device` from the arguments, else
+    the recipe, else train.py's default, cuda)."""
+    from .precision import PRECISION_ENV, run_amp_dtype
     cfg = _config_values(args)
     if _option(args, '--amp')[0] or _option(args, '--amp-dtype')[0] or 'amp' in cfg or 'amp_dtype' in cfg:
         return list(args)
     device = _option(args, '--device')[1] or cfg.get('device') or 'cuda'
+    resumed = _resumed_args(_option(args, '--resume')[1] or cfg.get('resume'))
     try:
-        dtype = auto_amp_dtype(device)
+        dtype, why = run_amp_dtype(device, resumed=resumed)
     except RuntimeError:
         raise ValueError(f'--device {device!r} is not a device: use cpu, cuda or cuda:N') from None
-    if dtype != torch.bfloat16:
+    if dtype is None:
+        if resumed is not None:
+            print(f'{PROG}: float32 ({why})', file=sys.stderr)
         return list(args)
-    forced = os.environ.get(PRECISION_ENV, '').strip().lower() == 'bfloat16'
-    why = f'{PRECISION_ENV}=bfloat16' if forced else f'{device} has bfloat16 units'
-    print(f'{PROG}: bfloat16 autocast (--amp --amp-dtype bfloat16): {why}; {PRECISION_ENV}=float32 for float32',
+    name = str(dtype).split('.')[1]
+    print(f'{PROG}: {name} autocast (--amp --amp-dtype {name}): {why}; {PRECISION_ENV}=float32 for float32',
           file=sys.stderr)
     args = list(args)
     end = args.index('--') if '--' in args else len(args)  # (before a `--`: after it they would be positional)
-    return args[:end] + ['--amp', '--amp-dtype', 'bfloat16'] + args[end:]
+    return args[:end] + ['--amp', '--amp-dtype', name] + args[end:]
 
 
 def main(argv: Optional[Sequence[str]] = None):
