@@ -170,6 +170,26 @@ def _kwargs_argv(kwargs: Dict[str, object]) -> List[str]:
     return ['--model-kwargs'] + [f'{k}={v}' for k, v in kwargs.items()] if kwargs else []
 
 
+def validate_args(scripts_dir: str, model: str, checkpoint: str, test_dir: str, results_file: str, device: str,
+                  workers: int, kwargs: Optional[Dict[str, object]] = None, log_freq: int = 1) -> List[str]:
+    """validate.py and its arguments: the Fashion-MNIST test images of `test_dir` in the recipes' eval transform
+    (resize to 36, centre crop 1.0, bicubic, mean/std 0.5), top-1/top-5 written to `results_file` as JSON."""
+    return [os.path.join(scripts_dir, 'validate.py'), '--model', model, *_kwargs_argv(kwargs or {}),
+            '--checkpoint', checkpoint, '--dataset', 'torch/fashion_mnist', '--data-dir', test_dir,
+            '--split', 'validation', '--num-classes', str(NUM_CLASSES), '--input-size', '3', '36', '36',
+            '--crop-pct', '1.0', '--interpolation', 'bicubic', '--mean', '0.5', '0.5', '0.5', '--std', '0.5', '0.5',
+            '0.5', '-b', str(EVAL_BATCH), '-j', str(workers), '--device', device, '--log-freq', str(log_freq),
+            '--results-file', results_file, '--results-format', 'json']
+
+
+def find_idx(source_dir: str, name: str) -> str:
+    """The path of the idx file `name` (plain or .gz) in source_dir, or a BenchmarkError that says how to get it."""
+    for n in (name, name + '.gz'):
+        if os.path.exists(os.path.join(source_dir, n)):
+            return os.path.join(source_dir, n)
+    raise BenchmarkError(f'{name}[.gz] not found in {source_dir} (apt-get install dataset-fashion-mnist)')
+
+
 def make_plan(budget: Budget, out: str, source_dir: str, scripts_dir: str, device: str = 'cpu', workers: int = 2,
               python: str = sys.executable) -> Plan:
     """Every stage of the comparison, in running order, with its full command line."""
@@ -189,7 +209,6 @@ def make_plan(budget: Budget, out: str, source_dir: str, scripts_dir: str, devic
     cuda = device.startswith('cuda')
     run = [python, '-m', 'timm_mlit.run']
     train_py = os.path.join(scripts_dir, 'train.py')
-    validate_py = os.path.join(scripts_dir, 'validate.py')
 
     def train_argv(name, cfg, model, kwargs, extra=()):
         argv = run + [train_py, '-c', cfg, '--data-dir', data_dir, '--val-split', '', '--epochs', str(epochs),
@@ -202,15 +221,10 @@ def make_plan(budget: Budget, out: str, source_dir: str, scripts_dir: str, devic
         return argv + list(extra)
 
     def eval_stage(row_key, model, kwargs, train_name):
-        return Stage(f'eval_{row_key}', 'eval', run + [
-            validate_py, '--model', model, *_kwargs_argv(kwargs),
-            '--checkpoint', os.path.join(out, train_name, 'last.pth.tar'),
-            '--dataset', 'torch/fashion_mnist', '--data-dir', test_dir, '--split', 'validation',
-            '--num-classes', str(NUM_CLASSES), '--input-size', '3', '36', '36', '--crop-pct', '1.0',
-            '--interpolation', 'bicubic', '--mean', '0.5', '0.5', '0.5', '--std', '0.5', '0.5', '0.5',
-            '-b', str(EVAL_BATCH), '-j', str(workers), '--device', device, '--log-freq', '1',
-            '--results-file', os.path.join(out, f'eval_{row_key}', 'results.json'), '--results-format', 'json'],
-            images=n_test, nominal_img_s=NOMINAL_IMG_S['eval'], row=row_key)
+        argv = run + validate_args(scripts_dir, model, os.path.join(out, train_name, 'last.pth.tar'), test_dir,
+                                   os.path.join(out, f'eval_{row_key}', 'results.json'), device, workers,
+                                   kwargs=kwargs, log_freq=1)
+        return Stage(f'eval_{row_key}', 'eval', argv, images=n_test, nominal_img_s=NOMINAL_IMG_S['eval'], row=row_key)
 
     stages, rows, pretrain_epochs = [], [], {}
     for size in budget.sizes:
@@ -282,15 +296,9 @@ def prepare_data(plan: Plan, source_dir: str, log: Callable[[str], None] = print
                 return
     from timm_mlit.data import read_idx, write_idx
 
-    def find(name):
-        for n in (name, name + '.gz'):
-            if os.path.exists(os.path.join(source_dir, n)):
-                return os.path.join(source_dir, n)
-        raise BenchmarkError(f'{name}[.gz] not found in {source_dir} (apt-get install dataset-fashion-mnist)')
-
     os.makedirs(plan.data_dir, exist_ok=True)
-    images, labels = read_idx(find('train-images-idx3-ubyte')).numpy(), read_idx(find('train-labels-idx1-ubyte'))
-    labels = labels.numpy()
+    images = read_idx(find_idx(source_dir, 'train-images-idx3-ubyte')).numpy()
+    labels = read_idx(find_idx(source_dir, 'train-labels-idx1-ubyte')).numpy()
     if b.labelled_per_class is not None:
         keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:b.labelled_per_class]
                                        for c in range(NUM_CLASSES)]))
@@ -304,7 +312,7 @@ def prepare_data(plan: Plan, source_dir: str, log: Callable[[str], None] = print
         for stale in (dst, dst + '.gz'):
             if os.path.lexists(stale):
                 os.remove(stale)
-        src = find(name)
+        src = find_idx(source_dir, name)
         if b.test_images is not None:
             write_idx(dst, read_idx(src).numpy()[:b.test_images])
         else:

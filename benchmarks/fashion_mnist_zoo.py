@@ -86,15 +86,8 @@ def prepare_holdout(source_dir: str, data_dir: str, holdout: int = HOLDOUT, log=
     spec = dict(source=os.path.abspath(source_dir), holdout=holdout)
     if (fm._read_json(marker) or {}).get('spec') == spec:
         return
-    arrays = {}
-    for kind in ('images-idx3', 'labels-idx1'):
-        for name in (f'train-{kind}-ubyte', f'train-{kind}-ubyte.gz'):
-            if os.path.exists(os.path.join(source_dir, name)):
-                arrays[kind] = read_idx(os.path.join(source_dir, name)).numpy()
-                break
-        else:
-            raise fm.BenchmarkError(f'train-{kind}-ubyte[.gz] not found in {source_dir} '
-                                    '(apt-get install dataset-fashion-mnist)')
+    arrays = {kind: read_idx(fm.find_idx(source_dir, f'train-{kind}-ubyte')).numpy()
+              for kind in ('images-idx3', 'labels-idx1')}
     n = len(arrays['labels-idx1'])
     if not 0 < holdout < n:
         raise fm.BenchmarkError(f'cannot hold out {holdout} of {n} training images')
@@ -176,13 +169,9 @@ def chosen_pilots(results_dir: str, pilots: Sequence[Pilot] = PILOTS) -> Dict[st
 def eval_stage(out: str, test_dir: str, scripts_dir: str, key: str, model: str, train_name: str, device: str,
                workers: int, python: str) -> fm.Stage:
     """validate.py on the 10k test images, in float32 as the shipped weights are used (`python -m timm_mlit`)."""
-    argv = ['env', 'TIMM_MLIT_PRECISION=float32', python, '-m', 'timm_mlit.run',
-            os.path.join(scripts_dir, 'validate.py'), '--model', model,
-            '--checkpoint', os.path.join(out, train_name, 'last.pth.tar'), '--dataset', 'torch/fashion_mnist',
-            '--data-dir', test_dir, '--split', 'validation', '--num-classes', '10', '--input-size', '3', '36', '36',
-            '--crop-pct', '1.0', '--interpolation', 'bicubic', '--mean', '0.5', '0.5', '0.5', '--std', '0.5', '0.5',
-            '0.5', '-b', '256', '-j', str(workers), '--device', device, '--log-freq', '10',
-            '--results-file', os.path.join(out, f'eval_{key}', 'results.json'), '--results-format', 'json']
+    argv = ['env', 'TIMM_MLIT_PRECISION=float32', python, '-m', 'timm_mlit.run', *fm.validate_args(
+        scripts_dir, model, os.path.join(out, train_name, 'last.pth.tar'), test_dir,
+        os.path.join(out, f'eval_{key}', 'results.json'), device, workers, log_freq=10)]
     return fm.Stage(f'eval_{key}', 'eval', argv, images=10000, nominal_img_s=fm.NOMINAL_IMG_S['eval'], row=key)
 
 
