@@ -964,6 +964,22 @@ def test_fine_tuned_card_names_its_base_model_and_publishes_the_training_args(tm
     assert torch.equal(_out(loaded, _x()), _out(model, _x()))
 
 
+def test_the_card_shows_the_commands_that_made_the_weights(tmp_path, capsys):
+    checkpoint = _encoder_safetensors(tmp_path, _model(10))
+    commands = tmp_path / 'commands.sh'
+    lines = ["timm-mlit-pretrain -c train_configs/pretrain/mmlit_xxs_fashion_mnist.yaml --epochs 10",
+             "timm-mlit-run train.py -c train_configs/finetune/mmlit_xxs_fashion_mnist.yaml --aa '' -b 128"]
+    commands.write_text(f'# made on 2 CPU cores\n{lines[0]}\n\n{lines[1]}\n')
+    assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--commands', str(commands)) == 0
+    text = (tmp_path / 'out' / 'README.md').read_text()
+    assert '## Training\n' in text and '```bash\n# made on 2 CPU cores\n' + '\n'.join(lines) + '\n```' in text
+    commands.write_text('# nothing but a comment\n')
+    assert _publish(tmp_path, checkpoint, tmp_path / 'out2', '--commands', str(commands)) == 1
+    assert 'holds no command' in capsys.readouterr().err and not (tmp_path / 'out2').exists()
+    assert _publish(tmp_path, checkpoint, tmp_path / 'out2', '--commands', str(tmp_path / 'none.sh')) == 1
+    assert '--commands' in capsys.readouterr().err and not (tmp_path / 'out2').exists()
+
+
 def test_a_base_model_that_is_no_hub_repository_is_an_error(tmp_path, capsys):
     checkpoint = _encoder_safetensors(tmp_path, _model(10))
     assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--base-model', 'not a repo') == 1

@@ -299,12 +299,14 @@ def publish(
         description: str = '',
         base_model: str = '',
         training_args: bool = True,
+        commands: Sequence[str] = (),
 ) -> Path:
     """Write the Hub folder for `checkpoint` to `output_dir`, atomically (see the module docstring).
 
     Args:
         base_model: the Hub repository (ORG/NAME) the checkpoint was fine-tuned from, for the card's metadata.
         training_args: write the training arguments the checkpoint records to `training_args.yaml`.
+        commands: the shell commands that made and measured the weights, for the card's "Training" section.
 
     Returns:
         `output_dir`.
@@ -322,7 +324,8 @@ def publish(
         model_id=f'hf-hub:{repo_id or f"{HF_HUB_ORG}/{title}"}', title=title, license=license, dataset=dataset,
         pretrain_dataset=pretrain_dataset, metrics=metrics, description=description, base_model=base_model,
         mae_pretrained=model_card.from_pretraining(meta) or tag.startswith('mae_'),
-        training_args_file=TRAINING_ARGS_FILE if args else '', has_label_names='label_names' in config)
+        training_args_file=TRAINING_ARGS_FILE if args else '', has_label_names='label_names' in config,
+        commands=list(commands))
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_work_prefix(output_dir), suffix='.tmp', dir=output_dir.parent))
@@ -404,6 +407,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="class names: a .json list or one name a line; default: the --dataset's, if known")
     parser.add_argument('--license', default='apache-2.0', help='license of the weights (card metadata)')
     parser.add_argument('--description', default='', help='a paragraph for the model card')
+    parser.add_argument('--commands', type=Path, metavar='FILE',
+                        help='a shell script of the commands that made and measured the weights, one a line, '
+                             '# comments allowed: the model card shows it')
     parser.add_argument('--no-training-args', dest='training_args', action='store_false',
                         help=f'do not publish the training arguments the checkpoint records ({TRAINING_ARGS_FILE}; '
                              'they name local paths such as data_dir)')
@@ -418,11 +424,12 @@ def _parser() -> argparse.ArgumentParser:
 def _publish_and_push(args: argparse.Namespace):
     """The command: publish, say what was written and the cfg entry to add, then push if asked."""
     label_names = model_card.read_label_names(args.label_names) if args.label_names else None
+    commands = model_card.read_commands(args.commands) if args.commands else ()
     folder = publish(
         args.checkpoint, args.model, args.output_dir, tag=args.tag, use_ema=args.ema, overwrite=args.overwrite,
         dataset=args.dataset, pretrain_dataset=args.pretrain_dataset, metrics=dict(args.metric),
         label_names=label_names, license=args.license, repo_id=args.repo_id, description=args.description,
-        base_model=args.base_model, training_args=args.training_args)
+        base_model=args.base_model, training_args=args.training_args, commands=commands)
     num_classes = json.loads((folder / 'config.json').read_text())['num_classes']
     print(f'wrote {folder}: {", ".join(sorted(p.name for p in folder.iterdir()))}')
     entry = model_card.cfg_entry(args.model, args.tag, num_classes, args.dataset)

@@ -284,6 +284,11 @@ def _details(model: torch.nn.Module, papers: List[Tuple[str, str]], dataset: str
     return details
 
 
+def _training_section(commands: Sequence[str]) -> str:
+    return ('## Training\nThe commands that made these weights and measured them, as they were run:\n```bash\n'
+            + '\n'.join(commands) + '\n```\n\n')
+
+
 def write_model_card(
         path: Path,
         model: torch.nn.Module,
@@ -298,6 +303,7 @@ def write_model_card(
         mae_pretrained: bool = False,
         training_args_file: str = '',
         has_label_names: bool = False,
+        commands: Sequence[str] = (),
 ):
     """README.md in the layout of timm's model cards, with the Hub's metadata (huggingface_hub.ModelCardData).
 
@@ -308,6 +314,7 @@ def write_model_card(
         base_model: the Hub repository this model was fine-tuned from.
         mae_pretrained: the weights come from masked-autoencoder pre-training (cite MAE).
         training_args_file: the file in the folder holding the training arguments, if any.
+        commands: the shell commands that trained and evaluated the weights, in order (a "Training" section).
     """
     classifier = model.num_classes > 0
     task = 'image-classification' if classifier else 'image-feature-extraction'
@@ -321,6 +328,7 @@ def write_model_card(
         + f'{_intro(classifier, mae_pretrained, dataset, pretrain_dataset, base_model)}\n\n'
         + '## Model Details\n' + '\n'.join(details) + '\n\n'
         + '## Model Usage\n' + _usage_snippets(model, model_id, has_label_names)
+        + (_training_section(commands) if commands else '')
         + '## Citation\n' + ''.join(f'```bibtex\n{_CITATIONS[p]}\n```\n' for p in papers)
     )
     Path(path).write_text(f'---\n{card_data.to_yaml()}\n---\n{body}', encoding='utf-8')
@@ -405,15 +413,28 @@ def from_pretraining(meta: Dict[str, Any]) -> bool:
     return str(meta.get('format', '')).startswith(_PRETRAIN_FORMAT) or 'pre-training' in str(meta.get('source', ''))
 
 
+def _read_text(path: Path, option: str) -> str:
+    try:
+        return Path(path).read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise PublishError(f'{option} {path}: not UTF-8 text ({e})') from e
+    except OSError as e:
+        raise PublishError(f'{option} {path}: cannot read it ({e.strerror or e})') from e
+
+
+def read_commands(path: Path) -> List[str]:
+    """The lines of a shell script, blank ones left out: the commands, one a line, and # comments; at least one
+    command."""
+    commands = [line.rstrip() for line in _read_text(path, '--commands').splitlines() if line.strip()]
+    if all(line.lstrip().startswith('#') for line in commands):
+        raise PublishError(f'--commands {path}: holds no command (one a line; # starts a comment)')
+    return commands
+
+
 def read_label_names(path: Path) -> List[str]:
     """Label names from a JSON list or a text file with one name a line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding='utf-8')
-    except UnicodeDecodeError as e:
-        raise PublishError(f'--label-names {path}: not UTF-8 text ({e})') from e
-    except OSError as e:
-        raise PublishError(f'--label-names {path}: cannot read it ({e.strerror or e})') from e
+    text = _read_text(path, '--label-names')
     if path.suffix != '.json':
         return [line.strip() for line in text.splitlines() if line.strip()]
     try:
