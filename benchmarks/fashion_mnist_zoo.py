@@ -4,6 +4,7 @@
     python benchmarks/fashion_mnist_zoo.py tune --out /var/tmp/zoo/out --dry-run   # the plan and the commands only
     python benchmarks/fashion_mnist_zoo.py zoo --out /var/tmp/zoo/out    # then every size with the chosen recipes
     python benchmarks/fashion_mnist_zoo.py curves --out /var/tmp/zoo/out # redraw the tables and plots from what ran
+    python benchmarks/fashion_mnist_zoo.py publish --out /var/tmp/zoo/out   # ship every tested mmLiT (see below)
 
 The last 5,000 of the 60k Fashion-MNIST training images are held out as the validation split (OUT/data holds the
 first 55,000 as `train-*` and the held-out ones as `t10k-*`, so train.py's `--val-split validation` reads them and
@@ -26,6 +27,11 @@ size was fine-tuned. Each final checkpoint is scored on the 10k test images by t
 selected on those scores. It writes RESULTS_DIR/fashion_mnist_zoo.md/.json (per size: test top-1, epochs, wall
 time, img/s, the checkpoint and encoder to publish) and fashion_mnist_zoo.png (each run's validation curve).
 
+`publish` writes, for every mmLiT row of fashion_mnist_zoo.json, the Hub folders timm_mlit/weights/
+<arch>.mae_in_fashion_mnist (the MAE encoder) and <arch>.mae_ft_fashion_mnist (the tested final checkpoint) with
+timm-mlit-publish, their model cards holding the test top-1 and the commands that made them; the pretrained cfg
+entries it prints go into timm_mlit/mlit.py.
+
 Stages run one after the other through benchmarks/fashion_mnist.py's orchestrator: each writes OUT/<stage>/ (the
 script's outputs, stage.log, done.json); re-running the same command after a kill skips finished stages and resumes
 an interrupted one from its newest checkpoint.
@@ -36,10 +42,12 @@ import fcntl
 import importlib.util
 import json
 import os
+import shlex
 import sys
 from datetime import datetime
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
+from timm_mlit._weights import WEIGHTS_DIR
 from timm_mlit.cli import exit_on_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -148,22 +156,46 @@ def make_tune_plan(out: str, source_dir: str, scripts_dir: str, device: str = 'c
                    TRAIN_IMAGES, 0, device)
 
 
+def choose(rows: Sequence[dict], pilots: Sequence[Pilot] = PILOTS) -> Dict[str, Pilot]:
+    """Of each kind ('finetune', 'scratch') among `rows` (fashion_mnist_tune.json's), the pilot with the best final
+    validation top-1; the first listed, i.e. the paper's recipe, on a tie."""
+    by_key = {p.key: p for p in pilots}
+    best: Dict[str, tuple] = {}
+    for r in rows:
+        p = by_key.get(r['key'])
+        if p is not None and r['final_val_top1'] is not None and (
+                p.kind not in best or r['final_val_top1'] > best[p.kind][1]):
+            best[p.kind] = (p, r['final_val_top1'])
+    return {kind: p for kind, (p, _) in best.items()}
+
+
 def chosen_pilots(results_dir: str, pilots: Sequence[Pilot] = PILOTS) -> Dict[str, Pilot]:
-    """{'finetune': pilot, 'scratch': pilot}: of each kind, the pilot with the best final validation top-1 in
-    fashion_mnist_tune.json (the first listed, i.e. the paper's recipe, on a tie)."""
+    """{'finetune': pilot, 'scratch': pilot}, `choose`n from a complete fashion_mnist_tune.json in results_dir."""
     path = os.path.join(results_dir, 'fashion_mnist_tune.json')
     res = fm._read_json(path)
     if not res or not res['meta'].get('complete'):
         raise fm.BenchmarkError(f'{path} is missing or incomplete: run the tune phase to its end first')
-    by_key = {p.key: p for p in pilots}
-    best: Dict[str, tuple] = {}
-    for r in res['rows']:
-        p = by_key.get(r['key'])
-        if p is not None and (p.kind not in best or r['final_val_top1'] > best[p.kind][1]):
-            best[p.kind] = (p, r['final_val_top1'])
-    if set(best) != {'finetune', 'scratch'}:
+    chosen = choose(res['rows'], pilots)
+    if set(chosen) != {'finetune', 'scratch'}:
         raise fm.BenchmarkError(f'{path} lacks a fine-tuning or a scratch pilot')
-    return {kind: p for kind, (p, _) in best.items()}
+    return chosen
+
+
+def tune_table(data: dict, pilots: Sequence[Pilot] = PILOTS) -> str:
+    """fashion_mnist_tune.json's pilots as a markdown table (its .md file's and the README's), the pilot `choose`
+    takes of each kind marked once every pilot has run."""
+    rows, meta = data['rows'], data['meta']
+    chosen = {p.key for p in choose(rows, pilots).values()} if meta.get('complete') else set()
+    lines = [] if meta.get('complete') else [
+        f'**Incomplete: {sum(r["complete"] for r in rows)} of {len(pilots)} pilots done.**', '']
+    lines += ['| pilot | validation top-1 per epoch (%) | final | wall time | img/s | |',
+              '|---|---|---:|---:|---:|---|']
+    for r in rows:
+        final = '-' if r['final_val_top1'] is None else f'{r["final_val_top1"]:.2f}'
+        lines.append(f'| {r["label"]} | {" / ".join(f"{v:.2f}" for v in r["val_top1"]) or "-"} | {final} | '
+                     f'{fm.fmt_s(r["wall_s"]) if r["wall_s"] else "-"} | {r["img_s"] or "-"} | '
+                     f'{"**chosen**" if r["key"] in chosen else ""} |')
+    return '\n'.join(lines)
 
 
 def eval_stage(out: str, test_dir: str, scripts_dir: str, key: str, model: str, train_name: str, device: str,
@@ -201,7 +233,7 @@ def make_zoo_plan(out: str, source_dir: str, scripts_dir: str, chosen: Dict[str,
             stages.append(eval_stage(out, source_dir, scripts_dir, key, model, name, device, workers, python))
             label = f'mmLiT-{size.upper()} (MAE + fine-tune)' if pre else f'mLiT-{size.upper()} (from scratch)'
             rows.append(fm.Row(key, label, model, {}, name, f'eval_{key}', pretrain=pre.name if pre else None,
-                               recipe=f'{os.path.relpath(cfg, fm.REPO)} {" ".join(pilot.extra)}'.strip()))
+                               recipe=f'{os.path.relpath(cfg, fm.REPO)} {shlex.join(pilot.extra)}'.strip()))
     budget = fm.Budget('zoo', f'mmLiT and mLiT on the first {TRAIN_IMAGES:,} Fashion-MNIST training images '
                        f'(validated on the last {HOLDOUT:,}), the recipes chosen on the validation split; '
                        f'final checkpoints tested once on the 10,000 test images', sizes=tuple(sizes),
@@ -250,6 +282,60 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
     return dict(json=stem + '.json', md=stem + '.md', png=png)
 
 
+def _shell(argv: Sequence[str]) -> str:
+    return shlex.join(['python' if a == sys.executable else a for a in argv])
+
+
+def publish_zoo(plan: fm.Plan, results_dir: str, weights_dir: str,
+                publish: Optional[Callable[[List[str]], int]] = None) -> List[str]:
+    """Publish every tested mmLiT of fashion_mnist_zoo.json with timm-mlit-publish: its MAE encoder as
+    `<arch>.mae_in_fashion_mnist` and its fine-tuned classifier (the final checkpoint, the one tested) as
+    `<arch>.mae_ft_fashion_mnist`, into weights_dir, each card holding the test top-1 and the commands that made it.
+    Returns the folders written; the pretrained cfg entries for timm_mlit/mlit.py are printed."""
+    if publish is None:
+        from timm_mlit.hub import main as publish
+    res = fm._read_json(os.path.join(results_dir, 'fashion_mnist_zoo.json'))
+    tested = {r['key']: r for r in (res or {}).get('rows', [])}
+    argv_of = {s.name: s.argv for s in plan.stages}
+    written = []
+    for row in plan.rows:
+        r = tested.get(row.key)
+        if row.pretrain is None or r is None:
+            continue
+        size, arch = row.model.split('_')[1].upper(), row.model
+        folder = os.path.join(plan.out, f'publish_{arch}')
+        os.makedirs(folder, exist_ok=True)
+        commands = {}
+        for tag, stages in (('mae_in', [row.pretrain]), ('mae_ft', [row.pretrain, row.train, row.eval])):
+            commands[tag] = os.path.join(folder, f'{tag}_commands.sh')
+            lines = [_shell(argv_of[name]) for name in stages]
+            with open(commands[tag], 'w') as f:
+                f.write(f'# {plan.data_dir}: the first {TRAIN_IMAGES:,} Fashion-MNIST training images (train-*) and '
+                        f'the last {HOLDOUT:,} (t10k-*, the validation split), as benchmarks/fashion_mnist_zoo.py '
+                        f'writes them; the 10k test images: {plan.test_dir}\n# in order; a stage cut short was '
+                        'resumed by its command with --resume <its last.pth.tar> added\n' + '\n'.join(lines) + '\n')
+        encoder_tag, classifier_tag = 'mae_in_fashion_mnist', 'mae_ft_fashion_mnist'
+        data = f'the first {TRAIN_IMAGES:,} Fashion-MNIST training images'
+        jobs = [
+            [r['encoder'], '--model', arch, '--tag', encoder_tag, '--pretrain-dataset', 'fashion_mnist',
+             '--description', f'mLiT-{size} encoder pre-trained as a masked autoencoder on {data} (labels unused), '
+                              f'{r["pretrain_epochs"]} epochs; head-less, for fine-tuning.',
+             '--commands', commands['mae_in'], '--output-dir', os.path.join(weights_dir, f'{arch}.{encoder_tag}')],
+            [r['checkpoint'], '--model', arch, '--tag', classifier_tag, '--no-training-args', '--dataset',
+             'fashion_mnist', '--pretrain-dataset', 'fashion_mnist', '--base-model',
+             f'timm-mlit/{arch}.{encoder_tag}', '--metric', f'top1={r["top1"]:.2f}',
+             '--description', f'mmLiT-{size}: the MAE encoder {arch}.{encoder_tag} fine-tuned on {data} for '
+                              f'{r["epochs"]} epochs with timm train.py ({r["recipe"]}); top-1 on the 10k test '
+                              'images, tested once.',
+             '--commands', commands['mae_ft'], '--output-dir', os.path.join(weights_dir, f'{arch}.{classifier_tag}')],
+        ]
+        for argv in jobs:
+            if publish(argv + ['--overwrite']) != 0:
+                raise fm.BenchmarkError(f'timm-mlit-publish {" ".join(argv[:5])} failed (its error is above)')
+            written.append(argv[argv.index('--output-dir') + 1])
+    return written
+
+
 def _summary(plan: fm.Plan, stage: fm.Stage) -> str:
     return os.path.join(fm.stage_dir(plan, stage), 'summary.csv')
 
@@ -283,13 +369,7 @@ def write_tune_results(plan: fm.Plan, results_dir: str, pilots: Sequence[Pilot] 
     lines = ['# Fashion-MNIST recipe pilots (validation split)', '', f'{meta["description"]}.', '',
              f'Hardware: {meta["hardware"]}. MAE pre-training: '
              f'{fm.fmt_s(pre["wall_s"]) + " at " + str(pre["img_s"]) + " img/s" if pre else "not finished"}.', '']
-    if not meta['complete']:
-        lines += [f'**Incomplete: {sum(r["complete"] for r in rows)} of {len(plan.stages) - 1} pilots done.**', '']
-    lines += ['| pilot | validation top-1 per epoch (%) | final | wall time | img/s |', '|---|---|---:|---:|---:|']
-    for r in rows:
-        lines.append(f'| {r["label"]} | {" / ".join(f"{v:.2f}" for v in r["val_top1"])} | '
-                     f'{r["final_val_top1"]:.2f} | {fm.fmt_s(r["wall_s"]) if r["wall_s"] else "-"} | '
-                     f'{r["img_s"] or "-"} |')
+    lines.append(tune_table(dict(meta=meta, rows=rows), pilots))
     written = f'Written by benchmarks/fashion_mnist_zoo.py at {meta["written"]}'
     lines += ['', f'{written}; the curves: {os.path.basename(png)}.' if png else f'{written}.']
     from timm_mlit.files import atomic_write
@@ -300,7 +380,7 @@ def write_tune_results(plan: fm.Plan, results_dir: str, pilots: Sequence[Pilot] 
 def _parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('phase', choices=('tune', 'zoo', 'curves'))
+    p.add_argument('phase', choices=('tune', 'zoo', 'curves', 'publish'))
     p.add_argument('--out', required=True, help='stage folders (keep them outside the repository)')
     p.add_argument('--results-dir', default=os.path.join(HERE, 'results'), help='where the tables and plots go')
     p.add_argument('--data-dir', default=fm.DEFAULT_DATA, help='Fashion-MNIST idx files (60k train, 10k test)')
@@ -310,6 +390,8 @@ def _parse_args(argv=None):
     p.add_argument('--holdout', type=int, default=HOLDOUT, help='the last N training images: the validation split')
     p.add_argument('--device', default='cpu', help='cpu or cuda')
     p.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
+    p.add_argument('--weights-dir', default=str(WEIGHTS_DIR),
+                   help='publish: where the Hub folders go (default: the package\'s embedded weights)')
     p.add_argument('--dry-run', action='store_true', help='print the plan and the commands, run nothing')
     return p.parse_args(argv)
 
@@ -339,6 +421,12 @@ def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> i
         for phase, plan in plans.items():
             if plan is not None:
                 print(json.dumps(writers[phase](plan, args.results_dir)))
+        return 0
+    if args.phase == 'publish':
+        if plans['zoo'] is None:
+            raise fm.BenchmarkError('nothing to publish: the tune phase has not chosen the recipes yet')
+        written = publish_zoo(plans['zoo'], args.results_dir, args.weights_dir)
+        print('\n'.join(['published:'] + written) if written else 'nothing to publish yet: no mmLiT was tested')
         return 0
     plan, write = plans[args.phase], writers[args.phase]
     if args.dry_run:

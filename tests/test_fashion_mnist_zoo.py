@@ -161,10 +161,12 @@ def test_read_column_and_plot_metric(tmp_path):
 
 def _tune_results(folder, finals):
     """A complete fashion_mnist_tune.json whose pilots end at `finals` (one per PILOTS entry)."""
-    rows = [dict(key=p.key, final_val_top1=v, complete=True) for p, v in zip(zoo.PILOTS, finals)]
+    rows = [dict(key=p.key, label=p.label, final_val_top1=v, val_top1=[v - 1, v], complete=True, wall_s=60.,
+                 img_s=75.) for p, v in zip(zoo.PILOTS, finals)]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, 'fashion_mnist_tune.json'), 'w') as f:
         json.dump(dict(meta=dict(complete=True), rows=rows), f)
+    return dict(meta=dict(complete=True), rows=rows)
 
 
 def test_zoo_takes_the_best_pilot_of_each_kind_on_validation(tmp_path):
@@ -172,10 +174,15 @@ def test_zoo_takes_the_best_pilot_of_each_kind_on_validation(tmp_path):
         zoo.chosen_pilots(str(tmp_path))
     kinds = [p.kind for p in zoo.PILOTS]
     finals = [80.0 + i for i in range(len(zoo.PILOTS))]  # the last pilot of each kind is best
-    _tune_results(str(tmp_path), finals)
+    data = _tune_results(str(tmp_path), finals)
     chosen = zoo.chosen_pilots(str(tmp_path))
     last = {k: max(i for i, x in enumerate(kinds) if x == k) for k in set(kinds)}
     assert chosen == {k: zoo.PILOTS[i] for k, i in last.items()}
+    marked = [line for line in zoo.tune_table(data).splitlines() if line.endswith('| **chosen** |')]
+    assert [line.split(' | ')[0][2:] for line in marked] == [zoo.PILOTS[i].label for i in sorted(last.values())]
+    data['meta']['complete'], data['rows'] = False, data['rows'][:2]  # nothing is marked before every pilot ran
+    table = zoo.tune_table(data)
+    assert '**Incomplete: 2 of 5 pilots done.**' in table and '**chosen**' not in table
     _tune_results(str(tmp_path), [80.0] * len(zoo.PILOTS))  # a tie: the first listed, the paper's recipe
     assert {p.key for p in zoo.chosen_pilots(str(tmp_path)).values()} == {'ft_paper', 'sc_paper'}
 
@@ -228,3 +235,42 @@ def test_zoo_runs_every_row_and_writes_the_table(tmp_path, source):
                      '--timm-scripts', str(tmp_path), '-j', '1', '--holdout', '15', '--sizes', 'xxs', 'xs'],
                     runner=runner) == 0
     assert len(runner.calls) == calls  # all done: nothing runs again
+
+
+def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_commands(tmp_path, source):
+    import timm
+    from safetensors.torch import load_file
+
+    import timm_mlit  # noqa: F401
+    from timm_mlit.checkpoint import export_encoder
+    res, out, weights = tmp_path / 'res', tmp_path / 'out', tmp_path / 'weights'
+    common = ['--out', str(out), '--results-dir', str(res), '--data-dir', source, '--timm-scripts', str(tmp_path),
+              '-j', '1', '--holdout', '15', '--sizes', 'xxs']
+    with pytest.raises(SystemExit, match='nothing to publish: the tune phase has not chosen the recipes yet'):
+        zoo.main(['publish', *common, '--weights-dir', str(weights)])
+    _tune_results(str(res), [80.0 + i for i in range(len(zoo.PILOTS))])
+    assert zoo.main(['zoo', *common], runner=FakeTrain()) == 0
+    torch.manual_seed(0)
+    model = timm.create_model('mlit_xxs', num_classes=10)  # the fake run's files made real: a model, its encoder
+    torch.save({'state_dict': model.state_dict(), 'arch': 'mlit_xxs', 'epoch': 19},
+               out / 'finetune_mlit_xxs' / 'last.pth.tar')
+    mae = {f'encoder.{k}': v for k, v in model.state_dict().items() if not k.startswith('head.')}  # as mae.py
+    export_encoder(mae, str(out / 'pretrain_mlit_xxs' / 'encoder.safetensors'), arch='mlit_xxs')
+    assert zoo.main(['publish', *common, '--weights-dir', str(weights)]) == 0
+    assert sorted(p.name for p in weights.iterdir()) == ['mlit_xxs.mae_ft_fashion_mnist',
+                                                          'mlit_xxs.mae_in_fashion_mnist']  # no scratch rows
+    card = (weights / 'mlit_xxs.mae_ft_fashion_mnist' / 'README.md').read_text()
+    assert 'value: 85.0' in card and "20 epochs with timm train.py (train_configs/finetune/mmlit_xxs_fashion_mnist" \
+        ".yaml --aa '' -b 128 --layer-decay 0.9)" in card and 'timm-mlit/mlit_xxs.mae_in_fashion_mnist' in card
+    commands = card.split('## Training\n')[1].split('```bash\n')[1].split('```')[0].splitlines()
+    assert commands[0].startswith(f'# {out}/data: the first 55,000 Fashion-MNIST training images (train-*)')
+    commands = [c for c in commands if not c.startswith('#')]
+    assert len(commands) == 3 and commands[0].startswith('python -m timm_mlit.pretrain -c ')
+    assert 'train.py -c' in commands[1] and '--val-split validation' in commands[1]
+    assert commands[2].startswith('env TIMM_MLIT_PRECISION=float32 python -m timm_mlit.run ')
+    assert 'validate.py' in commands[2]
+    encoder_card = (weights / 'mlit_xxs.mae_in_fashion_mnist' / 'README.md').read_text()
+    assert 'timm_mlit.pretrain' in encoder_card and 'train.py' not in encoder_card
+    loaded = load_file(weights / 'mlit_xxs.mae_ft_fashion_mnist' / 'model.safetensors')
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert zoo.main(['publish', *common, '--weights-dir', str(weights)]) == 0  # publishing again replaces them
