@@ -118,6 +118,8 @@ def plot_metric(summaries: Dict[str, str], column: str, path: str, title: str = 
     try:
         for label, (epochs, values) in series.items():
             ax.plot(epochs, values, marker='o' if len(epochs) < 30 else None, markersize=3, label=label)
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_xlabel('epoch')
         ax.set_ylabel(ylabel or column)
         ax.set_title(title or column)
