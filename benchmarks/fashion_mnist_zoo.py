@@ -80,6 +80,12 @@ PILOTS = (
           ('--aa', '', '-b', '128')),
     Pilot('ft_noaa_b128_ld09', 'fine-tune, no AutoAugment, batch 128, layer decay 0.9', 'finetune',
           ('--aa', '', '-b', '128', '--layer-decay', '0.9')),
+    # the scratch pilot's lr 2e-3 (4x its recipe's at batch 128) given to fine-tuning too, so that pre-training is
+    # not judged against a better-tuned scratch run; with layer decay 0.9 and without any (1.0)
+    Pilot('ft_noaa_b128_ld09_lr2e3', 'fine-tune, no AutoAugment, batch 128, layer decay 0.9, lr 2e-3', 'finetune',
+          ('--aa', '', '-b', '128', '--layer-decay', '0.9', '--lr', '2e-3')),
+    Pilot('ft_noaa_b128_ld10_lr2e3', 'fine-tune, no AutoAugment, batch 128, no layer decay, lr 2e-3', 'finetune',
+          ('--aa', '', '-b', '128', '--layer-decay', '1.0', '--lr', '2e-3')),
     Pilot('sc_paper', 'scratch, paper recipe (AutoAugment, batch 256)', 'scratch'),
     Pilot('sc_noaa_b128_lr2e3', 'scratch, no AutoAugment, batch 128, lr 2e-3', 'scratch',
           ('--aa', '', '-b', '128', '--lr', '2e-3')),
