@@ -32,3 +32,11 @@ def test_citation_file_and_readme_bibtex_cite_the_same_paper():
     assert f"title={{{paper['title']}}}" in bibtex
     assert paper['url'].rsplit('/', 1)[1] in bibtex and str(paper['year']) in bibtex
     assert cff['license'] == 'Apache-2.0' and 'Apache License' in (ROOT / 'LICENSE').read_text()[:200]
+
+
+def test_the_files_the_readme_links_to_are_in_the_repository():
+    import re
+    local = [target for target in re.findall(r'\]\(([^)\s]+)\)', README) if not target.startswith(('http', '#'))]
+    assert local, 'the README shows the committed plots'
+    missing = [target for target in local if not (ROOT / target).is_file()]
+    assert not missing, f'README links to files that are not committed: {missing}'
