@@ -230,6 +230,8 @@ def test_zoo_runs_every_row_and_writes_the_table(tmp_path, source):
         assert (r['pretrain_epochs'] > 0) == r['key'].startswith('mmlit') and r['checkpoint'].endswith('last.pth.tar')
     md = (res / 'fashion_mnist_zoo.md').read_text()
     assert '| mmLiT-XXS (MAE + fine-tune) | 1,000 | {} + {} | 85.00 |'.format(*zoo.SCHEDULE['xxs']) in md
+    assert '| XXS | 1,000 | {} + {} / {} | 85.00 | 80.00 | +5.00 |'.format(*zoo.SCHEDULE['xxs'],
+                                                                       zoo.SCHEDULE['xxs'][1]) in md
     assert (res / 'fashion_mnist_zoo.png').read_bytes()[:4] == b'\x89PNG'
     calls = len(runner.calls)
     assert zoo.main(['zoo', '--out', str(tmp_path / 'out'), '--results-dir', str(res), '--data-dir', source,
@@ -277,3 +279,32 @@ def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_comm
     loaded = load_file(weights / 'mlit_xxs.mae_ft_fashion_mnist' / 'model.safetensors')
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     assert zoo.main(['publish', *common, '--weights-dir', str(weights)]) == 0  # publishing again replaces them
+
+
+def _zoo_row(key, top1, params=1000):
+    pre = key.startswith('mmlit')
+    return dict(key=key, top1=top1, params=params, wall_s=3600. * (3 if pre else 2), pretrain_wall_s=3600. if pre
+                else 0., train_wall_s=7200., pretrain_img_s=100. if pre else None, train_img_s=80., test_img_s=300.)
+
+
+def test_size_table_puts_mmlit_beside_mlit_quotes_the_paper_and_checks_its_claims():
+    rows = [_zoo_row('mmlit_xxs', 90.5), _zoo_row('mmlit_xs', 91.0), _zoo_row('mlit_xxs', 89.0)]
+    md = zoo.size_table(dict(meta={}, rows=rows))
+    assert '| XXS | 1,000 | {} + {} / {} | 90.50 | 89.00 | +1.50 | 3h00m (1h00m + 2h00m) / 2h00m | 100 / 80 / 80 / ' \
+           '300 |'.format(*zoo.SCHEDULE['xxs'], zoo.SCHEDULE['xxs'][1]) in md
+    assert '| XS | 1,000 | {} + {} / {} | 91.00 | not run yet | - |'.format(*zoo.SCHEDULE['xs'],
+                                                                             zoo.SCHEDULE['xs'][1]) in md
+    assert '| S | - |' in md and 'not run yet | not run yet |' in md
+    # the paper's Table 8 beside it, marked as quoted, mmLiT / mLiT
+    assert 'Quoted from the paper' in md and '| XXS | 0.67 | 73.42 / 56.98 | 92.21 / 80.78 | 97.32 / 94.97 |' in md
+    assert "claims" not in md  # nothing to check until every size has both rows
+    rows += [_zoo_row('mmlit_s', 90.8), _zoo_row('mlit_xs', 91.2), _zoo_row('mlit_s', 89.5)]
+    md = zoo.size_table(dict(meta={}, rows=rows[::-1]), sizes=('s', 'xxs', 'xs'))
+    assert md.index('| XXS |') < md.index('| XS |') < md.index('| S |')
+    assert ("The paper's claims on this data: pre-training helps at every size: no (mmLiT ahead at XXS, S); "
+            "mmLiT S > XS > XXS: no; mLiT S > XS > XXS: no.") in md
+    for r in rows:
+        if r['key'].startswith('mmlit'):
+            r['top1'] += {'xxs': 1, 'xs': 2, 's': 3}[r['key'].split('_')[1]] + 2
+    assert 'pre-training helps at every size: yes (mmLiT ahead at XXS, XS, S); mmLiT S > XS > XXS: yes' in \
+        zoo.size_table(dict(meta={}, rows=rows))
