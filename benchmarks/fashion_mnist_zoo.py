@@ -42,10 +42,11 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import shlex
 import sys
 from datetime import datetime
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from timm_mlit._weights import WEIGHTS_DIR
 from timm_mlit.cli import exit_on_error
@@ -179,8 +180,10 @@ def chosen_pilots(results_dir: str, pilots: Sequence[Pilot] = PILOTS) -> Dict[st
     """{'finetune': pilot, 'scratch': pilot}, `choose`n from a complete fashion_mnist_tune.json in results_dir."""
     path = os.path.join(results_dir, 'fashion_mnist_tune.json')
     res = fm._read_json(path)
-    if not res or not res['meta'].get('complete'):
-        raise fm.BenchmarkError(f'{path} is missing or incomplete: run the tune phase to its end first')
+    missing = sorted({p.key for p in pilots} - {r['key'] for r in (res or {}).get('rows', []) if r.get('complete')})
+    if not res or not res['meta'].get('complete') or missing:
+        raise fm.BenchmarkError(f'{path} is missing or incomplete{" (no " + ", ".join(missing) + ")" if res else ""}:'
+                                ' run the tune phase to its end first')
     chosen = choose(res['rows'], pilots)
     if set(chosen) != {'finetune', 'scratch'}:
         raise fm.BenchmarkError(f'{path} lacks a fine-tuning or a scratch pilot')
@@ -348,21 +351,105 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
     return dict(json=stem + '.json', md=stem + '.md', png=png)
 
 
-def _shell(argv: Sequence[str]) -> str:
-    return shlex.join(['python' if a == sys.executable else a for a in argv])
+def ran_argv(plan: fm.Plan, stage: fm.Stage) -> Tuple[List[str], bool]:
+    """(the command a finished stage ran, its `--resume` dropped; True) from its done.json, or (the plan's command;
+    False) where done.json records none (a stage run outside the orchestrator, or recorded after a kill)."""
+    argv = list((fm._read_json(os.path.join(fm.stage_dir(plan, stage), 'done.json')) or {}).get('argv') or [])
+    if '--resume' in argv:
+        i = argv.index('--resume')
+        del argv[i:i + 2]
+    return (argv, True) if argv else (list(stage.argv), False)
+
+
+def portable(argv: Sequence[str], out: str) -> str:
+    """`argv` as a shell line that runs from the timm-mlit repository root on another machine: the run folder as
+    "$OUT", timm's scripts folder as "$TIMM_SCRIPTS_DIR", recipes relative to the repository, the interpreter as
+    `python`."""
+    scripts = next((os.path.dirname(a) for a in argv if os.path.basename(a) in ('train.py', 'validate.py')), None)
+    words = []
+    for a in argv:
+        if os.path.isabs(a) and os.path.basename(a).startswith('python'):
+            words.append('python')
+            continue
+        if '/train_configs/' in a:
+            a = 'train_configs/' + a.split('/train_configs/', 1)[1]
+        for prefix, var in sorted(((out, 'OUT'), (scripts or '', 'TIMM_SCRIPTS_DIR')), key=lambda x: -len(x[0])):
+            if prefix and (a == prefix or a.startswith(prefix + '/')):
+                words.append(f'"${var}"' + shlex.quote(a[len(prefix):]) if a != prefix else f'"${var}"')
+                break
+        else:
+            words.append(shlex.quote(a))
+    return ' '.join(words)
+
+
+def run_precision(checkpoint: Optional[str], log: Optional[str] = None) -> str:
+    """The training precision a checkpoint's recorded arguments say (timm's train.py and timm-mlit-pretrain both
+    record `amp` / `amp_dtype`); else the one timm-mlit-pretrain / timm-mlit-run logged choosing in `log`."""
+    from timm_mlit.checkpoint import load_torch_file
+    from timm_mlit.model_card import recorded_args
+    ckpt = load_torch_file(checkpoint) if checkpoint and os.path.isfile(checkpoint) else {}
+    args = recorded_args(ckpt.get('args')) if isinstance(ckpt, dict) else None
+    amp = (args or {}).get('amp')
+    if amp is True:
+        return f'{args.get("amp_dtype") or "float16"} autocast'
+    if amp is False:
+        return 'float32'
+    if log and os.path.isfile(log):
+        with open(log, errors='replace') as f:
+            found = re.findall(r'(?:precision: |timm-mlit-run: )(float32|\w+ autocast) \(', f.read())
+        if found:
+            return f'{found[-1]} (as its log records)'
+    return 'not recorded (chosen for the machine: bfloat16 autocast where the CPU has bfloat16 units, else float32)'
+
+
+def write_commands(path: str, plan: fm.Plan, stages: Sequence[fm.Stage]) -> None:
+    """The shell commands that made a published model, in order, with what they need to run elsewhere."""
+    kinds = {s.kind for s in stages}
+    head = ('# From the timm-mlit repository root. OUT: the run folder; OUT/data holds the first '
+            f'{TRAIN_IMAGES:,} Fashion-MNIST training images (train-*) and the last {HOLDOUT:,} (t10k-*, the '
+            'validation split), as `benchmarks/fashion_mnist_zoo.py tune` writes them.')
+    if kinds & {'train', 'eval'}:
+        head += ' TIMM_SCRIPTS_DIR: a pytorch-image-models checkout (train.py, validate.py).'
+    if 'eval' in kinds:
+        head += f' The 10k test images: {plan.test_dir}.'
+    lines = [head, '# --model overrides the model of the mlit_xxs recipe files; a stage cut short was resumed by its '
+             'command with --resume "$OUT"/<stage>/last.pth.tar added.']
+    commands = []
+    for stage in stages:
+        argv, recorded = ran_argv(plan, stage)
+        if stage.kind != 'eval':
+            done = fm._read_json(os.path.join(fm.stage_dir(plan, stage), 'done.json')) or {}
+            log = os.path.join(fm.stage_dir(plan, stage), 'stage.log')
+            lines.append(f'# {stage.name}: training precision {run_precision(done.get("checkpoint"), log)}')
+        if not recorded:
+            lines.append(f'# {stage.name} ran outside the orchestrator with the same arguments and images; its '
+                         'command as the orchestrator runs it:')
+        commands.append(portable(argv, plan.out))
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines + commands) + '\n')
+
+
+def _publish(publish: Callable[[List[str]], int], argv: List[str]) -> None:
+    try:
+        rc = publish(argv)
+    except SystemExit as e:  # (timm-mlit-publish reports its errors by exiting)
+        rc = e.code
+    if rc not in (0, None):
+        raise fm.BenchmarkError(f'timm-mlit-publish {" ".join(argv[:5])} failed (its error is above)')
 
 
 def publish_zoo(plan: fm.Plan, results_dir: str, weights_dir: str,
                 publish: Optional[Callable[[List[str]], int]] = None) -> List[str]:
     """Publish every tested mmLiT of fashion_mnist_zoo.json with timm-mlit-publish: its MAE encoder as
     `<arch>.mae_in_fashion_mnist` and its fine-tuned classifier (the final checkpoint, the one tested) as
-    `<arch>.mae_ft_fashion_mnist`, into weights_dir, each card holding the test top-1 and the commands that made it.
-    Returns the folders written; the pretrained cfg entries for timm_mlit/mlit.py are printed."""
+    `<arch>.mae_ft_fashion_mnist`, into weights_dir, each card holding the test top-1 and the commands that ran
+    (done.json's). Each pair is first published into OUT/publish_<arch>/check/, so that a pair that cannot be
+    published leaves weights_dir as it was. Returns the folders written; what is left to do by hand is printed."""
     if publish is None:
         from timm_mlit.hub import main as publish
     res = fm._read_json(os.path.join(results_dir, 'fashion_mnist_zoo.json'))
     tested = {r['key']: r for r in (res or {}).get('rows', [])}
-    argv_of = {s.name: s.argv for s in plan.stages}
+    stage_of = {s.name: s for s in plan.stages}
     written = []
     for row in plan.rows:
         r = tested.get(row.key)
@@ -372,33 +459,35 @@ def publish_zoo(plan: fm.Plan, results_dir: str, weights_dir: str,
         folder = os.path.join(plan.out, f'publish_{arch}')
         os.makedirs(folder, exist_ok=True)
         commands = {}
-        for tag, stages in (('mae_in', [row.pretrain]), ('mae_ft', [row.pretrain, row.train, row.eval])):
+        for tag, names in (('mae_in', [row.pretrain]), ('mae_ft', [row.pretrain, row.train, row.eval])):
             commands[tag] = os.path.join(folder, f'{tag}_commands.sh')
-            lines = [_shell(argv_of[name]) for name in stages]
-            with open(commands[tag], 'w') as f:
-                f.write(f'# {plan.data_dir}: the first {TRAIN_IMAGES:,} Fashion-MNIST training images (train-*) and '
-                        f'the last {HOLDOUT:,} (t10k-*, the validation split), as benchmarks/fashion_mnist_zoo.py '
-                        f'writes them; the 10k test images: {plan.test_dir}\n# in order; a stage cut short was '
-                        'resumed by its command with --resume <its last.pth.tar> added\n' + '\n'.join(lines) + '\n')
+            write_commands(commands[tag], plan, [stage_of[n] for n in names])
         encoder_tag, classifier_tag = 'mae_in_fashion_mnist', 'mae_ft_fashion_mnist'
         data = f'the first {TRAIN_IMAGES:,} Fashion-MNIST training images'
+        ran = [('train_configs/' + a.split('/train_configs/', 1)[1]) if '/train_configs/' in a else a
+               for a in ran_argv(plan, stage_of[row.train])[0]]
+        if not set(shlex.split(r['recipe'])) <= set(ran):
+            raise fm.BenchmarkError(f'{row.train} ran without the recipe the results name ({r["recipe"]}): the '
+                                    'recipe chosen since then is not the one that made these weights')
         jobs = [
             [r['encoder'], '--model', arch, '--tag', encoder_tag, '--pretrain-dataset', 'fashion_mnist',
              '--description', f'mLiT-{size} encoder pre-trained as a masked autoencoder on {data} (labels unused), '
                               f'{r["pretrain_epochs"]} epochs; head-less, for fine-tuning.',
-             '--commands', commands['mae_in'], '--output-dir', os.path.join(weights_dir, f'{arch}.{encoder_tag}')],
+             '--commands', commands['mae_in']],
             [r['checkpoint'], '--model', arch, '--tag', classifier_tag, '--no-training-args', '--dataset',
              'fashion_mnist', '--pretrain-dataset', 'fashion_mnist', '--base-model',
              f'timm-mlit/{arch}.{encoder_tag}', '--metric', f'top1={r["top1"]:.2f}',
              '--description', f'mmLiT-{size}: the MAE encoder {arch}.{encoder_tag} fine-tuned on {data} for '
                               f'{r["epochs"]} epochs with timm train.py ({r["recipe"]}); top-1 on the 10k test '
                               'images, tested once.',
-             '--commands', commands['mae_ft'], '--output-dir', os.path.join(weights_dir, f'{arch}.{classifier_tag}')],
+             '--commands', commands['mae_ft']],
         ]
-        for argv in jobs:
-            if publish(argv + ['--overwrite']) != 0:
-                raise fm.BenchmarkError(f'timm-mlit-publish {" ".join(argv[:5])} failed (its error is above)')
-            written.append(argv[argv.index('--output-dir') + 1])
+        names = [f'{arch}.{encoder_tag}', f'{arch}.{classifier_tag}']
+        for argv, name in zip(jobs, names):  # the check: both must publish before either replaces a shipped one
+            _publish(publish, argv + ['--output-dir', os.path.join(folder, 'check', name), '--overwrite'])
+        for argv, name in zip(jobs, names):
+            _publish(publish, argv + ['--output-dir', os.path.join(weights_dir, name), '--overwrite'])
+            written.append(os.path.join(weights_dir, name))
     return written
 
 
@@ -492,7 +581,11 @@ def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> i
         if plans['zoo'] is None:
             raise fm.BenchmarkError('nothing to publish: the tune phase has not chosen the recipes yet')
         written = publish_zoo(plans['zoo'], args.results_dir, args.weights_dir)
-        print('\n'.join(['published:'] + written) if written else 'nothing to publish yet: no mmLiT was tested')
+        print('\n'.join(['published:'] + written + [
+            'left to do: each new tag\'s pretrained cfg entry (printed above) into timm_mlit/mlit.py; '
+            f'{args.results_dir}/fashion_mnist_zoo.* into benchmarks/results/; the README\'s figures for these '
+            'weights (tests/test_shipped_weights.py re-evaluates them)']) if written
+              else 'nothing to publish yet: no mmLiT was tested')
         return 0
     plan, write = plans[args.phase], writers[args.phase]
     if args.dry_run:

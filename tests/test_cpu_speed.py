@@ -220,6 +220,20 @@ def test_launcher_adds_bfloat16_only_where_nothing_sets_a_precision(monkeypatch,
     assert auto_precision_args(args) == args
 
 
+def test_launcher_gives_an_amp_dtype_alone_the_amp_train_py_needs(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(precision.PRECISION_ENV, 'float32')  # an explicit dtype wins over the environment
+    args = ['--model', 'mlit_xxs', '--device', 'cpu', '--amp-dtype', 'bfloat16']
+    assert auto_precision_args(args) == args + ['--amp']
+    assert 'bfloat16 autocast (--amp added' in capsys.readouterr().err
+    assert auto_precision_args(['--amp-dtype=bfloat16', '--', 'x']) == ['--amp-dtype=bfloat16', '--amp', '--', 'x']
+    assert auto_precision_args(args + ['--amp']) == args + ['--amp']
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('amp_dtype: bfloat16\ndevice: cpu\n')
+    assert auto_precision_args(['-c', str(recipe)]) == ['-c', str(recipe), '--amp']
+    recipe.write_text('amp: false\namp_dtype: bfloat16\n')  # a recipe that says float32 stays float32
+    assert auto_precision_args(['-c', str(recipe)]) == ['-c', str(recipe)]
+
+
 def test_launcher_adds_precision_flags_only_to_scripts_that_have_them(tmp_path):
     from timm_mlit.run import _trains_with_amp
     train = tmp_path / 'train.py'

@@ -1,6 +1,7 @@
 """benchmarks/fashion_mnist_zoo.py: the held-out split, the pilots' plan (like for like, never the test set), the
 validation curves and table, and resuming, with a fake runner in place of timm's scripts; timm_mlit.plots'
 read_column / plot_metric."""
+import argparse
 import csv
 import importlib.util
 import json
@@ -175,6 +176,9 @@ def test_zoo_takes_the_best_pilot_of_each_kind_on_validation(tmp_path):
         zoo.chosen_pilots(str(tmp_path))
     kinds = [p.kind for p in zoo.PILOTS]
     finals = [80.0 + i for i in range(len(zoo.PILOTS))]  # the last pilot of each kind is best
+    _tune_results(str(tmp_path), finals[:-1])  # written before the last pilot was added: not complete
+    with pytest.raises(zoo.fm.BenchmarkError, match=f'incomplete \\(no {zoo.PILOTS[-1].key}\\)'):
+        zoo.chosen_pilots(str(tmp_path))
     data = _tune_results(str(tmp_path), finals)
     chosen = zoo.chosen_pilots(str(tmp_path))
     last = {k: max(i for i, x in enumerate(kinds) if x == k) for k in set(kinds)}
@@ -247,19 +251,27 @@ def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_comm
     import timm_mlit  # noqa: F401
     from timm_mlit.checkpoint import export_encoder
     res, out, weights = tmp_path / 'res', tmp_path / 'out', tmp_path / 'weights'
-    common = ['--out', str(out), '--results-dir', str(res), '--data-dir', source, '--timm-scripts', str(tmp_path),
-              '-j', '1', '--holdout', '15', '--sizes', 'xxs']
+    common = ['--out', str(out), '--results-dir', str(res), '--data-dir', source, '--timm-scripts',
+              str(tmp_path / 'timm'), '-j', '1', '--holdout', '15', '--sizes', 'xxs']
     with pytest.raises(SystemExit, match='nothing to publish: the tune phase has not chosen the recipes yet'):
         zoo.main(['publish', *common, '--weights-dir', str(weights)])
     _tune_results(str(res), [80.0 + i for i in range(len(zoo.PILOTS))])
     assert zoo.main(['zoo', *common], runner=FakeTrain()) == 0
     torch.manual_seed(0)
     model = timm.create_model('mlit_xxs', num_classes=10)  # the fake run's files made real: a model, its encoder
-    torch.save({'state_dict': model.state_dict(), 'arch': 'mlit_xxs', 'epoch': 19},
+    train_args = argparse.Namespace(model='mlit_xxs', amp=True, amp_dtype='bfloat16', epochs=20)  # as train.py
+    torch.save({'state_dict': model.state_dict(), 'arch': 'mlit_xxs', 'epoch': 19, 'args': train_args},
                out / 'finetune_mlit_xxs' / 'last.pth.tar')
+    torch.save({'epoch': 9, 'args': dict(model='mlit_xxs', amp=False, amp_dtype=None)},
+               out / 'pretrain_mlit_xxs' / 'last.pth.tar')
     mae = {f'encoder.{k}': v for k, v in model.state_dict().items() if not k.startswith('head.')}  # as mae.py
     export_encoder(mae, str(out / 'pretrain_mlit_xxs' / 'encoder.safetensors'), arch='mlit_xxs')
-    assert zoo.main(['publish', *common, '--weights-dir', str(weights)]) == 0
+    done = out / 'pretrain_mlit_xxs' / 'done.json'  # as a stage run outside the orchestrator records itself
+    done.write_text(json.dumps(dict(json.loads(done.read_text()), argv=[])))
+    # published with other flags than the zoo ran with: the cards hold what ran (done.json), not this plan
+    other = [a if a != str(tmp_path / 'timm') else str(tmp_path / 'elsewhere') for a in common]
+    other[other.index('-j') + 1] = '2'
+    assert zoo.main(['publish', *other, '--weights-dir', str(weights)]) == 0
     assert sorted(p.name for p in weights.iterdir()) == ['mlit_xxs.mae_ft_fashion_mnist',
                                                           'mlit_xxs.mae_in_fashion_mnist']  # no scratch rows
     card = (weights / 'mlit_xxs.mae_ft_fashion_mnist' / 'README.md').read_text()
@@ -267,18 +279,47 @@ def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_comm
     assert 'value: 85.0' in card and ('20 epochs with timm train.py (train_configs/finetune/mmlit_xxs_fashion_mnist'
                                       f'.yaml {shlex.join(best_ft.extra)})') in card
     assert 'timm-mlit/mlit_xxs.mae_in_fashion_mnist' in card
-    commands = card.split('## Training\n')[1].split('```bash\n')[1].split('```')[0].splitlines()
-    assert commands[0].startswith(f'# {out}/data: the first 55,000 Fashion-MNIST training images (train-*)')
-    commands = [c for c in commands if not c.startswith('#')]
-    assert len(commands) == 3 and commands[0].startswith('python -m timm_mlit.pretrain -c ')
-    assert 'train.py -c' in commands[1] and '--val-split validation' in commands[1]
-    assert commands[2].startswith('env TIMM_MLIT_PRECISION=float32 python -m timm_mlit.run ')
-    assert 'validate.py' in commands[2]
+    lines = card.split('## Training\n')[1].split('```bash\n')[1].split('```')[0].splitlines()
+    assert lines[0].startswith('# From the timm-mlit repository root. OUT: the run folder; OUT/data holds the '
+                               'first 55,000 Fashion-MNIST training images (train-*)')
+    assert '# pretrain_mlit_xxs: training precision float32' in lines
+    assert '# finetune_mlit_xxs: training precision bfloat16 autocast' in lines
+    assert any(x.startswith('# pretrain_mlit_xxs ran outside the orchestrator') for x in lines)
+    commands = [c for c in lines if not c.startswith('#')]
+    assert len(commands) == 3 and commands[0].startswith(
+        'python -m timm_mlit.pretrain -c train_configs/pretrain/mmlit_xxs_fashion_mnist.yaml ')
+    assert commands[1].startswith('python -m timm_mlit.run "$TIMM_SCRIPTS_DIR"/train.py -c '
+                                  'train_configs/finetune/mmlit_xxs_fashion_mnist.yaml ')
+    assert '--data-dir "$OUT"/data --val-split validation' in commands[1] and ' -j 1 ' in commands[1]
+    assert '--pretrained-path "$OUT"/pretrain_mlit_xxs/encoder.safetensors' in commands[1]
+    assert commands[2].startswith('env TIMM_MLIT_PRECISION=float32 python -m timm_mlit.run '
+                                  '"$TIMM_SCRIPTS_DIR"/validate.py ')
+    assert f'--data-dir {source} ' in commands[2]  # the test images where they are (the header names them)
+    assert str(tmp_path) not in '\n'.join(commands).replace(source, '') and '--resume' not in '\n'.join(commands)
     encoder_card = (weights / 'mlit_xxs.mae_in_fashion_mnist' / 'README.md').read_text()
     assert 'timm_mlit.pretrain' in encoder_card and 'train.py' not in encoder_card
     loaded = load_file(weights / 'mlit_xxs.mae_ft_fashion_mnist' / 'model.safetensors')
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
-    assert zoo.main(['publish', *common, '--weights-dir', str(weights)]) == 0  # publishing again replaces them
+    # a pair that cannot be published leaves the shipped pair as it was
+    shipped = {p: p.read_bytes() for p in weights.rglob('*') if p.is_file()}
+    torch.save({'epoch': 19, 'args': train_args}, out / 'finetune_mlit_xxs' / 'last.pth.tar')  # no weights in it
+    with pytest.raises(SystemExit, match='timm-mlit-publish .* failed'):
+        zoo.main(['publish', *common, '--weights-dir', str(weights)])
+    assert {p: p.read_bytes() for p in weights.rglob('*') if p.is_file()} == shipped
+    # publishing again replaces them
+    model2 = timm.create_model('mlit_xxs', num_classes=10)
+    torch.save({'state_dict': model2.state_dict(), 'epoch': 19, 'args': train_args},
+               out / 'finetune_mlit_xxs' / 'last.pth.tar')
+    assert zoo.main(['publish', *common, '--weights-dir', str(weights)]) == 0
+    loaded = load_file(weights / 'mlit_xxs.mae_ft_fashion_mnist' / 'model.safetensors')
+    assert all(torch.equal(loaded[k], v) for k, v in model2.state_dict().items())
+    # a recipe chosen after the zoo ran is not put on cards of weights it did not make
+    results = res / 'fashion_mnist_zoo.json'
+    data = json.loads(results.read_text())
+    data['rows'][0]['recipe'] += ' --lr 9e-3'
+    results.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match='ran without the recipe the results name'):
+        zoo.main(['publish', *common, '--weights-dir', str(weights)])
 
 
 def _zoo_row(key, top1, params=1000):
@@ -308,3 +349,15 @@ def test_size_table_puts_mmlit_beside_mlit_quotes_the_paper_and_checks_its_claim
             r['top1'] += {'xxs': 1, 'xs': 2, 's': 3}[r['key'].split('_')[1]] + 2
     assert 'pre-training helps at every size: yes (mmLiT ahead at XXS, XS, S); mmLiT S > XS > XXS: yes' in \
         zoo.size_table(dict(meta={}, rows=rows))
+
+
+def test_run_precision_reads_the_checkpoint_then_the_log(tmp_path):
+    ckpt, log = tmp_path / 'last.pth.tar', tmp_path / 'stage.log'
+    torch.save({'epoch': 0, 'args': argparse.Namespace(amp=True, amp_dtype='bfloat16')}, ckpt)
+    assert zoo.run_precision(str(ckpt), str(log)) == 'bfloat16 autocast'
+    torch.save({'epoch': 0, 'args': dict(amp=None, amp_dtype='float16')}, ckpt)  # older runs: not recorded
+    assert zoo.run_precision(str(ckpt), str(log)).startswith('not recorded')
+    log.write_text('... INFO precision: bfloat16 autocast (chosen for this device)\n')  # as timm-mlit-pretrain logs
+    assert zoo.run_precision(str(ckpt), str(log)) == 'bfloat16 autocast (as its log records)'
+    log.write_text('timm-mlit-run: float32 (as the resumed run was trained)\n')  # as the train.py launcher logs
+    assert zoo.run_precision(None, str(log)) == 'float32 (as its log records)'

@@ -82,7 +82,7 @@ def run_amp_dtype(device, amp: Optional[bool] = None, amp_dtype: Optional[str] =
         name = (resumed or {}).get('amp_dtype') or 'float16'
         if recorded and (name not in _DTYPES or (name == 'float16' and torch.device(device).type != 'cuda')):
             raise ValueError(f'the resumed run was trained in {name} autocast, which {torch.device(device).type} '
-                             f'cannot run here: give --amp-dtype bfloat16 or --no-amp')
+                             f'cannot run here: give --amp-dtype bfloat16, or {PRECISION_ENV}=float32 for float32')
         return (_DTYPES[name] if recorded else None), 'as the resumed run was trained'
     dtype = auto_amp_dtype(device)
     return dtype, (f'{torch.device(device).type} has bfloat16 units' if dtype is not None

@@ -436,13 +436,21 @@ def _resumed_args(path: Optional[str]) -> Optional[dict]:
 
 def auto_precision_args(args: Sequence[str]) -> List[str]:
     """`args` for train.py with the precision made explicit where neither they nor their recipe say anything of
-    `amp`: a `--resume` keeps the precision its checkpoint records, a new run takes `--amp --amp-dtype bfloat16`
+    `amp`: an `--amp-dtype` (or recipe `amp_dtype`) given alone gets the `--amp` train.py needs to use it; a
+    `--resume` keeps the precision its checkpoint records; a new run takes `--amp --amp-dtype bfloat16`
     where its device has bfloat16 units (`timm_mlit.precision.run_amp_dtype`; `--device` from the arguments, else
     the recipe, else train.py's default, cuda)."""
     from .precision import PRECISION_ENV, run_amp_dtype
     cfg = _config_values(args)
-    if _option(args, '--amp')[0] or _option(args, '--amp-dtype')[0] or 'amp' in cfg or 'amp_dtype' in cfg:
-        return list(args)
+    args = list(args)
+    end = args.index('--') if '--' in args else len(args)  # (before a `--`: after it they would be positional)
+    if _option(args, '--amp')[0] or 'amp' in cfg:
+        return args
+    dtype_given, name = _option(args, '--amp-dtype')
+    if dtype_given or 'amp_dtype' in cfg:  # train.py reads the dtype only with --amp: alone it would run float32
+        name = name if dtype_given else cfg['amp_dtype']
+        print(f'{PROG}: {name} autocast (--amp added to the amp_dtype given)', file=sys.stderr)
+        return args[:end] + ['--amp'] + args[end:]
     device = _option(args, '--device')[1] or cfg.get('device') or 'cuda'
     resumed = _resumed_args(_option(args, '--resume')[1] or cfg.get('resume'))
     try:
@@ -456,8 +464,6 @@ def auto_precision_args(args: Sequence[str]) -> List[str]:
     name = str(dtype).split('.')[1]
     print(f'{PROG}: {name} autocast (--amp --amp-dtype {name}): {why}; {PRECISION_ENV}=float32 for float32',
           file=sys.stderr)
-    args = list(args)
-    end = args.index('--') if '--' in args else len(args)  # (before a `--`: after it they would be positional)
     return args[:end] + ['--amp', '--amp-dtype', name] + args[end:]
 
 
