@@ -175,6 +175,7 @@ def widths_table(results: Path) -> str:
 PRECISION_STEM = 'models_cpu_float32_bfloat16'
 PRETRAIN_STEM = 'pretrain_cpu_previous_auto'
 EDGE_STEM = 'edge_cpu'
+FLOPS_STEM = 'flops'
 
 
 def _best_rows(results: Path):
@@ -273,11 +274,23 @@ def cpu_targets_table(results: Path) -> str:
     return _md(['target', 'measured', ''], rows)
 
 
+def flops_table(results: Path) -> str:
+    """FLOPs per image of each mLiT (its default MoE path and the sparse one) and its ViT twin, and the speed ratio
+    to the twin that an equal FLOP rate would give."""
+    data = _load(results, FLOPS_STEM)
+    header = ['model', 'params', 'MFLOP per image: inference', 'training step', 'twin\'s work over the model\'s: '
+              'inference', 'training step']
+    rows = [[_model_label(r['model']), f"{r['params']:,}", f"{r['eval_mflop']:,.0f}", f"{r['train_mflop']:,.0f}",
+             f"{r['eval_ceiling_vs_vit']:.2f}×" if 'eval_ceiling_vs_vit' in r else '',
+             f"{r['train_ceiling_vs_vit']:.2f}×" if 'train_ceiling_vs_vit' in r else ''] for r in data['rows']]
+    return f"Counted by `{data['meta']['command']}` (torch {data['meta']['torch']}).\n\n" + _md(header, rows)
+
+
 TABLES: Dict[str, Callable[[Path], str]] = {
     'cpu-paths': cpu_paths_table, 'cpu-precision': precision_table, 'pretrain-precision': pretrain_table,
     'edge': edge_table, 'cpu-targets': cpu_targets_table,
     'moe-layer-ranges': layer_ranges, 'models': models_table, 'speed-targets': targets_table,
-    'moe-paths': paths_table, 'matmul-widths': widths_table,
+    'moe-paths': paths_table, 'matmul-widths': widths_table, 'flops': flops_table,
 }
 
 

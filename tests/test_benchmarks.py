@@ -134,3 +134,19 @@ def test_cpu_paths_benchmark_times_each_piece_against_its_alternative(tmp_path):
     assert cases[-2:] == ["mlit_xxs training step, bfloat16: moe_impl='dense'",
                           "mlit_xxs training step, bfloat16: moe_impl='sparse'"]
     assert all(r['ms'] > 0 for r in rows) and rows[0]['vs_first_of_group'] == 1
+
+
+def test_flops_benchmark_counts_the_attention_products_and_the_ceiling_against_the_twin(tmp_path):
+    import flops
+    assert flops.main(['--specs', 'mlit_xxs@sparse', 'vit_twin@mlit_xxs', '--batch', '2', '--out', str(tmp_path)]) == 0
+    rows = {r['model']: r for r in json.loads((tmp_path / 'flops.json').read_text())['rows']}
+    # the twin by hand: per layer and token qkv, proj and the MLP (ratio 2) are 16 d^2, the two attention products
+    # 4 N d; then the patch embedding (144 patches of 3x3x3) and the 100-class head
+    d, depth, n = 108, 9, 145
+    vit = depth * n * (16 * d * d + 4 * n * d) + 144 * 2 * 27 * d + 2 * d * 100
+    twin, mlit = rows['vit_twin@mlit_xxs'], rows['mlit_xxs@sparse']
+    assert twin['eval_mflop'] == pytest.approx(vit / 1e6, abs=0.01)
+    assert twin['train_mflop'] == pytest.approx(3 * vit / 1e6, rel=0.005)  # backward: two products per forward one
+    assert mlit['eval_mflop'] < twin['eval_mflop'] and mlit['train_mflop'] < twin['train_mflop']
+    assert mlit['eval_ceiling_vs_vit'] == pytest.approx(twin['eval_mflop'] / mlit['eval_mflop'], rel=1e-3)
+    assert 'eval_ceiling_vs_vit' not in twin
