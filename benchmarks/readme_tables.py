@@ -175,6 +175,7 @@ def widths_table(results: Path) -> str:
 PRECISION_STEM = 'models_cpu_float32_bfloat16'
 PRETRAIN_STEM = 'pretrain_cpu_previous_auto'
 EDGE_STEM = 'edge_cpu'
+TUNE_STEM = 'fashion_mnist_tune'
 FLOPS_STEM = 'flops'
 
 
@@ -286,7 +287,18 @@ def flops_table(results: Path) -> str:
     return f"Counted by `{data['meta']['command']}` (torch {data['meta']['torch']}).\n\n" + _md(header, rows)
 
 
+def fashion_mnist_tune_table(results: Path) -> str:
+    """The recipe pilots on the held-out validation split, as benchmarks/fashion_mnist_zoo.py tabulates them."""
+    import fashion_mnist_zoo as zoo
+    data = _load(results, TUNE_STEM)
+    meta, pre = data['meta'], data['meta']['pretrain']
+    return (f"Measured by `python benchmarks/fashion_mnist_zoo.py tune --out OUT` ({meta['hardware']}). "
+            f"{meta['description']}; the MAE pre-training they start from took {zoo.fm.fmt_s(pre['wall_s'])} "
+            f"at {pre['img_s']} img/s.\n\n" + zoo.tune_table(data))
+
+
 TABLES: Dict[str, Callable[[Path], str]] = {
+    'fashion-mnist-tune': fashion_mnist_tune_table,
     'cpu-paths': cpu_paths_table, 'cpu-precision': precision_table, 'pretrain-precision': pretrain_table,
     'edge': edge_table, 'cpu-targets': cpu_targets_table,
     'moe-layer-ranges': layer_ranges, 'models': models_table, 'speed-targets': targets_table,

@@ -28,6 +28,12 @@ def command(name: str, env: Optional[dict] = None, **replace) -> list:
     for old, new in replace.items():
         assert old in text, f'README command {name!r} no longer contains {old!r}'
         text = text.replace(old, str(new))
+    return command_from(text, env)
+
+
+def command_from(text: str, env: Optional[dict] = None) -> list:
+    """One command line as argv (python: this interpreter; a console script: the one beside it); leading
+    VAR=value words go into `env`."""
     argv = shlex.split(text)
     while '=' in argv[0] and env is not None:
         key, value = argv.pop(0).split('=', 1)
@@ -84,6 +90,30 @@ def test_readme_fashion_mnist_benchmark_command_plans_the_comparison(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ('pretrain_mlit_xxs', 'finetune_mlit_xxs', 'scratch_mlit_xxs', 'scratch_resnet10t'):
         assert stage in proc.stdout
+
+
+def test_readme_fashion_mnist_zoo_commands_plan_the_pilots_and_the_zoo(tmp_path):
+    """The two commands as written, with --dry-run: `tune` plans the MAE and the pilots on the held-out split, `zoo`
+    every size with the pilots the committed fashion_mnist_tune.json chose, each scored once on the test set."""
+    scripts = tmp_path / 'pytorch-image-models'
+    scripts.mkdir()
+    for name in ('train.py', 'validate.py'):
+        (scripts / name).write_text('raise SystemExit("not run in a dry run")\n')
+    lines = snippet('fashion-mnist-zoo').strip().splitlines()
+    assert [line.split()[3] for line in lines] == ['tune', 'zoo']
+    outputs = []
+    for line in lines:
+        env = dict(os.environ)
+        text = line.replace('/path/to/pytorch-image-models', str(scripts)).replace('/var/tmp/zoo/out', str(tmp_path))
+        argv = command_from(text, env)
+        proc = subprocess.run(argv + ['--dry-run'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout)
+    tune, zoo = outputs
+    assert '# pretrain_mlit_xxs' in tune and tune.count('# tune_') == 7 and '--val-split validation' in tune
+    for size in ('xxs', 'xs', 's'):
+        assert f'# finetune_mlit_{size}' in zoo and f'# scratch_mlit_{size}' in zoo
+        assert zoo.count(f'# eval_mmlit_{size} ') == 1 and zoo.count(f'# eval_mlit_{size} ') == 1
 
 
 @pytest.mark.slow
