@@ -182,8 +182,8 @@ def chosen_pilots(results_dir: str, pilots: Sequence[Pilot] = PILOTS) -> Dict[st
     res = fm._read_json(path)
     missing = sorted({p.key for p in pilots} - {r['key'] for r in (res or {}).get('rows', []) if r.get('complete')})
     if not res or not res['meta'].get('complete') or missing:
-        raise fm.BenchmarkError(f'{path} is missing or incomplete{" (no " + ", ".join(missing) + ")" if res else ""}:'
-                                ' run the tune phase to its end first')
+        lacking = f' (no {", ".join(missing)})' if missing else ''
+        raise fm.BenchmarkError(f'{path} is missing or incomplete{lacking}: run the tune phase to its end first')
     chosen = choose(res['rows'], pilots)
     if set(chosen) != {'finetune', 'scratch'}:
         raise fm.BenchmarkError(f'{path} lacks a fine-tuning or a scratch pilot')
@@ -351,14 +351,23 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
     return dict(json=stem + '.json', md=stem + '.md', png=png)
 
 
-def ran_argv(plan: fm.Plan, stage: fm.Stage) -> Tuple[List[str], bool]:
-    """(the command a finished stage ran, its `--resume` dropped; True) from its done.json, or (the plan's command;
-    False) where done.json records none (a stage run outside the orchestrator, or recorded after a kill)."""
-    argv = list((fm._read_json(os.path.join(fm.stage_dir(plan, stage), 'done.json')) or {}).get('argv') or [])
+def _done(plan: fm.Plan, stage: fm.Stage) -> dict:
+    return fm._read_json(os.path.join(fm.stage_dir(plan, stage), 'done.json')) or {}
+
+
+def ran_argv(stage: fm.Stage, done: dict) -> Tuple[List[str], bool]:
+    """(the command a finished stage ran, its `--resume` dropped; True) from its done.json record `done`, or (the
+    plan's command; False) where it records none (a stage run outside the orchestrator, or recorded after a kill)."""
+    argv = list(done.get('argv') or [])
     if '--resume' in argv:
         i = argv.index('--resume')
         del argv[i:i + 2]
     return (argv, True) if argv else (list(stage.argv), False)
+
+
+def _in_repo(arg: str) -> str:
+    """A recipe path relative to the repository (a run may have used another clone's absolute path)."""
+    return 'train_configs/' + arg.split('/train_configs/', 1)[1] if '/train_configs/' in arg else arg
 
 
 def portable(argv: Sequence[str], out: str) -> str:
@@ -371,8 +380,7 @@ def portable(argv: Sequence[str], out: str) -> str:
         if os.path.isabs(a) and os.path.basename(a).startswith('python'):
             words.append('python')
             continue
-        if '/train_configs/' in a:
-            a = 'train_configs/' + a.split('/train_configs/', 1)[1]
+        a = _in_repo(a)
         for prefix, var in sorted(((out, 'OUT'), (scripts or '', 'TIMM_SCRIPTS_DIR')), key=lambda x: -len(x[0])):
             if prefix and (a == prefix or a.startswith(prefix + '/')):
                 words.append(f'"${var}"' + shlex.quote(a[len(prefix):]) if a != prefix else f'"${var}"')
@@ -385,14 +393,11 @@ def portable(argv: Sequence[str], out: str) -> str:
 def run_precision(checkpoint: Optional[str], log: Optional[str] = None) -> str:
     """The training precision a checkpoint's recorded arguments say (timm's train.py and timm-mlit-pretrain both
     record `amp` / `amp_dtype`); else the one timm-mlit-pretrain / timm-mlit-run logged choosing in `log`."""
-    from timm_mlit.checkpoint import load_torch_file
-    from timm_mlit.model_card import recorded_args
-    ckpt = load_torch_file(checkpoint) if checkpoint and os.path.isfile(checkpoint) else {}
-    args = recorded_args(ckpt.get('args')) if isinstance(ckpt, dict) else None
-    amp = (args or {}).get('amp')
-    if amp is True:
+    from timm_mlit.model_card import checkpoint_args
+    args = checkpoint_args(checkpoint) or {}
+    if args.get('amp') is True:
         return f'{args.get("amp_dtype") or "float16"} autocast'
-    if amp is False:
+    if args.get('amp') is False:
         return 'float32'
     if log and os.path.isfile(log):
         with open(log, errors='replace') as f:
@@ -416,9 +421,9 @@ def write_commands(path: str, plan: fm.Plan, stages: Sequence[fm.Stage]) -> None
              'command with --resume "$OUT"/<stage>/last.pth.tar added.']
     commands = []
     for stage in stages:
-        argv, recorded = ran_argv(plan, stage)
+        done = _done(plan, stage)
+        argv, recorded = ran_argv(stage, done)
         if stage.kind != 'eval':
-            done = fm._read_json(os.path.join(fm.stage_dir(plan, stage), 'done.json')) or {}
             log = os.path.join(fm.stage_dir(plan, stage), 'stage.log')
             lines.append(f'# {stage.name}: training precision {run_precision(done.get("checkpoint"), log)}')
         if not recorded:
@@ -464,8 +469,8 @@ def publish_zoo(plan: fm.Plan, results_dir: str, weights_dir: str,
             write_commands(commands[tag], plan, [stage_of[n] for n in names])
         encoder_tag, classifier_tag = 'mae_in_fashion_mnist', 'mae_ft_fashion_mnist'
         data = f'the first {TRAIN_IMAGES:,} Fashion-MNIST training images'
-        ran = [('train_configs/' + a.split('/train_configs/', 1)[1]) if '/train_configs/' in a else a
-               for a in ran_argv(plan, stage_of[row.train])[0]]
+        train = stage_of[row.train]
+        ran = [_in_repo(a) for a in ran_argv(train, _done(plan, train))[0]]
         if not set(shlex.split(r['recipe'])) <= set(ran):
             raise fm.BenchmarkError(f'{row.train} ran without the recipe the results name ({r["recipe"]}): the '
                                     'recipe chosen since then is not the one that made these weights')

@@ -343,6 +343,19 @@ def recorded_args(args: Any) -> Dict[str, Any]:
     return dict(args) if isinstance(args, dict) else {}
 
 
+def checkpoint_args(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The arguments the checkpoint at `path` records (timm's train.py stores its Namespace, timm-mlit-pretrain a
+    dict); None without a path or a readable checkpoint (whoever loads the file names its problem)."""
+    if not path:
+        return None
+    from .checkpoint import load_torch_file
+    try:
+        ckpt = load_torch_file(path)
+    except Exception:
+        return None
+    return recorded_args(ckpt.get('args')) if isinstance(ckpt, dict) else None
+
+
 def _plain(value: Any) -> Any:
     """`value` with only what YAML and JSON write: tuples as lists, other objects as their str."""
     if isinstance(value, dict):

@@ -420,26 +420,13 @@ def _config_values(args: Sequence[str]) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _resumed_args(path: Optional[str]) -> Optional[dict]:
-    """The arguments a `--resume` checkpoint records (train.py stores its Namespace), None without one; an
-    unreadable file is left for train.py to report."""
-    if not path:
-        return None
-    from .checkpoint import load_torch_file
-    from .model_card import recorded_args
-    try:
-        ckpt = load_torch_file(path)
-    except Exception:  # (train.py names the problem with the file itself)
-        return None
-    return recorded_args(ckpt.get('args')) if isinstance(ckpt, dict) else None
-
-
 def auto_precision_args(args: Sequence[str]) -> List[str]:
     """`args` for train.py with the precision made explicit where neither they nor their recipe say anything of
     `amp`: an `--amp-dtype` (or recipe `amp_dtype`) given alone gets the `--amp` train.py needs to use it; a
     `--resume` keeps the precision its checkpoint records; a new run takes `--amp --amp-dtype bfloat16`
     where its device has bfloat16 units (`timm_mlit.precision.run_amp_dtype`; `--device` from the arguments, else
     the recipe, else train.py's default, cuda)."""
+    from .model_card import checkpoint_args
     from .precision import PRECISION_ENV, run_amp_dtype
     cfg = _config_values(args)
     args = list(args)
@@ -452,7 +439,7 @@ def auto_precision_args(args: Sequence[str]) -> List[str]:
         print(f'{PROG}: {name} autocast (--amp added to the amp_dtype given)', file=sys.stderr)
         return args[:end] + ['--amp'] + args[end:]
     device = _option(args, '--device')[1] or cfg.get('device') or 'cuda'
-    resumed = _resumed_args(_option(args, '--resume')[1] or cfg.get('resume'))
+    resumed = checkpoint_args(_option(args, '--resume')[1] or cfg.get('resume'))
     try:
         dtype, why = run_amp_dtype(device, resumed=resumed)
     except RuntimeError:
