@@ -429,6 +429,8 @@ def write_commands(path: str, plan: fm.Plan, stages: Sequence[fm.Stage]) -> None
         if not recorded:
             lines.append(f'# {stage.name} ran outside the orchestrator with the same arguments and images; its '
                          'command as the orchestrator runs it:')
+        if stage.kind == 'eval':  # validate.py writes its results file but not the folder (the orchestrator made it)
+            commands.append(portable(['mkdir', '-p', fm.stage_dir(plan, stage)], plan.out))
         commands.append(portable(argv, plan.out))
     with open(path, 'w') as f:
         f.write('\n'.join(lines + commands) + '\n')

@@ -176,6 +176,9 @@ PRECISION_STEM = 'models_cpu_float32_bfloat16'
 PRETRAIN_STEM = 'pretrain_cpu_previous_auto'
 EDGE_STEM = 'edge_cpu'
 TUNE_STEM = 'fashion_mnist_tune'
+ZOO_STEM = 'fashion_mnist_zoo'
+# test top-1 (%) each shipped mmLiT classifier is to reach on Fashion-MNIST with a few CPU hours per size
+ZOO_TARGETS = {'xxs': 91.0, 'xs': 91.5, 's': 92.0}
 FLOPS_STEM = 'flops'
 
 
@@ -297,7 +300,56 @@ def fashion_mnist_tune_table(results: Path) -> str:
             f"at {pre['img_s']} img/s.\n\n" + zoo.tune_table(data))
 
 
+def fashion_mnist_zoo_table(results: Path) -> str:
+    """The zoo per size (mmLiT beside mLiT, the paper's Table 8 quoted beside), as benchmarks/fashion_mnist_zoo.py
+    tabulates it, and each size's accuracy target against its tested mmLiT."""
+    import fashion_mnist_zoo as zoo
+    data = _load(results, ZOO_STEM)
+    meta = data['meta']
+    sizes = list(meta['schedule'])
+    rows = {r['key']: r for r in data['rows']}
+    done = sum(f'{k}_{z}' in rows for k in ('mmlit', 'mlit') for z in sizes)
+    state = '' if meta['complete'] else f' Incomplete: {done} of {2 * len(sizes)} runs so far.'
+    targets = []
+    for z in sizes:
+        r = rows.get(f'mmlit_{z}')
+        goal = ZOO_TARGETS[z]
+        measured = 'not run yet' if r is None else f"{r['top1']:.2f} after {r['epochs']} fine-tuning epochs"
+        verdict = 'open' if r is None else ('met' if r['top1'] >= goal else 'missed')
+        targets.append([f'mmLiT-{z.upper()} test top-1 ≥ {goal:g}%', measured, verdict])
+    return (f"Measured by `python benchmarks/fashion_mnist_zoo.py zoo --out OUT` ({meta['hardware']}). "
+            f"{meta['description']}.{state}\n\n" + zoo.size_table(data, sizes) + '\n\n'
+            + _md(['target', 'measured', ''], targets))
+
+
+def shipped_weights_table(results: Path) -> str:
+    """The weight folders shipped in the package (timm_mlit/weights/), each classifier's test top-1 as its model card
+    states it, and the sizes that ship none. (Read from the package, not from `results`.)"""
+    from timm_mlit._weights import WEIGHTS_DIR
+    sizes = ['mlit_xxs', 'mlit_xs', 'mlit_s']
+    rows, shipped = [], []
+    for arch in sizes:
+        for tag, what in (('mae_ft_fashion_mnist', f'mmLiT-{arch.split("_")[1].upper()}: MAE-pre-trained, then '
+                                                   'fine-tuned'),
+                          ('mae_in_fashion_mnist', 'the MAE-pre-trained encoder it was fine-tuned from')):
+            card = WEIGHTS_DIR / f'{arch}.{tag}' / 'README.md'
+            if not card.is_file():
+                continue
+            top1 = re.search(r'value: ([0-9.]+)\s+name: top1', card.read_text().split('---')[1])
+            if tag.startswith('mae_ft'):
+                shipped.append(arch)
+                rows.append([f'`{arch}.{tag}` (`{arch}`\'s default)', what, '10, with label names',
+                             f'{float(top1.group(1)):.2f}%' if top1 else '-'])
+            else:
+                rows.append([f'`{arch}.{tag}`', what, 'head-less', '-'])
+    rest = [a for a in reversed(sizes) if a not in shipped]
+    note = (f"\n\n{' and '.join(f'`{a}`' for a in rest)} ship{'s' if len(rest) == 1 else ''} no weights (default tag "
+            "`.untrained`).") if rest else ''
+    return _md(['tag', 'what', 'classes', 'Fashion-MNIST test top-1'], rows) + note
+
+
 TABLES: Dict[str, Callable[[Path], str]] = {
+    'shipped-weights': shipped_weights_table,
     'fashion-mnist-tune': fashion_mnist_tune_table,
     'cpu-paths': cpu_paths_table, 'cpu-precision': precision_table, 'pretrain-precision': pretrain_table,
     'edge': edge_table, 'cpu-targets': cpu_targets_table,

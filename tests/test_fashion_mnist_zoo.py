@@ -286,15 +286,17 @@ def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_comm
     assert '# finetune_mlit_xxs: training precision bfloat16 autocast' in lines
     assert any(x.startswith('# pretrain_mlit_xxs ran outside the orchestrator') for x in lines)
     commands = [c for c in lines if not c.startswith('#')]
-    assert len(commands) == 3 and commands[0].startswith(
+    assert len(commands) == 4 and commands[0].startswith(
         'python -m timm_mlit.pretrain -c train_configs/pretrain/mmlit_xxs_fashion_mnist.yaml ')
     assert commands[1].startswith('python -m timm_mlit.run "$TIMM_SCRIPTS_DIR"/train.py -c '
                                   'train_configs/finetune/mmlit_xxs_fashion_mnist.yaml ')
     assert '--data-dir "$OUT"/data --val-split validation' in commands[1] and ' -j 1 ' in commands[1]
     assert '--pretrained-path "$OUT"/pretrain_mlit_xxs/encoder.safetensors' in commands[1]
-    assert commands[2].startswith('env TIMM_MLIT_PRECISION=float32 python -m timm_mlit.run '
+    assert commands[2] == 'mkdir -p "$OUT"/eval_mmlit_xxs'  # the folder of validate.py's --results-file
+    assert commands[3].startswith('env TIMM_MLIT_PRECISION=float32 python -m timm_mlit.run '
                                   '"$TIMM_SCRIPTS_DIR"/validate.py ')
-    assert f'--data-dir {source} ' in commands[2]  # the test images where they are (the header names them)
+    assert '--results-file "$OUT"/eval_mmlit_xxs/results.json' in commands[3]
+    assert f'--data-dir {source} ' in commands[3]  # the test images where they are (the header names them)
     assert str(tmp_path) not in '\n'.join(commands).replace(source, '') and '--resume' not in '\n'.join(commands)
     encoder_card = (weights / 'mlit_xxs.mae_in_fashion_mnist' / 'README.md').read_text()
     assert 'timm_mlit.pretrain' in encoder_card and 'train.py' not in encoder_card

@@ -75,3 +75,21 @@ def test_cpu_targets_compare_each_models_best_precision(tmp_path):
     _cpu_results(tmp_path, mlit_train=150., vit_train=100., old_train=120., int8_top1=83.5)
     assert _verdicts(tmp_path) == ['missed', 'met', 'met', 'met', 'missed', 'missed']
     assert '1.50× (150 img/s in bfloat16 vs 100 in float32)' in readme_tables.cpu_targets_table(tmp_path)
+
+
+def test_zoo_table_marks_each_sizes_accuracy_target_met_missed_or_open(tmp_path):
+    def row(key, top1, epochs):
+        return dict(key=key, top1=top1, epochs=epochs, params=1000, wall_s=3600., pretrain_wall_s=1800.,
+                    train_wall_s=1800., pretrain_img_s=100., train_img_s=80., test_img_s=300.)
+    meta = dict(hardware='2 CPU cores', description='mmLiT and mLiT', complete=False,
+                schedule={z: dict(pretrain_epochs=p, epochs=e) for z, (p, e) in
+                          (('xxs', (10, 20)), ('xs', (8, 12)), ('s', (5, 6)))})
+    rows = [row('mmlit_xxs', 91.2, 20), row('mmlit_xs', 90.1, 12)]
+    (tmp_path / 'fashion_mnist_zoo.json').write_text(json.dumps(dict(meta=meta, rows=rows)))
+    table = readme_tables.fashion_mnist_zoo_table(tmp_path)
+    assert 'Incomplete: 2 of 6 runs so far.' in table
+    targets = table.split('| target | measured |  |')[1]
+    assert '| mmLiT-XXS test top-1 ≥ 91% | 91.20 after 20 fine-tuning epochs | met |' in targets
+    assert '| mmLiT-XS test top-1 ≥ 91.5% | 90.10 after 12 fine-tuning epochs | missed |' in targets
+    assert '| mmLiT-S test top-1 ≥ 92% | not run yet | open |' in targets
+    assert '| XXS | 1,000 | 10 + 20 / 20 | 91.20 | not run yet |' in table  # the zoo's own size table
