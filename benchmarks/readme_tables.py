@@ -325,6 +325,8 @@ def fashion_mnist_zoo_table(results: Path) -> str:
 def shipped_weights_table(results: Path) -> str:
     """The weight folders shipped in the package (timm_mlit/weights/), each classifier's test top-1 as its model card
     states it, and the sizes that ship none. (Read from the package, not from `results`.)"""
+    import timm
+
     from timm_mlit._weights import WEIGHTS_DIR
     sizes = ['mlit_xxs', 'mlit_xs', 'mlit_s']
     rows, shipped = [], []
@@ -335,10 +337,14 @@ def shipped_weights_table(results: Path) -> str:
             card = WEIGHTS_DIR / f'{arch}.{tag}' / 'README.md'
             if not card.is_file():
                 continue
+            if f'{arch}.{tag}' not in timm.list_pretrained(f'{arch}.*'):
+                raise ReadmeTableError(f'{card.parent} ships, but {arch}.{tag} has no pretrained cfg entry in '
+                                       'timm_mlit/mlit.py')
             top1 = re.search(r'value: ([0-9.]+)\s+name: top1', card.read_text().split('---')[1])
             if tag.startswith('mae_ft'):
                 shipped.append(arch)
-                rows.append([f'`{arch}.{tag}` (`{arch}`\'s default)', what, '10, with label names',
+                default = f' (`{arch}`\'s default)' if timm.models.get_pretrained_cfg(arch).tag == tag else ''
+                rows.append([f'`{arch}.{tag}`{default}', what, '10, with label names',
                              f'{float(top1.group(1)):.2f}%' if top1 else '-'])
             else:
                 rows.append([f'`{arch}.{tag}`', what, 'head-less', '-'])

@@ -93,3 +93,18 @@ def test_zoo_table_marks_each_sizes_accuracy_target_met_missed_or_open(tmp_path)
     assert '| mmLiT-XS test top-1 ≥ 91.5% | 90.10 after 12 fine-tuning epochs | missed |' in targets
     assert '| mmLiT-S test top-1 ≥ 92% | not run yet | open |' in targets
     assert '| XXS | 1,000 | 10 + 20 / 20 | 91.20 | not run yet |' in table  # the zoo's own size table
+
+
+def test_shipped_weights_table_reads_the_cards_and_refuses_a_folder_without_a_cfg_entry(tmp_path, monkeypatch):
+    from timm_mlit import _weights
+    table = readme_tables.shipped_weights_table(tmp_path)
+    for card in _weights.WEIGHTS_DIR.glob('*.mae_ft_fashion_mnist/README.md'):
+        name = card.parent.name
+        top1 = float(card.read_text().split('value: ')[1].split()[0])
+        assert f'| `{name}` (`{name.split(".")[0]}`\'s default) |' in table and f'| {top1:.2f}% |' in table
+    folder = tmp_path / 'mlit_s.mae_ft_fashion_mnist'  # a folder published without its entry in timm_mlit/mlit.py
+    folder.mkdir()
+    (folder / 'README.md').write_text('---\nvalue: 90.0\n  name: top1\n---\n')
+    monkeypatch.setattr(_weights, 'WEIGHTS_DIR', tmp_path)
+    with pytest.raises(readme_tables.ReadmeTableError, match='mlit_s.mae_ft_fashion_mnist has no pretrained cfg'):
+        readme_tables.shipped_weights_table(tmp_path)
