@@ -51,6 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from timm_mlit.cli import exit_on_error
+from timm_mlit.precision import cpu_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'train_configs')
@@ -591,13 +592,7 @@ def hardware(device: str) -> str:
     import torch
     if device.startswith('cuda') and torch.cuda.is_available():
         return f'{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})'
-    model = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = re.findall(r'model name\s*:\s*(.+)', f.read())
-        model = names[0].strip() if names else model
-    except OSError:
-        pass
+    model = cpu_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     try:
         mem = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30

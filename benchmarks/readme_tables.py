@@ -28,6 +28,7 @@ IMPLS = ('auto', 'dense', 'sparse', 'loop')
 # the models table's rows: 'auto' (the default), every other moe_impl, one expert, the ViT twin, two timm CNNs
 MODEL_ROWS = ['mlit_xxs', 'mlit_xxs@dense', 'mlit_xxs@sparse', 'mlit_xxs@loop', 'mlit_xxs@one_expert',
               'vit_twin@mlit_xxs', 'resnet10t', 'mobilenetv3_small_050']
+MLIT_SIZES = ['mlit_xxs', 'mlit_xs', 'mlit_s']
 MAX_LAYER_RATIO = 1.3  # the MoE layer's target: fwd+bwd at most this times its dense SwiGLU twin
 
 
@@ -322,15 +323,21 @@ def fashion_mnist_zoo_table(results: Path) -> str:
             + _md(['target', 'measured', ''], targets))
 
 
+def card_top1(name: str):
+    """The test top-1 in the metadata of the shipped weight folder `name`'s model card (None if it states none)."""
+    from timm_mlit._weights import WEIGHTS_DIR
+    m = re.search(r'value: ([0-9.]+)\s+name: top1', (WEIGHTS_DIR / name / 'README.md').read_text().split('---')[1])
+    return float(m.group(1)) if m else None
+
+
 def shipped_weights_table(results: Path) -> str:
     """The weight folders shipped in the package (timm_mlit/weights/), each classifier's test top-1 as its model card
     states it, and the sizes that ship none. (Read from the package, not from `results`.)"""
     import timm
 
     from timm_mlit._weights import WEIGHTS_DIR
-    sizes = ['mlit_xxs', 'mlit_xs', 'mlit_s']
     rows, shipped = [], []
-    for arch in sizes:
+    for arch in MLIT_SIZES:
         for tag, what in (('mae_ft_fashion_mnist', f'mmLiT-{arch.split("_")[1].upper()}: MAE-pre-trained, then '
                                                    'fine-tuned'),
                           ('mae_in_fashion_mnist', 'the MAE-pre-trained encoder it was fine-tuned from')):
@@ -340,22 +347,55 @@ def shipped_weights_table(results: Path) -> str:
             if f'{arch}.{tag}' not in timm.list_pretrained(f'{arch}.*'):
                 raise ReadmeTableError(f'{card.parent} ships, but {arch}.{tag} has no pretrained cfg entry in '
                                        'timm_mlit/mlit.py')
-            top1 = re.search(r'value: ([0-9.]+)\s+name: top1', card.read_text().split('---')[1])
+            top1 = card_top1(f'{arch}.{tag}')
             if tag.startswith('mae_ft'):
                 shipped.append(arch)
                 default = f' (`{arch}`\'s default)' if timm.models.get_pretrained_cfg(arch).tag == tag else ''
                 rows.append([f'`{arch}.{tag}`{default}', what, '10, with label names',
-                             f'{float(top1.group(1)):.2f}%' if top1 else '-'])
+                             '-' if top1 is None else f'{top1:.2f}%'])
             else:
                 rows.append([f'`{arch}.{tag}`', what, 'head-less', '-'])
-    rest = [a for a in reversed(sizes) if a not in shipped]
+    rest = [a for a in reversed(MLIT_SIZES) if a not in shipped]
     note = (f"\n\n{' and '.join(f'`{a}`' for a in rest)} ship{'s' if len(rest) == 1 else ''} no weights (default tag "
             "`.untrained`).") if rest else ''
     return _md(['tag', 'what', 'classes', 'Fashion-MNIST test top-1'], rows) + note
 
 
+def main_job_table(results: Path) -> str:
+    """`python -m timm_mlit` on every classifier shipped in the package, from the main job's own results files
+    (results/main_job_<arch>.json, written by `--results-file`): each is required, and must have measured those
+    weights on the whole test set (10,000 images) at the top-1 their model card states, so a size re-published
+    without re-measuring its job fails here."""
+    from timm_mlit._weights import WEIGHTS_DIR
+
+    rows, measured = [], []
+    for arch in MLIT_SIZES:
+        name, stem = f'{arch}.mae_ft_fashion_mnist', f'main_job_{arch}'
+        if not (WEIGHTS_DIR / name).is_dir():
+            continue
+        data = _load(results, stem)
+        meta, r = data['meta'], data['result']
+        card = card_top1(name)
+        if card is None:
+            raise ReadmeTableError(f'the model card of {WEIGHTS_DIR / name} states no top-1: re-publish it with '
+                                   '--metric top1=...')
+        if r['model'] != name or r['images'] != 10000 or f"{r['top1']:.2f}" != f'{card:.2f}':
+            raise ReadmeTableError(
+                f"{stem}.json measured {r['model']} on {r['images']:,d} images at {r['top1']:.2f}%, where the shipped "
+                f"{name}'s card says {card:.2f}% on the 10,000 test images: re-run `python -m timm_mlit --model {name} "
+                f"--results-file benchmarks/results/{stem}.json`")
+        lo, hi = min(r['per_class'].items(), key=lambda kv: kv[1]), max(r['per_class'].items(), key=lambda kv: kv[1])
+        rows.append([f'`{name}`', f"{r['top1']:.2f}%", f"{r['img_s']:,.0f}", f"{r['img_s_total']:,.0f}",
+                     f'{lo[0]} {lo[1]:.2f}%', f'{hi[0]} {hi[1]:.2f}%'])
+        measured.append(f"`{meta['command']}` (torch {meta['torch']}, {meta['machine']}, {meta['threads']} threads, "
+                        f"batch {meta['batch_size']})")
+    return ('Measured by ' + '; '.join(measured) + '.\n\n' + _md(
+        ['weights (`pretrained=True`)', 'top-1, 10k test images', 'img/s (model)', 'img/s (with data loading)',
+         'lowest class', 'highest class'], rows))
+
+
 TABLES: Dict[str, Callable[[Path], str]] = {
-    'shipped-weights': shipped_weights_table,
+    'shipped-weights': shipped_weights_table, 'main-job': main_job_table,
     'fashion-mnist-tune': fashion_mnist_tune_table,
     'cpu-paths': cpu_paths_table, 'cpu-precision': precision_table, 'pretrain-precision': pretrain_table,
     'edge': edge_table, 'cpu-targets': cpu_targets_table,

@@ -5,8 +5,10 @@ size's default tag, `<arch>.mae_ft_fashion_mnist`) and the MAE encoder it was fi
 Re-evaluated on the real Fashion-MNIST test set (Debian's dataset-fashion-mnist; skipped where it is not installed),
 each shipped classifier gives the top-1 its model card reports and the README states.
 """
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ import timm_mlit  # noqa: F401
 from timm_mlit import _weights
 from timm_mlit.__main__ import main
 from timm_mlit.data import DEBIAN_FASHION_MNIST, write_idx
+from timm_mlit.precision import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 FT = 'mlit_xxs.mae_ft_fashion_mnist'
@@ -132,6 +135,41 @@ def test_main_job_reads_a_folder_of_idx_files(tmp_path):
     assert r['top1'] == pytest.approx(100. * (expected.numpy() == labels).mean())
     assert r['per_class']['Ankle boot'] == 100. * np.mean(expected.numpy()[labels == 9] == 9)
     assert main(['--data-dir', str(tmp_path), '--limit', '3'])['images'] == 3
+
+
+def test_main_job_writes_its_results_file(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', images)
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', (np.arange(12) % 10).astype(np.uint8))
+    assert main(['--data-dir', str(tmp_path), '--log-freq', '0', '--results-file', str(tmp_path / 'new' / 'r.json')])
+    assert json.loads((tmp_path / 'new' / 'r.json').read_text())['meta']['command'] == \
+        f'python -m timm_mlit --data-dir {shlex.quote(str(tmp_path))}'  # its folder made
+    path = tmp_path / 'out' / 'job.json'
+    path.parent.mkdir()
+    path.write_text('an older result\n')  # replaced whole
+    r = main(['--data-dir', str(tmp_path), '-b', '4', '--log-freq', '0', '--results-file', str(path)])
+    written = json.loads(path.read_text())
+    assert written['result'] == json.loads(json.dumps({k: v for k, v in r.items() if k != 'predictions'}))
+    assert written['result']['images'] == 12 and set(written['result']['per_class']) == set(
+        timm.models.get_pretrained_cfg(FT).label_names)
+    # the command that measures: the options given, but not --log-freq's (no figure depends on it) nor the file
+    assert written['meta'] == dict(command=f'python -m timm_mlit --data-dir {shlex.quote(str(tmp_path))} -b 4',
+                                   torch=torch.__version__, timm_mlit=timm_mlit.__version__, machine=cpu_name(),
+                                   threads=torch.get_num_threads(), batch_size=4)
+    assert os.listdir(path.parent) == ['job.json']  # no temporary left beside it
+
+
+def test_main_job_refuses_a_results_file_it_cannot_write_before_evaluating(tmp_path, monkeypatch):
+    ran = []
+    from timm_mlit import __main__ as job
+    monkeypatch.setattr(job, 'evaluate', lambda *a, **k: ran.append(a))
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(SystemExit, match=r'^python -m timm_mlit: error: --results-file .*a_file/r\.json: .*a_file is '
+                                         r'a file, not a folder$'):
+        main(['--results-file', str(tmp_path / 'a_file' / 'r.json')])
+    with pytest.raises(SystemExit, match=r'error: --results-file .* is a folder; give a file name$'):
+        main(['--results-file', str(tmp_path)])
+    assert ran == []
 
 
 def test_main_job_says_what_is_wrong_with_a_bad_data_folder(tmp_path):

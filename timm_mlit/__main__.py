@@ -5,6 +5,7 @@
     python -m timm_mlit --data-dir DIR        # Fashion-MNIST idx files in DIR (flat, or torchvision's layout)
     python -m timm_mlit --list                # every mLiT model with its parameter count
     python -m timm_mlit --log-freq 5          # a progress line (stderr) every 5 batches instead of 10
+    python -m timm_mlit --results-file r.json # also write the figures printed (and the machine) as JSON
 
 The model is `timm.create_model('mlit_xxs', pretrained=True)`: its default tag's weights, embedded in the package
 (timm_mlit/weights/), so nothing is downloaded. The test images come from --data-dir when it is given (nothing is
@@ -15,8 +16,10 @@ evaluation pipeline (resolve_data_config + create_loader: resize to 36, bicubic,
 validate.py would, and the progress is logged as validate.py logs it, to stderr.
 """
 import argparse
+import json
 import logging
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -31,6 +34,8 @@ from timm.utils import AverageMeter, accuracy, setup_default_logging
 import timm_mlit  # (registers the models)
 from timm_mlit.cli import HelpFormatter, exit_on_error
 from timm_mlit.data import DEBIAN_FASHION_MNIST
+from timm_mlit.files import atomic_write, check_writable_path
+from timm_mlit.precision import cpu_name
 
 _logger = logging.getLogger('timm_mlit')
 PROG = 'python -m timm_mlit'
@@ -185,7 +190,7 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
         params=sum(p.numel() for p in model.parameters()), data=str(folder), images=len(preds),
         top1=100. * float(hits.sum()) / len(preds), img_s=len(preds) / forward_s, img_s_total=len(preds) / total_s,
         predictions=preds,
-        per_class={name: 100. * float(h) / c for name, h, c in zip(labels, hits, counts) if c})
+        per_class={name: 100. * float(h) / int(c) for name, h, c in zip(labels, hits, counts) if c})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--limit', type=int, default=0, help='evaluate only the first N test images (0: all)')
     parser.add_argument('--log-freq', type=int, default=10,
                         help='log the running accuracy to stderr every N batches (0: never)')
+    parser.add_argument('--results-file', default=None,
+                        help='also write the results (top-1, images/s, per class; the command, machine, torch) to '
+                             'this JSON file, atomically')
     parser.add_argument('--list', action='store_true', help='list the mLiT models and their sizes, and exit')
     parser.add_argument('--version', action='version', version=f'timm-mlit {timm_mlit.__version__}',
                         help="print the package's version and exit")
@@ -217,6 +225,7 @@ def main(argv=None):
     if args.batch_size < 1 or args.limit < 0 or args.log_freq < 0:
         parser.error('--batch-size must be >= 1, --limit and --log-freq >= 0')
     with exit_on_error(PROG):
+        results_file = check_writable_path(args.results_file, '--results-file') if args.results_file else None
         r = evaluate(args.model, args.data_dir, args.batch_size, args.limit, args.log_freq)
     print(f'{r["model"]}: {r["params"]:,d} params, weights {r["weights"]}')
     print(f'Fashion-MNIST test ({r["data"]}): {r["images"]} images, top-1 {r["top1"]:.2f}%, '
@@ -224,7 +233,26 @@ def main(argv=None):
           f'{torch.get_num_threads()} threads)')
     for name, acc in r['per_class'].items():
         print(f'  {name:12s} {acc:6.2f}%')
+    if results_file:
+        with exit_on_error(PROG):
+            write_results(results_file, r, args)
     return r
+
+
+def write_results(path: str, r: Dict[str, object], args: argparse.Namespace) -> str:
+    """`r` (less the predictions) as JSON at `path`, with what measured it: the command (its options that are not
+    the defaults, but for the results file), the machine, its threads, torch and this package's version."""
+    defaults = build_parser()
+    command = ['python -m timm_mlit'] + [
+        f'{flag} {shlex.quote(str(getattr(args, dest)))}'
+        for flag, dest in (('--model', 'model'), ('--data-dir', 'data_dir'), ('-b', 'batch_size'), ('--limit', 'limit'))
+        if getattr(args, dest) != defaults.get_default(dest)]
+    meta = dict(command=' '.join(command), torch=torch.__version__, timm_mlit=timm_mlit.__version__,
+                machine=cpu_name(), threads=torch.get_num_threads(),
+                batch_size=args.batch_size)
+    body = json.dumps(dict(meta=meta, result={k: v for k, v in r.items() if k != 'predictions'}), indent=1) + '\n'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return atomic_write(path, lambda f: f.write(body.encode()))
 
 
 if __name__ == '__main__':

@@ -11,12 +11,14 @@ started in float32 does not turn bfloat16 half-way (or back) because it was resu
 another default. Measured by benchmarks/models.py and benchmarks/pretrain_throughput.py.
 """
 import os
+import platform
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ['PRECISION_ENV', 'auto_amp_dtype', 'cpu_has_bf16', 'run_amp_dtype']
+__all__ = ['PRECISION_ENV', 'auto_amp_dtype', 'cpu_has_bf16', 'cpu_name', 'run_amp_dtype']
 
 PRECISION_ENV = 'TIMM_MLIT_PRECISION'
 _CHOICES = ('auto', 'float32', 'bfloat16')
@@ -33,6 +35,15 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def cpu_name() -> str:
+    """This CPU's model name as /proc/cpuinfo gives it (e.g. 'AMD EPYC'), else what `platform` knows ('x86_64')."""
+    try:
+        names = re.findall(r'model name\s*:\s*(.+)', Path('/proc/cpuinfo').read_text())
+    except OSError:
+        names = []
+    return names[0].strip() if names else platform.processor() or platform.machine()
 
 
 def _env_choice() -> str:
