@@ -235,24 +235,22 @@ def main(argv=None):
         print(f'  {name:12s} {acc:6.2f}%')
     if results_file:
         with exit_on_error(PROG):
-            write_results(results_file, r, args)
+            write_results(results_file, r, args, parser)
     return r
 
 
-def write_results(path: str, r: Dict[str, object], args: argparse.Namespace) -> str:
-    """`r` (less the predictions) as JSON at `path`, with what measured it: the command (its options that are not
-    the defaults, but for the results file), the machine, its threads, torch and this package's version."""
-    defaults = build_parser()
+def write_results(path: str, r: Dict[str, object], args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """`r` (less the predictions) as JSON at `path`, with what measured it: the command (its options that differ
+    from `parser`'s defaults, but for the results file), the machine, its threads, torch and this package's version."""
     command = ['python -m timm_mlit'] + [
         f'{flag} {shlex.quote(str(getattr(args, dest)))}'
         for flag, dest in (('--model', 'model'), ('--data-dir', 'data_dir'), ('-b', 'batch_size'), ('--limit', 'limit'))
-        if getattr(args, dest) != defaults.get_default(dest)]
+        if getattr(args, dest) != parser.get_default(dest)]
     meta = dict(command=' '.join(command), torch=torch.__version__, timm_mlit=timm_mlit.__version__,
-                machine=cpu_name(), threads=torch.get_num_threads(),
-                batch_size=args.batch_size)
+                machine=cpu_name(), threads=torch.get_num_threads(), batch_size=args.batch_size)
     body = json.dumps(dict(meta=meta, result={k: v for k, v in r.items() if k != 'predictions'}), indent=1) + '\n'
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return atomic_write(path, lambda f: f.write(body.encode()))
+    atomic_write(path, lambda f: f.write(body.encode()))
 
 
 if __name__ == '__main__':
