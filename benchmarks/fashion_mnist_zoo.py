@@ -581,8 +581,14 @@ def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> i
     writers = dict(tune=write_tune_results, zoo=write_zoo_results)
     if args.phase == 'curves':
         for phase, plan in plans.items():
-            if plan is not None:
-                print(json.dumps(writers[phase](plan, args.results_dir)))
+            if plan is None:
+                continue
+            if not any(os.path.exists(_summary(plan, s)) for s in plan.stages if s.kind == 'train'):
+                # an OUT without this phase's runs (e.g. the zoo's, the pilots' folder gone) must not overwrite the
+                # results those runs wrote: the zoo chooses its recipes from fashion_mnist_tune.json
+                print(f'{phase}: no run of it in {plan.out}; {args.results_dir}/fashion_mnist_{phase}.* kept')
+                continue
+            print(json.dumps(writers[phase](plan, args.results_dir)))
         return 0
     if args.phase == 'publish':
         if plans['zoo'] is None:

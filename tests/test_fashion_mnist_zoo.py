@@ -242,6 +242,12 @@ def test_zoo_runs_every_row_and_writes_the_table(tmp_path, source):
                      '--timm-scripts', str(tmp_path), '-j', '1', '--holdout', '15', '--sizes', 'xxs', 'xs'],
                     runner=runner) == 0
     assert len(runner.calls) == calls  # all done: nothing runs again
+    tune = (res / 'fashion_mnist_tune.json').read_text()
+    (res / 'fashion_mnist_zoo.json').unlink()
+    assert zoo.main(['curves', '--out', str(tmp_path / 'out'), '--results-dir', str(res), '--data-dir', source,
+                     '--sizes', 'xxs', 'xs']) == 0
+    assert json.loads((res / 'fashion_mnist_zoo.json').read_text())['rows'] == out['rows']  # redrawn from OUT
+    assert (res / 'fashion_mnist_tune.json').read_text() == tune  # no pilot ran in OUT: the recipes' results kept
 
 
 def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_commands(tmp_path, source):
