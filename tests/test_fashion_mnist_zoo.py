@@ -149,7 +149,8 @@ def test_pilots_run_resume_and_write_curves_and_table(tmp_path, source):
 
 def test_read_column_and_plot_metric(tmp_path):
     a, b = tmp_path / 'a.csv', tmp_path / 'b.csv'
-    a.write_text('epoch,train_loss,eval_top1\n0,2.0,60.5\n1,1.5,70.25\n2,1.2,\n')
+    a.write_text('epoch,train_loss,eval_top1\n0,2.0,60.5\n1,1.5,70.0\n'  # killed before epoch 1's checkpoint,
+                 'epoch,train_loss,eval_top1\n1,1.5,70.25\n2,1.2,\n')  # resumed: train.py repeats its header
     b.write_text('epoch,train_loss\n0,2.0\n')
     assert read_column(str(a), 'eval_top1') == ([1, 2], [60.5, 70.25])
     with pytest.raises(KeyError, match="no column 'eval_top1'.*epoch, train_loss"):

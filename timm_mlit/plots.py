@@ -89,21 +89,23 @@ def plot_losses(summary_csv: str, path: str, title: str = '') -> Optional[str]:
 
 def read_column(summary_csv: str, column: str) -> Tuple[List[int], List[float]]:
     """(epochs counted from 1, values) of one column of a timm-style summary.csv; rows without a number there are
-    skipped. KeyError naming the columns there are when the file has no such column."""
+    skipped (train.py writes its header again on every resume). An epoch written twice (a run killed after its summary
+    row, before its checkpoint, then resumed) counts once, with its last value. KeyError naming the columns there are
+    when the file has no such column."""
     with open(summary_csv, newline='') as f:
         rows = list(csv.DictReader(f))
     if rows and column not in rows[0]:
         raise KeyError(f'{summary_csv} has no column {column!r} (it has {", ".join(rows[0])})')
-    epochs, values = [], []
+    by_epoch = {}
     for r in rows:
         try:
             e, v = int(float(r['epoch'])) + 1, float(r[column])
         except (TypeError, ValueError):
             continue
         if math.isfinite(v):
-            epochs.append(e)
-            values.append(v)
-    return epochs, values
+            by_epoch[e] = v
+    epochs = sorted(by_epoch)
+    return epochs, [by_epoch[e] for e in epochs]
 
 
 def plot_metric(summaries: Dict[str, str], column: str, path: str, title: str = '', ylabel: str = '') -> Optional[str]:
