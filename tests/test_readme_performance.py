@@ -63,6 +63,20 @@ def _cpu_results(tmp_path, mlit_train, vit_train, old_train=100., int8_top1=84.0
     (tmp_path / 'edge_cpu.json').write_text(json.dumps(dict(meta=meta, rows=edge)))
 
 
+def test_edge_table_refuses_results_of_other_weights_than_the_shipped(tmp_path):
+    card = readme_tables.card_top1('mlit_xxs.mae_ft_fashion_mnist')
+    meta = dict(command='python benchmarks/edge.py --out benchmarks/results', torch='2', machine='cpu', images=10000,
+                weights='mae_ft_fashion_mnist')
+    rows = [dict(model='mlit_xxs', route='eager float32', test_top1=card, top1_vs_eager_float32=0., latency_b1_ms=5.,
+                 img_s=100.)]
+    (tmp_path / 'edge_cpu.json').write_text(json.dumps(dict(meta=meta, rows=rows)))
+    assert f'| mlit_xxs | eager float32 | {card:.2f} (+0.00) |' in readme_tables.edge_table(tmp_path)
+    rows[0]['test_top1'] = card - 0.01  # measured on weights published before these
+    (tmp_path / 'edge_cpu.json').write_text(json.dumps(dict(meta=meta, rows=rows)))
+    with pytest.raises(readme_tables.ReadmeTableError, match=r'its model card says .*: re-run `python benchmarks/edge'):
+        readme_tables.edge_table(tmp_path)
+
+
 def _verdicts(tmp_path):
     lines = readme_tables.cpu_targets_table(tmp_path).splitlines()[2:]
     return [line.rstrip(' |').rsplit('| ', 1)[-1] for line in lines]
