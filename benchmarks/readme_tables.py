@@ -404,7 +404,7 @@ def main_job_table(results: Path) -> str:
 
 TABLES: Dict[str, Callable[[Path], str]] = {
     'shipped-weights': shipped_weights_table, 'main-job': main_job_table,
-    'fashion-mnist-tune': fashion_mnist_tune_table,
+    'fashion-mnist-tune': fashion_mnist_tune_table, 'fashion-mnist-zoo': fashion_mnist_zoo_table,
     'cpu-paths': cpu_paths_table, 'cpu-precision': precision_table, 'pretrain-precision': pretrain_table,
     'edge': edge_table, 'cpu-targets': cpu_targets_table,
     'moe-layer-ranges': layer_ranges, 'models': models_table, 'speed-targets': targets_table,

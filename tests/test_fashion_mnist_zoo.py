@@ -11,6 +11,7 @@ import shlex
 import numpy as np
 import pytest
 import torch
+from readme import snippet
 
 from timm_mlit.data import IdxFashionMNIST, write_idx
 from timm_mlit.plots import plot_metric, read_column
@@ -275,10 +276,12 @@ def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_comm
     export_encoder(mae, str(out / 'pretrain_mlit_xxs' / 'encoder.safetensors'), arch='mlit_xxs')
     done = out / 'pretrain_mlit_xxs' / 'done.json'  # as a stage run outside the orchestrator records itself
     done.write_text(json.dumps(dict(json.loads(done.read_text()), argv=[])))
-    # published with other flags than the zoo ran with: the cards hold what ran (done.json), not this plan
-    other = [a if a != str(tmp_path / 'timm') else str(tmp_path / 'elsewhere') for a in common]
+    # the README's command, published with other flags than the zoo ran with: the cards hold what ran (done.json)
+    readme = shlex.split(snippet('shipped-weights').strip().replace('/var/tmp/zoo/out', str(out)))
+    assert readme[:5] == ['python', 'benchmarks/fashion_mnist_zoo.py', 'publish', '--out', str(out)]
+    other = [a if a != str(tmp_path / 'timm') else str(tmp_path / 'elsewhere') for a in common[2:]]
     other[other.index('-j') + 1] = '2'
-    assert zoo.main(['publish', *other, '--weights-dir', str(weights)]) == 0
+    assert zoo.main(readme[2:] + other + ['--weights-dir', str(weights)]) == 0
     assert sorted(p.name for p in weights.iterdir()) == ['mlit_xxs.mae_ft_fashion_mnist',
                                                           'mlit_xxs.mae_in_fashion_mnist']  # no scratch rows
     card = (weights / 'mlit_xxs.mae_ft_fashion_mnist' / 'README.md').read_text()

@@ -1,6 +1,7 @@
 """The README's shell commands for pre-training and publishing, run as written (paths pointed at test data, with
 small-run flags appended). The train.py / validate.py commands of
-the timm-scripts section are run by test_timm_scripts_e2e.py; those that made the shipped weights, here."""
+the timm-scripts section are run by test_timm_scripts_e2e.py; those that made the shipped weights (on their model
+cards) by test_shipped_weights.py; the zoo's publish command by test_fashion_mnist_zoo.py."""
 import os
 import shlex
 import subprocess
@@ -114,44 +115,3 @@ def test_readme_fashion_mnist_zoo_commands_plan_the_pilots_and_the_zoo(tmp_path)
     for size in ('xxs', 'xs', 's'):
         assert f'# finetune_mlit_{size}' in zoo and f'# scratch_mlit_{size}' in zoo
         assert zoo.count(f'# eval_mmlit_{size} ') == 1 and zoo.count(f'# eval_mlit_{size} ') == 1
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get('TIMM_SCRIPTS_DIR'), reason='TIMM_SCRIPTS_DIR is not set: point it at a '
-                    'pytorch-image-models checkout (train.py, validate.py) of the installed timm version')
-def test_readme_shipped_weights_commands_run_in_order(tmp_path):
-    """The five commands that made the shipped weights, in order, on a small dataset: pre-train, fine-tune from its
-    encoder, evaluate, publish both; the folders they write are what the package ships, in layout and tags."""
-    data = tmp_path / 'fmnist'
-    make_fashion_mnist(str(data), n_train=32, n_test=8)
-    small = {  # small-run flags, appended (argparse: the last value wins)
-        'timm-mlit-pretrain': ['--data-dir', str(data), '--epochs', '1', '-b', '16', '--workers', '0'],
-        'train.py': ['--data-dir', str(data), '--epochs', '1', '--warmup-epochs', '0', '-b', '16', '-j', '0'],
-        'validate.py': ['-b', '8', '-j', '0'],
-    }
-    lines = [line for line in snippet('shipped-weights').strip().splitlines() if not line.startswith('#')]
-    assert len(lines) == 5
-    weights = tmp_path / 'weights'
-    for line in lines:
-        for old, new in (('output/ship', tmp_path / 'ship'), ('timm_mlit/weights', weights),
-                         ('/usr/share/datasets/fashion-mnist', data)):
-            line = line.replace(old, str(new))
-        argv, env = shlex.split(line), dict(os.environ)
-        while '=' in argv[0]:  # leading VAR=value words, as a shell takes them
-            name, value = argv.pop(0).split('=', 1)
-            env[name] = value
-        key = argv[1] if argv[0] == 'timm-mlit-run' else argv[0]
-        exe = BIN / argv[0]
-        argv = [str(exe) if exe.exists() else argv[0]] + argv[1:] + small.get(key, [])
-        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-        assert 'bfloat16 autocast' not in proc.stderr  # trained in float32, as the shipped weights were
-        assert proc.returncode == 0, f'{line}\n{proc.stderr[-3000:]}'
-    assert (tmp_path / 'ship' / 'test.json').is_file()
-    for name, num_classes in (('mlit_xxs.mae_ft_fashion_mnist', 10), ('mlit_xxs.mae_in_fashion_mnist', 0)):
-        folder = weights / name
-        assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
-        model = timm.create_model(f'local-dir:{folder}', pretrained=True)
-        assert model.num_classes == num_classes and model.pretrained_cfg['tag'] == name.split('.')[1]
-    encoder = load_file(tmp_path / 'ship' / 'pretrain' / 'encoder.safetensors')
-    published = load_file(weights / 'mlit_xxs.mae_in_fashion_mnist' / 'model.safetensors')
-    assert all(torch.equal(encoder[k], published[k]) for k in encoder)

@@ -19,6 +19,7 @@ import safetensors.torch
 import timm
 import torch
 from PIL import Image
+from test_data import make_fashion_mnist
 from timm.data import create_transform, resolve_data_config
 
 import timm_mlit  # noqa: F401
@@ -86,13 +87,14 @@ def test_shipped_encoder_is_the_one_the_classifier_was_fine_tuned_from(arch):
     classifier = timm.create_model(arch, pretrained=True)
     fresh = timm.create_model(arch, num_classes=0)
     assert encoder.num_classes == 0
-    # fine-tuning moved every block, but the tuned weights stay far closer to the encoder than to a fresh init
-    depth = len(classifier.blocks)
-    for k in ('blocks.0.attn.qkv.weight', f'blocks.{depth // 2}.mlp.experts.w.weight',
-              f'blocks.{depth - 1}.mlp.gate.weight'):
-        tuned, enc = classifier.state_dict()[k], encoder.state_dict()[k]
-        assert not torch.equal(tuned, enc)
-        assert (tuned - enc).norm() < 0.5 * (tuned - fresh.state_dict()[k]).norm(), k
+    # fine-tuning moved every weight matrix of the blocks, and each stays closer to the encoder's than to an untrained
+    # model's
+    tuned, enc, init = classifier.state_dict(), encoder.state_dict(), fresh.state_dict()
+    matrices = [k for k in enc if k.startswith('blocks.') and enc[k].dim() >= 2]
+    assert len(matrices) >= 4 * len(classifier.blocks)
+    for k in matrices:
+        assert not torch.equal(tuned[k], enc[k]), k
+        assert (tuned[k] - enc[k]).norm() < (tuned[k] - init[k]).norm(), k
 
 
 @needs_fmnist
@@ -106,6 +108,42 @@ def test_shipped_weights_give_the_reported_accuracy_on_the_test_set(arch):
     assert r['top1'] == pytest.approx(card_top1(name), abs=0.05)
     readme = (ROOT / 'README.md').read_text()
     assert f'{card_top1(name):.2f}%' in readme
+
+
+def card_commands(name: str) -> list:
+    """The shell commands on a shipped model card (its Training section), comments dropped."""
+    card = (_weights.WEIGHTS_DIR / name / 'README.md').read_text()
+    assert '## Training\n' in card, f'the card of {name} gives no commands'
+    block = card.split('## Training\n')[1].split('```bash\n')[1].split('```')[0]
+    return [line for line in block.splitlines() if line and not line.startswith('#')]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get('TIMM_SCRIPTS_DIR'), reason='TIMM_SCRIPTS_DIR is not set: point it at a '
+                    'pytorch-image-models checkout (train.py, validate.py) of the installed timm version')
+@pytest.mark.parametrize('arch', SHIPPED)
+def test_shipped_cards_commands_run_as_written(tmp_path, arch):
+    """The commands on each shipped classifier's card, run by a shell as written (OUT a fresh folder, the test images
+    swapped for small ones, small-run flags appended): pre-training, fine-tuning from its encoder, the test."""
+    out, test_images = tmp_path / 'out', tmp_path / 'test'
+    make_fashion_mnist(str(out / 'data'), n_train=32, n_test=8)  # the layout the header describes
+    make_fashion_mnist(str(test_images), n_train=8, n_test=8)
+    small = {'timm_mlit.pretrain': '--epochs 1 --warmup-epochs 0 -b 16 --workers 0',  # (argparse: last one wins)
+             'train.py': '--epochs 1 --warmup-epochs 0 -b 16 -j 0', 'validate.py': '-b 8 -j 0'}
+    env = dict(os.environ, OUT=str(out), PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}')
+    lines = card_commands(f'{arch}.mae_ft_fashion_mnist')
+    assert [k for k in small if any(k in line for line in lines)] == list(small)
+    assert sum(f'--data-dir {DEBIAN_FASHION_MNIST} ' in line for line in lines) == 1  # the test, on the real images
+    for line in lines:
+        line = line.replace(DEBIAN_FASHION_MNIST, str(test_images))
+        line += ''.join(f' {flags}' for key, flags in small.items() if key in line)
+        proc = subprocess.run(['bash', '-c', line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f'{line}\n{proc.stderr[-3000:]}'
+    size = arch.split('_')[1]
+    assert (out / f'pretrain_{arch}' / 'encoder.safetensors').is_file()
+    assert (out / f'finetune_{arch}' / 'last.pth.tar').is_file()
+    results = json.loads((out / f'eval_mmlit_{size}' / 'results.json').read_text())
+    assert results['model'] == arch and 0 <= results['top1'] <= 100
 
 
 @needs_fmnist
