@@ -77,6 +77,13 @@ def test_edge_table_refuses_results_of_other_weights_than_the_shipped(tmp_path):
         readme_tables.edge_table(tmp_path)
 
 
+def test_checked_card_top1_refuses_a_card_without_top1(tmp_path, monkeypatch):
+    monkeypatch.setattr(readme_tables, 'card_top1', lambda name: None)  # a card published without --metric top1=
+    with pytest.raises(readme_tables.ReadmeTableError, match='states no top-1: re-publish it with --metric top1='):
+        readme_tables.checked_card_top1('mlit_xxs.mae_ft_fashion_mnist', 91.62, 'edge_cpu.json measured it',
+                                        'python benchmarks/edge.py')
+
+
 def _verdicts(tmp_path):
     lines = readme_tables.cpu_targets_table(tmp_path).splitlines()[2:]
     return [line.rstrip(' |').rsplit('| ', 1)[-1] for line in lines]
