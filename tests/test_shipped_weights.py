@@ -110,6 +110,18 @@ def test_shipped_weights_give_the_reported_accuracy_on_the_test_set(arch):
     assert f'{card_top1(name):.2f}%' in readme
 
 
+def test_every_tested_mmlit_of_the_zoo_ships_at_its_measured_top1():
+    """The zoo's results (benchmarks/results/fashion_mnist_zoo.json, what the runs wrote) and the package agree: each
+    size whose mmLiT was tested ships as its default tag, its card at that top-1, and no size ships without one."""
+    rows = json.loads((ROOT / 'benchmarks' / 'results' / 'fashion_mnist_zoo.json').read_text())['rows']
+    tested = {r['arch']: r['top1'] for r in rows if r['key'].startswith('mmlit_') and r.get('top1') is not None}
+    assert tested and sorted(tested) == sorted(SHIPPED)
+    for arch, top1 in tested.items():
+        assert timm.models.get_pretrained_cfg(arch).tag == 'mae_ft_fashion_mnist'
+        assert card_top1(f'{arch}.mae_ft_fashion_mnist') == pytest.approx(top1, abs=0.005)
+        assert (_weights.WEIGHTS_DIR / f'{arch}.mae_in_fashion_mnist' / 'model.safetensors').is_file()
+
+
 def card_commands(name: str) -> list:
     """The shell commands on a shipped model card (its Training section), comments dropped."""
     card = (_weights.WEIGHTS_DIR / name / 'README.md').read_text()
