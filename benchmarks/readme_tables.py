@@ -336,11 +336,10 @@ def card_top1(name: str):
     return float(m.group(1)) if m else None
 
 
-def checked_card_top1(name: str, top1: float, measured: str, rerun: str, also: bool = True) -> float:
-    """The test top-1 that shipped weights `name`'s model card states, when a results file's `top1` (what was
-    `measured`) shows it to the 2 decimals the README prints and `also` (the caller's other checks) holds; otherwise
-    the file predates the weights now shipped (or measured something else), and the error names the command to
-    `rerun`."""
+def checked_card_top1(name: str, top1: float, measured: str, rerun: str, also: bool = True) -> None:
+    """Refuse a results file whose `top1` (what was `measured`) is not, to the 2 decimals the README prints, the test
+    top-1 that shipped weights `name`'s model card states, or where `also` (the caller's other checks) fails: the file
+    predates the weights now shipped (or measured something else), and the error names the command to `rerun`."""
     from timm_mlit._weights import WEIGHTS_DIR
     card = card_top1(name)
     if card is None:
@@ -349,7 +348,6 @@ def checked_card_top1(name: str, top1: float, measured: str, rerun: str, also: b
     if not also or f'{top1:.2f}' != f'{card:.2f}':
         raise ReadmeTableError(f'{measured} at {top1:.2f}%, where its model card says {card:.2f}% on the 10,000 test '
                                f'images: re-run `{rerun}`')
-    return card
 
 
 def shipped_weights_table(results: Path) -> str:
