@@ -29,6 +29,9 @@ from timm_mlit.data import DEBIAN_FASHION_MNIST, write_idx
 from timm_mlit.precision import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+from readme_tables import card_top1  # noqa: E402  (the test top-1 in a shipped card's metadata, or None)
+
 FT = 'mlit_xxs.mae_ft_fashion_mnist'
 ENC = 'mlit_xxs.mae_in_fashion_mnist'
 # every size with shipped Fashion-MNIST weights (what the main job lists as shipped, in its order)
@@ -36,13 +39,6 @@ SHIPPED_FT = [n for n in timm.list_pretrained('mlit_*') if n.endswith('.mae_ft_f
 SHIPPED = [n.split('.')[0] for n in SHIPPED_FT]
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(DEBIAN_FASHION_MNIST, 't10k-images-idx3-ubyte.gz')),
                                   reason='Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)')
-
-
-def card_top1(name: str) -> float:
-    """The top-1 in the model card's metadata (model-index), as timm-mlit-publish wrote it."""
-    card = (_weights.WEIGHTS_DIR / name / 'README.md').read_text()
-    front = card.split('---')[1]
-    return float(re.search(r'value: ([0-9.]+)\s+name: top1', front).group(1))
 
 
 @pytest.mark.parametrize('arch', SHIPPED)
