@@ -35,6 +35,9 @@ entries it prints go into timm_mlit/mlit.py.
 Stages run one after the other through benchmarks/fashion_mnist.py's orchestrator: each writes OUT/<stage>/ (the
 script's outputs, stage.log, done.json); re-running the same command after a kill skips finished stages and resumes
 an interrupted one from its newest checkpoint.
+A row that fashion_mnist_zoo.json records as tested and that has no stage folder in OUT (its run folder gone) is
+kept in the results as recorded and left out of the `zoo` and `publish` plans: it is not trained, tested or
+published again.
 """
 import argparse
 import dataclasses
@@ -314,28 +317,59 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
     return '\n'.join(lines)
 
 
+ZOO_KEYS = tuple(f'{kind}_{z}' for kind in ('mmlit', 'mlit') for z in SCHEDULE)  # the results' row order
+
+
+def recorded_rows(results_dir: str) -> Dict[str, dict]:
+    """{row key: row} of the tested runs fashion_mnist_zoo.json in results_dir records."""
+    return {r['key']: r for r in (fm._read_json(os.path.join(results_dir, 'fashion_mnist_zoo.json')) or {})
+            .get('rows', [])}
+
+
+def without_recorded(plan: fm.Plan, recorded: Dict[str, dict]) -> Tuple[fm.Plan, List[str]]:
+    """`plan` less the rows (and their stages) that `recorded` holds as tested and that have no stage folder in
+    plan.out, i.e. whose run folder is gone: the results keep them, and nothing trains them again. A row with a
+    folder in plan.out (finished or cut short) stays in the plan. Returns (the plan, the keys left out)."""
+    gone = [row.key for row in plan.rows if row.key in recorded and not any(
+        os.path.isdir(os.path.join(plan.out, n)) for n in (row.pretrain, row.train, row.eval) if n)]
+    if not gone:
+        return plan, []
+    names = {n for row in plan.rows if row.key in gone for n in (row.pretrain, row.train, row.eval) if n}
+    return dataclasses.replace(plan, stages=[s for s in plan.stages if s.name not in names],
+                               rows=[row for row in plan.rows if row.key not in gone]), gone
+
+
 def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
-    """fashion_mnist_zoo.json/.md (a row per finished, tested run) and fashion_mnist_zoo.png (validation curves)."""
-    from timm_mlit.plots import plot_metric, read_column
+    """fashion_mnist_zoo.json/.md (a row per finished, tested run) and fashion_mnist_zoo.png (validation curves).
+    A row the results already hold and plan.out has not (yet) finished again is kept as it was, so that losing or
+    moving a run folder, or running some sizes alone (`--sizes`), never drops a tested model from the results."""
+    from timm_mlit.plots import plot_series, read_column
     rows = fm.collect(plan)
     for r in rows:
         summary = os.path.join(plan.out, next(x.train for x in plan.rows if x.key == r['key']), 'summary.csv')
         r['val_top1'] = read_column(summary, VAL_COLUMN)[1] if os.path.exists(summary) else []
     os.makedirs(results_dir, exist_ok=True)
     stem = os.path.join(results_dir, 'fashion_mnist_zoo')
+    kept = {k: r for k, r in recorded_rows(results_dir).items() if k not in {r['key'] for r in rows}}
+    rows = sorted(rows + list(kept.values()), key=lambda r: ZOO_KEYS.index(r['key']))
+    sizes = tuple(z for z in SCHEDULE if z in plan.budget.sizes or any(r['arch'] == f'mlit_{z}' for r in rows))
+    planned = {f'{kind}_{z}' for kind in ('mmlit', 'mlit') for z in plan.budget.sizes}
     meta = dict(description=plan.budget.description, hardware=fm.hardware(plan.device), code=fm.code_version(),
-                schedule={z: dict(pretrain_epochs=SCHEDULE[z][0], epochs=SCHEDULE[z][1]) for z in plan.budget.sizes},
+                schedule={z: dict(pretrain_epochs=SCHEDULE[z][0], epochs=SCHEDULE[z][1]) for z in sizes},
                 written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
-                complete=len(rows) == len(plan.rows))
+                complete=planned <= {r['key'] for r in rows})
     fm._write_json(stem + '.json', dict(meta=meta, rows=rows))
-    png = plot_metric({x.label: os.path.join(plan.out, x.train, 'summary.csv') for x in plan.rows}, VAL_COLUMN,
+    curves = {x.label: read_column(os.path.join(plan.out, x.train, 'summary.csv'), VAL_COLUMN) for x in plan.rows
+              if x.key not in kept and os.path.exists(os.path.join(plan.out, x.train, 'summary.csv'))}
+    curves.update({r['model']: (range(1, len(r['val_top1']) + 1), r['val_top1']) for r in kept.values()})
+    png = plot_series({r['model']: curves[r['model']] for r in rows if r['model'] in curves} | curves,
                       stem + '.png', ylabel='validation top-1 (%)',
                       title=f'Fashion-MNIST: top-1 on the {HOLDOUT:,} held-out training images')
     lines = ['# Fashion-MNIST: mmLiT and mLiT of every size (recipes chosen on the validation split)', '',
              f'{meta["description"]}.', '', f'Hardware: {meta["hardware"]}.', '']
     if not meta['complete']:
-        lines += [f'**Incomplete: {len(rows)} of {len(plan.rows)} rows so far.**', '']
-    lines += [size_table(dict(meta=meta, rows=rows), plan.budget.sizes), '', '## Every run', '']
+        lines += [f'**Incomplete: {len(rows)} of {len(planned | {r["key"] for r in rows})} rows so far.**', '']
+    lines += [size_table(dict(meta=meta, rows=rows), sizes), '', '## Every run', '']
     lines += ['| Model | Params | Epochs (pre-train + train) | Test top-1 (%) | Final validation top-1 (%) | '
               'Wall time (pre-train + train) | img/s (pre-train / train / test) |',
               '|---|---:|---:|---:|---:|---:|---:|']
@@ -572,7 +606,14 @@ def _plans(args, scripts: str) -> Dict[str, Optional[fm.Plan]]:
             if args.phase == 'zoo':
                 raise
         else:
-            plans['zoo'] = make_zoo_plan(args.out, data, scripts, chosen, args.sizes, args.device, args.workers)
+            recorded = recorded_rows(args.results_dir)
+            plans['zoo'], gone = without_recorded(
+                make_zoo_plan(args.out, data, scripts, chosen, args.sizes, args.device, args.workers), recorded)
+            for key in gone:
+                r = recorded[key]
+                print(f'{key}: tested, as {args.results_dir}/fashion_mnist_zoo.json records (top-1 {r["top1"]:.2f}, '
+                      f'run in {os.path.dirname(os.path.dirname(r["checkpoint"]))}), and no folder of it in '
+                      f'{os.path.abspath(args.out)}: kept as recorded, not run or published again')
     return plans
 
 

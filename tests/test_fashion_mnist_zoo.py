@@ -252,6 +252,41 @@ def test_zoo_runs_every_row_and_writes_the_table(tmp_path, source):
     assert (res / 'fashion_mnist_tune.json').read_text() == tune  # no pilot ran in OUT: the recipes' results kept
 
 
+def test_a_tested_row_whose_run_folder_is_gone_is_kept_and_not_run_or_published_again(tmp_path, source, capsys):
+    import shutil
+    res, out = tmp_path / 'res', tmp_path / 'out'
+    _tune_results(str(res), [80.0 + i for i in range(len(zoo.PILOTS))])
+
+    def zoo_main(phase, *sizes, runner=None):
+        argv = [phase, '--out', str(out), '--results-dir', str(res), '--data-dir', source, '--timm-scripts',
+                str(tmp_path), '-j', '1', '--holdout', '15', '--sizes', *sizes]
+        return zoo.main(argv, runner=runner) if runner else zoo.main(argv)
+
+    assert zoo_main('zoo', 'xxs', runner=FakeTrain()) == 0
+    before = {r['key']: r for r in json.loads((res / 'fashion_mnist_zoo.json').read_text())['rows']}
+    shutil.rmtree(out)  # the machine that held the run folder is gone; its results are not
+    runner = FakeTrain()
+    assert zoo_main('zoo', 'xxs', 'xs', runner=runner) == 0
+    assert 'mmlit_xxs: tested, as' in capsys.readouterr().out
+    assert {_arg(a, '--model') for a in runner.calls} == {'mlit_xs'}  # XXS is not trained or tested again
+    data = json.loads((res / 'fashion_mnist_zoo.json').read_text())
+    assert data['meta']['complete'] and [r['key'] for r in data['rows']] == ['mmlit_xxs', 'mmlit_xs', 'mlit_xxs',
+                                                                             'mlit_xs']
+    assert {k: r for k, r in ((r['key'], r) for r in data['rows']) if k in before} == before
+    md = (res / 'fashion_mnist_zoo.md').read_text()
+    assert '| XXS | 1,000 | {} + {} / {} | 85.00 | 80.00 | +5.00 |'.format(*zoo.SCHEDULE['xxs'],
+                                                                       zoo.SCHEDULE['xxs'][1]) in md
+    assert '| XS | 1,000 |' in md and '| S |' not in md
+    assert zoo_main('curves', 'xs') == 0  # a size run alone keeps the others' rows too
+    assert [r['key'] for r in json.loads((res / 'fashion_mnist_zoo.json').read_text())['rows']] == \
+        [r['key'] for r in data['rows']]
+    published = []
+    args = zoo._parse_args(['publish', '--out', str(out), '--results-dir', str(res), '--data-dir', source])
+    plan = zoo._plans(args, '/scripts')['zoo']
+    zoo.publish_zoo(plan, str(res), str(tmp_path / 'weights'), publish=lambda argv: published.append(argv) or 0)
+    assert {a[a.index('--model') + 1] for a in published} == {'mlit_xs'}  # the shipped XXS pair is left alone
+
+
 def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_commands(tmp_path, source):
     import timm
     from safetensors.torch import load_file

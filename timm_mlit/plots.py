@@ -112,7 +112,14 @@ def plot_metric(summaries: Dict[str, str], column: str, path: str, title: str = 
     """One line per run ({label: summary.csv}) of `column` against the epoch; runs without the file or without a
     value yet are left out; None when no run has one."""
     series = {label: read_column(p, column) for label, p in summaries.items() if os.path.exists(p)}
-    series = {label: s for label, s in series.items() if s[0]}
+    return plot_series(series, path, title=title, ylabel=ylabel or column)
+
+
+def plot_series(series: Dict[str, Tuple[Sequence[int], Sequence[float]]], path: str, title: str = '',
+                ylabel: str = '') -> Optional[str]:
+    """One line per run ({label: (epochs, values)}) against the epoch, runs without a value left out; None when no
+    run has one."""
+    series = {label: s for label, s in series.items() if len(s[0])}
     if not series:
         return None
     plt = _pyplot()
@@ -123,8 +130,8 @@ def plot_metric(summaries: Dict[str, str], column: str, path: str, title: str = 
         from matplotlib.ticker import MaxNLocator
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_xlabel('epoch')
-        ax.set_ylabel(ylabel or column)
-        ax.set_title(title or column)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title or ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize='small')
         fig.tight_layout()
