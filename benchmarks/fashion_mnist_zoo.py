@@ -326,49 +326,62 @@ def recorded_rows(results_dir: str) -> Dict[str, dict]:
             .get('rows', [])}
 
 
+def _stages_of(row: fm.Row) -> List[str]:
+    return [n for n in (row.pretrain, row.train, row.eval) if n]
+
+
 def without_recorded(plan: fm.Plan, recorded: Dict[str, dict]) -> Tuple[fm.Plan, List[str]]:
-    """`plan` less the rows (and their stages) that `recorded` holds as tested and that have no stage folder in
-    plan.out, i.e. whose run folder is gone: the results keep them, and nothing trains them again. A row with a
-    folder in plan.out (finished or cut short) stays in the plan. Returns (the plan, the keys left out)."""
-    gone = [row.key for row in plan.rows if row.key in recorded and not any(
-        os.path.isdir(os.path.join(plan.out, n)) for n in (row.pretrain, row.train, row.eval) if n)]
-    if not gone:
-        return plan, []
-    names = {n for row in plan.rows if row.key in gone for n in (row.pretrain, row.train, row.eval) if n}
+    """`plan` less the rows (and their stages) that `recorded` holds as tested and whose training and test have no
+    folder in plan.out, i.e. whose run folder is gone: the results keep them, and nothing trains them again. A row
+    whose training has a folder in plan.out (finished or cut short) stays in the plan; a pre-training alone does not
+    bring a row back (the `tune` phase leaves one of mLiT-XXS), so a recorded row's pre-training cut short is not
+    resumed. Returns (the plan, the keys left out)."""
+    gone = [row for row in plan.rows if row.key in recorded and not any(
+        os.path.isdir(os.path.join(plan.out, n)) for n in (row.train, row.eval))]
+    names = {n for row in gone for n in _stages_of(row)}
     return dataclasses.replace(plan, stages=[s for s in plan.stages if s.name not in names],
-                               rows=[row for row in plan.rows if row.key not in gone]), gone
+                               rows=[row for row in plan.rows if row not in gone]), [row.key for row in gone]
 
 
 def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
     """fashion_mnist_zoo.json/.md (a row per finished, tested run) and fashion_mnist_zoo.png (validation curves).
     A row the results already hold and plan.out has not (yet) finished again is kept as it was, so that losing or
-    moving a run folder, or running some sizes alone (`--sizes`), never drops a tested model from the results."""
+    moving a run folder, or running some sizes alone (`--sizes`), never drops a tested model from the results. Each
+    row records the hardware, code and run folder that measured it (`measured`)."""
     from timm_mlit.plots import plot_series, read_column
+    stem = os.path.join(results_dir, 'fashion_mnist_zoo')
+    previous = fm._read_json(stem + '.json') or {}
+    measured = dict(hardware=fm.hardware(plan.device), code=fm.code_version(), out=plan.out)
     rows = fm.collect(plan)
     for r in rows:
         summary = os.path.join(plan.out, next(x.train for x in plan.rows if x.key == r['key']), 'summary.csv')
         r['val_top1'] = read_column(summary, VAL_COLUMN)[1] if os.path.exists(summary) else []
-    os.makedirs(results_dir, exist_ok=True)
-    stem = os.path.join(results_dir, 'fashion_mnist_zoo')
-    kept = {k: r for k, r in recorded_rows(results_dir).items() if k not in {r['key'] for r in rows}}
-    rows = sorted(rows + list(kept.values()), key=lambda r: ZOO_KEYS.index(r['key']))
+        r['measured'] = measured
+    finished = {r['key'] for r in rows}
+    kept = [r for r in previous.get('rows', []) if r['key'] not in finished]
+    for r in kept:  # rows written before each row recorded its own: the meta of the results that held them
+        r.setdefault('measured', {k: previous['meta'].get(k) for k in measured})
+    rows = sorted(rows + kept, key=lambda r: (ZOO_KEYS.index(r['key']) if r['key'] in ZOO_KEYS else len(ZOO_KEYS),
+                                              r['key']))
     sizes = tuple(z for z in SCHEDULE if z in plan.budget.sizes or any(r['arch'] == f'mlit_{z}' for r in rows))
-    planned = {f'{kind}_{z}' for kind in ('mmlit', 'mlit') for z in plan.budget.sizes}
-    meta = dict(description=plan.budget.description, hardware=fm.hardware(plan.device), code=fm.code_version(),
+    expected = {f'{kind}_{z}' for kind in ('mmlit', 'mlit') for z in sizes}  # as the size table shows them
+    hardware = sorted({r['measured']['hardware'] for r in rows} or {measured['hardware']})
+    meta = dict(description=plan.budget.description, hardware='; '.join(hardware), code=measured['code'],
                 schedule={z: dict(pretrain_epochs=SCHEDULE[z][0], epochs=SCHEDULE[z][1]) for z in sizes},
                 written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
-                complete=planned <= {r['key'] for r in rows})
+                complete=expected <= {r['key'] for r in rows})
+    os.makedirs(results_dir, exist_ok=True)
     fm._write_json(stem + '.json', dict(meta=meta, rows=rows))
-    curves = {x.label: read_column(os.path.join(plan.out, x.train, 'summary.csv'), VAL_COLUMN) for x in plan.rows
-              if x.key not in kept and os.path.exists(os.path.join(plan.out, x.train, 'summary.csv'))}
-    curves.update({r['model']: (range(1, len(r['val_top1']) + 1), r['val_top1']) for r in kept.values()})
-    png = plot_series({r['model']: curves[r['model']] for r in rows if r['model'] in curves} | curves,
-                      stem + '.png', ylabel='validation top-1 (%)',
+    curves = {r['model']: (range(1, len(r['val_top1']) + 1), r['val_top1']) for r in rows}
+    curves.update({x.label: read_column(p, VAL_COLUMN) for x in plan.rows  # runs not finished yet
+                   for p in [os.path.join(plan.out, x.train, 'summary.csv')]
+                   if x.key not in finished and x.label not in curves and os.path.exists(p)})
+    png = plot_series(curves, stem + '.png', ylabel='validation top-1 (%)',
                       title=f'Fashion-MNIST: top-1 on the {HOLDOUT:,} held-out training images')
     lines = ['# Fashion-MNIST: mmLiT and mLiT of every size (recipes chosen on the validation split)', '',
              f'{meta["description"]}.', '', f'Hardware: {meta["hardware"]}.', '']
     if not meta['complete']:
-        lines += [f'**Incomplete: {len(rows)} of {len(planned | {r["key"] for r in rows})} rows so far.**', '']
+        lines += [f'**Incomplete: {len(rows)} of {len(expected)} rows so far.**', '']
     lines += [size_table(dict(meta=meta, rows=rows), sizes), '', '## Every run', '']
     lines += ['| Model | Params | Epochs (pre-train + train) | Test top-1 (%) | Final validation top-1 (%) | '
               'Wall time (pre-train + train) | img/s (pre-train / train / test) |',
@@ -484,20 +497,23 @@ def _publish(publish: Callable[[List[str]], int], argv: List[str]) -> None:
 
 def publish_zoo(plan: fm.Plan, results_dir: str, weights_dir: str,
                 publish: Optional[Callable[[List[str]], int]] = None) -> List[str]:
-    """Publish every tested mmLiT of fashion_mnist_zoo.json with timm-mlit-publish: its MAE encoder as
+    """Publish every tested mmLiT of fashion_mnist_zoo.json that ran in plan.out (its recorded checkpoint the one
+    OUT's finished training wrote) with timm-mlit-publish: its MAE encoder as
     `<arch>.mae_in_fashion_mnist` and its fine-tuned classifier (the final checkpoint, the one tested) as
     `<arch>.mae_ft_fashion_mnist`, into weights_dir, each card holding the test top-1 and the commands that ran
     (done.json's). Each pair is first published into OUT/publish_<arch>/check/, so that a pair that cannot be
     published leaves weights_dir as it was. Returns the folders written; what is left to do by hand is printed."""
     if publish is None:
         from timm_mlit.hub import main as publish
-    res = fm._read_json(os.path.join(results_dir, 'fashion_mnist_zoo.json'))
-    tested = {r['key']: r for r in (res or {}).get('rows', [])}
+    tested = recorded_rows(results_dir)
     stage_of = {s.name: s for s in plan.stages}
     written = []
     for row in plan.rows:
         r = tested.get(row.key)
         if row.pretrain is None or r is None:
+            continue
+        if r['checkpoint'] != _done(plan, stage_of[row.train]).get('checkpoint') or not _done(plan, stage_of[row.eval]):
+            print(f'{row.key}: the tested {r["checkpoint"]} is not this run folder\'s finished run; not published')
             continue
         size, arch = row.model.split('_')[1].upper(), row.model
         folder = os.path.join(plan.out, f'publish_{arch}')

@@ -252,39 +252,64 @@ def test_zoo_runs_every_row_and_writes_the_table(tmp_path, source):
     assert (res / 'fashion_mnist_tune.json').read_text() == tune  # no pilot ran in OUT: the recipes' results kept
 
 
-def test_a_tested_row_whose_run_folder_is_gone_is_kept_and_not_run_or_published_again(tmp_path, source, capsys):
+def test_a_tested_row_whose_run_folder_is_gone_is_kept_and_not_run_or_published_again(tmp_path, source, capsys,
+                                                                                       monkeypatch):
     import shutil
+
+    import timm_mlit.plots
     res, out = tmp_path / 'res', tmp_path / 'out'
     _tune_results(str(res), [80.0 + i for i in range(len(zoo.PILOTS))])
+    drawn = []
+    plot_series = timm_mlit.plots.plot_series
+    monkeypatch.setattr(timm_mlit.plots, 'plot_series', lambda series, *a, **kw: drawn.append(
+        {k: (list(e), list(v)) for k, (e, v) in series.items()}) or plot_series(series, *a, **kw))
 
     def zoo_main(phase, *sizes, runner=None):
         argv = [phase, '--out', str(out), '--results-dir', str(res), '--data-dir', source, '--timm-scripts',
                 str(tmp_path), '-j', '1', '--holdout', '15', '--sizes', *sizes]
         return zoo.main(argv, runner=runner) if runner else zoo.main(argv)
 
+    def published_models():
+        calls = []
+        plan = zoo._plans(zoo._parse_args(['publish', '--out', str(out), '--results-dir', str(res), '--data-dir',
+                                           source]), '/scripts')['zoo']
+        zoo.publish_zoo(plan, str(res), str(tmp_path / 'weights'), publish=lambda argv: calls.append(argv) or 0)
+        return {a[a.index('--model') + 1] for a in calls}
+
+    def rows():
+        return {r['key']: r for r in json.loads((res / 'fashion_mnist_zoo.json').read_text())['rows']}
+
     assert zoo_main('zoo', 'xxs', runner=FakeTrain()) == 0
-    before = {r['key']: r for r in json.loads((res / 'fashion_mnist_zoo.json').read_text())['rows']}
+    before = rows()
+    xxs_curve = before['mmlit_xxs']['val_top1']
+    assert xxs_curve and drawn[-1]['mmLiT-XXS (MAE + fine-tune)'] == (list(range(1, len(xxs_curve) + 1)), xxs_curve)
     shutil.rmtree(out)  # the machine that held the run folder is gone; its results are not
     runner = FakeTrain()
     assert zoo_main('zoo', 'xxs', 'xs', runner=runner) == 0
     assert 'mmlit_xxs: tested, as' in capsys.readouterr().out
     assert {_arg(a, '--model') for a in runner.calls} == {'mlit_xs'}  # XXS is not trained or tested again
     data = json.loads((res / 'fashion_mnist_zoo.json').read_text())
-    assert data['meta']['complete'] and [r['key'] for r in data['rows']] == ['mmlit_xxs', 'mmlit_xs', 'mlit_xxs',
-                                                                             'mlit_xs']
-    assert {k: r for k, r in ((r['key'], r) for r in data['rows']) if k in before} == before
+    assert data['meta']['complete'] and list(rows()) == ['mmlit_xxs', 'mmlit_xs', 'mlit_xxs', 'mlit_xs']
+    assert {k: r for k, r in rows().items() if k in before} == before
+    assert list(drawn[-1]) == [r['model'] for r in data['rows']]  # every row's curve, the kept ones' as recorded
+    assert drawn[-1]['mmLiT-XXS (MAE + fine-tune)'][1] == xxs_curve
     md = (res / 'fashion_mnist_zoo.md').read_text()
     assert '| XXS | 1,000 | {} + {} / {} | 85.00 | 80.00 | +5.00 |'.format(*zoo.SCHEDULE['xxs'],
                                                                        zoo.SCHEDULE['xxs'][1]) in md
     assert '| XS | 1,000 |' in md and '| S |' not in md
     assert zoo_main('curves', 'xs') == 0  # a size run alone keeps the others' rows too
-    assert [r['key'] for r in json.loads((res / 'fashion_mnist_zoo.json').read_text())['rows']] == \
-        [r['key'] for r in data['rows']]
-    published = []
-    args = zoo._parse_args(['publish', '--out', str(out), '--results-dir', str(res), '--data-dir', source])
-    plan = zoo._plans(args, '/scripts')['zoo']
-    zoo.publish_zoo(plan, str(res), str(tmp_path / 'weights'), publish=lambda argv: published.append(argv) or 0)
-    assert {a[a.index('--model') + 1] for a in published} == {'mlit_xs'}  # the shipped XXS pair is left alone
+    assert list(rows()) == [r['key'] for r in data['rows']]
+    assert published_models() == {'mlit_xs'}  # the XXS published before is left alone
+    # trained again in a run folder that has its training's folder: the recorded row stands, and is not published,
+    # until the new run has been tested
+    shutil.rmtree(out / 'eval_mmlit_xs')
+    shutil.rmtree(out / 'finetune_mlit_xs')
+    (out / 'finetune_mlit_xs').mkdir()
+    with pytest.raises(SystemExit):
+        zoo_main('zoo', 'xs', runner=FakeTrain(kill_at=('finetune_mlit_xs', 0)))
+    assert rows()['mmlit_xs'] == data['rows'][1] and published_models() == set()
+    assert zoo_main('zoo', 'xs', runner=FakeTrain()) == 0
+    assert rows()['mmlit_xs']['checkpoint'] == data['rows'][1]['checkpoint'] and published_models() == {'mlit_xs'}
 
 
 def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_commands(tmp_path, source):

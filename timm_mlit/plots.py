@@ -8,9 +8,10 @@
 - `plot_expert_load(expert_load_csv, png)`: one panel per MoE layer, each expert's share of the routing per epoch
   beside the even share 1/E, so that a layer whose experts collapse onto a few stands out.
 - `plot_metric(summaries, column, png)`: one column (e.g. `eval_top1`) of several runs' summary.csv against the
-  epoch, one line per run: the validation curves of runs compared with each other.
+  epoch, one line per run: the validation curves of runs compared with each other; `plot_series(series, png)` draws
+  the same from values already read (e.g. recorded in a results file).
 
-Both read the files the run has written so far, so a run can redraw them after every epoch (and the plots of a run
+The plots of CSV logs read the files the run has written so far, so a run can redraw them after every epoch (and the plots of a run
 that was killed show every finished epoch). Each PNG is written atomically: a reader sees the previous plot or the
 new one, never a half-written file.
 """
@@ -25,7 +26,7 @@ from .files import atomic_write
 
 __all__ = [
     'append_expert_load', 'read_expert_load', 'truncate_csv', 'loss_figure', 'plot_losses', 'plot_expert_load',
-    'plot_confusion', 'read_column', 'plot_metric',
+    'plot_confusion', 'read_column', 'plot_metric', 'plot_series',
 ]
 
 
@@ -112,7 +113,7 @@ def plot_metric(summaries: Dict[str, str], column: str, path: str, title: str = 
     """One line per run ({label: summary.csv}) of `column` against the epoch; runs without the file or without a
     value yet are left out; None when no run has one."""
     series = {label: read_column(p, column) for label, p in summaries.items() if os.path.exists(p)}
-    return plot_series(series, path, title=title, ylabel=ylabel or column)
+    return plot_series(series, path, title=title or column, ylabel=ylabel or column)
 
 
 def plot_series(series: Dict[str, Tuple[Sequence[int], Sequence[float]]], path: str, title: str = '',
