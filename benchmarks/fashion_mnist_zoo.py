@@ -35,9 +35,9 @@ entries it prints go into timm_mlit/mlit.py.
 Stages run one after the other through benchmarks/fashion_mnist.py's orchestrator: each writes OUT/<stage>/ (the
 script's outputs, stage.log, done.json); re-running the same command after a kill skips finished stages and resumes
 an interrupted one from its newest checkpoint.
-A row that fashion_mnist_zoo.json records as tested and that has no stage folder in OUT (its run folder gone) is
-kept in the results as recorded and left out of the `zoo` and `publish` plans: it is not trained, tested or
-published again.
+A row that fashion_mnist_zoo.json records as tested and whose training and test have no folder in OUT (its run
+folder gone, or another OUT) is kept in the results as recorded and left out of the `zoo` and `publish` plans: it is
+not trained, tested or published again.
 """
 import argparse
 import dataclasses
@@ -326,10 +326,6 @@ def recorded_rows(results_dir: str) -> Dict[str, dict]:
             .get('rows', [])}
 
 
-def _stages_of(row: fm.Row) -> List[str]:
-    return [n for n in (row.pretrain, row.train, row.eval) if n]
-
-
 def without_recorded(plan: fm.Plan, recorded: Dict[str, dict]) -> Tuple[fm.Plan, List[str]]:
     """`plan` less the rows (and their stages) that `recorded` holds as tested and whose training and test have no
     folder in plan.out, i.e. whose run folder is gone: the results keep them, and nothing trains them again. A row
@@ -338,7 +334,7 @@ def without_recorded(plan: fm.Plan, recorded: Dict[str, dict]) -> Tuple[fm.Plan,
     resumed. Returns (the plan, the keys left out)."""
     gone = [row for row in plan.rows if row.key in recorded and not any(
         os.path.isdir(os.path.join(plan.out, n)) for n in (row.train, row.eval))]
-    names = {n for row in gone for n in _stages_of(row)}
+    names = {n for row in gone for n in (row.pretrain, row.train, row.eval) if n}
     return dataclasses.replace(plan, stages=[s for s in plan.stages if s.name not in names],
                                rows=[row for row in plan.rows if row not in gone]), [row.key for row in gone]
 
