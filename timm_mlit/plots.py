@@ -11,9 +11,9 @@
   epoch, one line per run: the validation curves of runs compared with each other; `plot_series(series, png)` draws
   the same from values already read (e.g. recorded in a results file).
 
-The plots of CSV logs read the files the run has written so far, so a run can redraw them after every epoch (and the plots of a run
-that was killed show every finished epoch). Each PNG is written atomically: a reader sees the previous plot or the
-new one, never a half-written file.
+The plots of CSV logs read the files the run has written so far, so a run can redraw them after every epoch (and
+the plots of a run that was killed show every finished epoch). Each PNG is written atomically: a reader sees the
+previous plot or the new one, never a half-written file.
 """
 import csv
 import io
