@@ -508,10 +508,11 @@ class Orchestrator:
                 return
             state['last_report'] = now
             t1, f1 = state['first']
-            elapsed = now - t0
+            # f counts the epochs of earlier, killed attempts too: so does the time spent on the stage
+            elapsed = prior + now - t0
             if f > f1 and now > t1:  # the rate since the first progress line (start-up excluded)
                 left = (1 - f) * (now - t1) / (f - f1)
-            elif f > 0:  # one progress line so far: the rate since the start, start-up included
+            elif f > 0:  # one progress line so far: the rate since the first start, start-up included
                 left = (1 - f) * elapsed / f
             else:
                 left = stage.nominal_s * self.slowdown()

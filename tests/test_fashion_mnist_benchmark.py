@@ -299,6 +299,32 @@ def test_progress_log_estimates_time_left(tmp_path, fake_fmnist, capsys):
     assert 'done in' in log
 
 
+def test_progress_log_of_a_resumed_stage_counts_the_earlier_attempts_time(tmp_path, fake_fmnist):
+    # A resumed stage reports its first progress line at the epochs the killed attempt finished: 50% here, after
+    # 1000 s of earlier attempts. The time left must come from those 1000 s, not from this attempt's second.
+    src, _ = fake_fmnist
+    plan = fm.make_plan(dataclasses.replace(fm.BUDGETS['cpu'], labelled_per_class=2), str(tmp_path), src, '/s')
+    stage = plan.stages[0]
+    assert stage.kind == 'pretrain' and stage.epochs == 2
+    d = fm.stage_dir(plan, stage)
+    os.makedirs(d)
+    with open(os.path.join(d, 'wall.json'), 'w') as f:
+        json.dump({'wall_s': 1000.}, f)
+
+    def resumed(argv, log_path, on_poll):  # one progress line, then killed
+        on_poll('Train: 0 [  10/10] loss 0.6 (masked 0.5) lr 0 16.6 img/s\n')
+        return 1
+
+    orch = fm.Orchestrator(plan, runner=resumed, log_file=str(tmp_path / 'log'), report_s=0)
+    with pytest.raises(fm.BenchmarkError):
+        orch.run_stage(0)
+    m = re.search(r'pretrain_mlit_xxs: 50% after (\d+)m(\d\d)s, ~(\d+)m(\d\d)s left in this stage',
+                  (tmp_path / 'log').read_text())
+    assert m, (tmp_path / 'log').read_text()
+    after, left = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    assert 1000 <= after < 1060 and 1000 <= left < 1060
+
+
 # ---------------------------------------------------------------- parsing helpers
 
 def test_parse_progress_reads_the_scripts_log_lines():
