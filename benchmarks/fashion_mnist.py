@@ -536,7 +536,7 @@ class Orchestrator:
                 pass
             raise BenchmarkError(f'stage {stage.name} {"failed (exit status %s)" % rc if rc else "did not finish"}; '
                                  f'log {os.path.join(d, "stage.log")}; re-run the same command to resume.\n{tail}')
-        self.slowdown_done[0] += wall
+        self.slowdown_done[0] += prior + wall  # the whole stage's time against its whole nominal time
         self.slowdown_done[1] += stage.nominal_s
         return self._finish(index, stage, argv, wall, prior, load_start)
 
@@ -554,7 +554,7 @@ class Orchestrator:
         else:
             info.update(read_eval(d, stage.images))
         _write_json(os.path.join(d, 'done.json'), info)
-        self.log(f'[{index + 1}/{len(self.plan.stages)}] {stage.name}: done in {fmt_s(wall)}'
+        self.log(f'[{index + 1}/{len(self.plan.stages)}] {stage.name}: done in {fmt_s(prior + wall)}'
                  + (f', top-1 {info["top1"]:.2f}%' if 'top1' in info else f', {info.get("img_s", 0):.1f} img/s'))
         return info
 

@@ -323,6 +323,11 @@ def test_progress_log_of_a_resumed_stage_counts_the_earlier_attempts_time(tmp_pa
     assert m, (tmp_path / 'log').read_text()
     after, left = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
     assert 1000 <= after < 1060 and 1000 <= left < 1060
+    # finished on a second resume: the stage's time, earlier attempts included, sets the slowdown of what follows
+    orch.runner = FakeRunner()
+    orch.run_stage(0)
+    assert orch.slowdown_done[0] >= 1000 and orch.slowdown_done[1] == stage.nominal_s
+    assert re.search(r'pretrain_mlit_xxs: done in (1[6-9])m\d\ds', (tmp_path / 'log').read_text())
 
 
 # ---------------------------------------------------------------- parsing helpers
