@@ -607,7 +607,7 @@ def _parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _plans(args, scripts: str) -> Dict[str, Optional[fm.Plan]]:
+def _plans(args, scripts: str, log: Callable[[str], None] = print) -> Dict[str, Optional[fm.Plan]]:
     data = os.path.abspath(args.data_dir)
     plans: Dict[str, Optional[fm.Plan]] = dict(tune=make_tune_plan(args.out, data, scripts, args.device,
                                                                    args.workers), zoo=None)
@@ -623,7 +623,7 @@ def _plans(args, scripts: str) -> Dict[str, Optional[fm.Plan]]:
                 make_zoo_plan(args.out, data, scripts, chosen, args.sizes, args.device, args.workers), recorded)
             for key in gone:
                 r = recorded[key]
-                print(f'{key}: tested, as {args.results_dir}/fashion_mnist_zoo.json records (top-1 {r["top1"]:.2f}, '
+                log(f'{key}: tested, as {args.results_dir}/fashion_mnist_zoo.json records (top-1 {r["top1"]:.2f}, '
                       f'run in {os.path.dirname(os.path.dirname(r["checkpoint"]))}), and no folder of it in '
                       f'{os.path.abspath(args.out)}: kept as recorded, not run or published again')
     return plans
@@ -633,7 +633,11 @@ def _plans(args, scripts: str) -> Dict[str, Optional[fm.Plan]]:
 def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> int:
     args = _parse_args(argv)
     scripts = os.path.abspath(args.timm_scripts) if args.timm_scripts else '$TIMM_SCRIPTS_DIR'
-    plans = _plans(args, scripts)
+    notes: List[str] = []  # logged to the run's zoo.log when this call runs a phase, else printed
+    plans = _plans(args, scripts, log=notes.append)
+    if args.phase in ('curves', 'publish') or args.dry_run:
+        for note in notes:
+            print(note)
     writers = dict(tune=write_tune_results, zoo=write_zoo_results)
     if args.phase == 'curves':
         for phase, plan in plans.items():
@@ -674,6 +678,8 @@ def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> i
     except OSError:
         raise fm.BenchmarkError(f'another run is using {plan.out}')
     orch = fm.Orchestrator(plan, runner=runner, log_file=os.path.join(plan.out, 'zoo.log'))
+    for note in notes:
+        orch.log(note)
     prepare_holdout(os.path.abspath(args.data_dir), plan.data_dir, args.holdout, log=orch.log)
     for i, stage in enumerate(plan.stages):
         orch.run_stage(i)

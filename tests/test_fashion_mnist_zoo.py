@@ -287,6 +287,7 @@ def test_a_tested_row_whose_run_folder_is_gone_is_kept_and_not_run_or_published_
     runner = FakeTrain()
     assert zoo_main('zoo', 'xxs', 'xs', runner=runner) == 0
     assert 'mmlit_xxs: tested, as' in capsys.readouterr().out
+    assert 'mmlit_xxs: tested, as' in (out / 'zoo.log').read_text()  # in the run's own log, beside its stages
     assert {_arg(a, '--model') for a in runner.calls} == {'mlit_xs'}  # XXS is not trained or tested again
     data = json.loads((res / 'fashion_mnist_zoo.json').read_text())
     assert data['meta']['complete'] and list(rows()) == ['mmlit_xxs', 'mmlit_xs', 'mlit_xxs', 'mlit_xs']
