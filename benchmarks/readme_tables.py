@@ -388,7 +388,7 @@ def main_job_table(results: Path) -> str:
     without re-measuring its job fails here."""
     from timm_mlit._weights import WEIGHTS_DIR
 
-    rows, measured = [], []
+    rows, measured = [], {}  # measured: each run's setting -> the commands run in it
     for arch in MLIT_SIZES:
         name, stem = f'{arch}.mae_ft_fashion_mnist', f'main_job_{arch}'
         if not (WEIGHTS_DIR / name).is_dir():
@@ -401,9 +401,13 @@ def main_job_table(results: Path) -> str:
         lo, hi = min(r['per_class'].items(), key=lambda kv: kv[1]), max(r['per_class'].items(), key=lambda kv: kv[1])
         rows.append([f'`{name}`', f"{r['top1']:.2f}%", f"{r['img_s']:,.0f}", f"{r['img_s_total']:,.0f}",
                      f'{lo[0]} {lo[1]:.2f}%', f'{hi[0]} {hi[1]:.2f}%'])
-        measured.append(f"`{meta['command']}` (torch {meta['torch']}, {meta['machine']}, {meta['threads']} threads, "
-                        f"batch {meta['batch_size']})")
-    return ('Measured by ' + '; '.join(measured) + '.\n\n' + _md(
+        setting = f"torch {meta['torch']}, {meta['machine']}, {meta['threads']} threads, batch {meta['batch_size']}"
+        commands = measured.setdefault(setting, [])
+        if f"`{meta['command']}`" not in commands:
+            commands.append(f"`{meta['command']}`")
+    said = [(', '.join(c[:-1]) + ' and ' if len(c) > 1 else '') + f'{c[-1]} ({setting})'
+            for setting, c in measured.items()]
+    return ('Measured by ' + '; '.join(said) + '.\n\n' + _md(
         ['weights (`pretrained=True`)', 'top-1, 10k test images', 'img/s (model)', 'img/s (with data loading)',
          'lowest class', 'highest class'], rows))
 
