@@ -312,7 +312,8 @@ def test_main_job_lists_every_model(capsys):
     main(['--list'])
     out = capsys.readouterr().out
     for name in ('mlit_s', 'mlit_xs', 'mlit_xxs'):
-        assert re.search(rf'^{name}\s+default tag', out, flags=re.M), out
+        tag = 'mae_ft_fashion_mnist' if name in SHIPPED else 'untrained'
+        assert re.search(rf"^{name}\s+default tag '{tag}'", out, flags=re.M), out
     assert re.search(r"^mlit_xxs\s+default tag 'mae_ft_fashion_mnist'\s+encoder params=\s+651,373", out, flags=re.M)
 
 

@@ -456,6 +456,10 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 #                                      label_names=LABEL_NAMES['cifar100']),
 default_cfgs = generate_default_cfgs({
     'mlit_s.untrained': _cfg(),
+    # mmLiT-XS on Fashion-MNIST, embedded in the package (README: Results), as for mlit_xxs below
+    'mlit_xs.mae_ft_fashion_mnist': _cfg(
+        **weights_source('mlit_xs.mae_ft_fashion_mnist'), num_classes=10, label_names=LABEL_NAMES['fashion_mnist']),
+    'mlit_xs.mae_in_fashion_mnist': _cfg(**weights_source('mlit_xs.mae_in_fashion_mnist'), num_classes=0),
     'mlit_xs.untrained': _cfg(),
     # mmLiT-XXS on Fashion-MNIST, embedded in the package (README: Results): the MAE-pre-trained encoder fine-tuned,
     # mlit_xxs's default tag, and the encoder itself (head-less)
