@@ -9,11 +9,15 @@ from typing import Callable, Dict, List
 
 import torch
 
+from timm_mlit.precision import cpu_name
+
 
 def machine() -> str:
+    """The device a benchmark ran on: the GPU's name, or the CPU's model name (its speed ratios differ between
+    CPU models: bfloat16 units, AMX) and the threads used."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+    return f'{cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads'
 
 
 def sync(device: str):

@@ -6,6 +6,8 @@
     batch at once
   * the MoE output dropout of one layer (18,560 x 108 float32), forward + backward: nn.Dropout and `ops.MaskDropout`
   * an mlit_xxs training step (batch 128, AdamW) under bfloat16 autocast with `moe_impl='dense'` and `'sparse'`
+  * an mlit_s training step (batch 128, AdamW) under bfloat16 autocast with the sparse MoE's blocks of rows unpadded
+    and padded to multiples of `ops.sorted_mix.ROW_GRANULE` (128) rows, so that their matmul shapes recur
 
     python benchmarks/cpu_paths.py --out benchmarks/results
 """
@@ -21,6 +23,7 @@ from common import machine, time_interleaved, write_results  # noqa: E402
 from models import build, train_step_fn  # noqa: E402
 
 import timm_mlit.layers.ops.cpu_attention as cpu_attention  # noqa: E402
+import timm_mlit.layers.ops.sorted_mix as sorted_mix  # noqa: E402
 from timm_mlit.cli import exit_on_error  # noqa: E402
 from timm_mlit.layers.ops import MaskDropout  # noqa: E402
 
@@ -69,6 +72,21 @@ def moe_fns(batch: int):
     return fns
 
 
+def padding_fns(batch: int):
+    x, target = torch.randn(batch, 3, 36, 36), torch.randint(0, 100, (batch,))
+    fns = {}
+    for label, granule in (('unpadded', 1), (f'padded to {sorted_mix.ROW_GRANULE} rows', sorted_mix.ROW_GRANULE)):
+        model = build('mlit_s@sparse').train()
+        step = train_step_fn(model, x, target, torch.optim.AdamW(model.parameters(), lr=1e-4), torch.bfloat16,
+                             torch.device('cpu'))
+
+        def fn(step=step, granule=granule):
+            sorted_mix.ROW_GRANULE = granule
+            step()
+        fns[f'mlit_s training step, bfloat16: MoE blocks {label}'] = fn
+    return fns
+
+
 @exit_on_error('cpu_paths.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,9 +95,9 @@ def main(argv=None):
     parser.add_argument('--out', default='benchmarks/results')
     args = parser.parse_args(argv)
     rows = []
-    saved = cpu_attention.CHUNK_BYTES
+    saved = cpu_attention.CHUNK_BYTES, sorted_mix.ROW_GRANULE
     try:
-        for group in (attention_fns, dropout_fns, moe_fns):
+        for group in (attention_fns, dropout_fns, moe_fns, padding_fns):
             fns = group(args.batch)
             seconds = time_interleaved(fns, args.repeats)
             first = next(iter(seconds.values()))
@@ -87,7 +105,7 @@ def main(argv=None):
                 rows.append(dict(case=name, ms=s * 1e3, vs_first_of_group=s / first))
                 print(rows[-1], flush=True)
     finally:
-        cpu_attention.CHUNK_BYTES = saved
+        cpu_attention.CHUNK_BYTES, sorted_mix.ROW_GRANULE = saved
     meta = dict(machine=machine(), torch=torch.__version__, batch=args.batch,
                 command='python benchmarks/cpu_paths.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
     write_results(args.out, 'cpu_paths_cpu', meta, rows, ['case', 'ms', 'vs_first_of_group'])

@@ -125,14 +125,17 @@ def test_cpu_paths_benchmark_times_each_piece_against_its_alternative(tmp_path):
     import cpu_paths
 
     import timm_mlit.layers.ops.cpu_attention as cpu_attention
-    before = cpu_attention.CHUNK_BYTES
+    import timm_mlit.layers.ops.sorted_mix as sorted_mix
+    before = cpu_attention.CHUNK_BYTES, sorted_mix.ROW_GRANULE
     cpu_paths.main(['--batch', '2', '--repeats', '1', '--out', str(tmp_path)])
-    assert cpu_attention.CHUNK_BYTES == before  # the block size is put back
+    assert (cpu_attention.CHUNK_BYTES, sorted_mix.ROW_GRANULE) == before  # the block sizes are put back
     rows = json.loads((tmp_path / 'cpu_paths_cpu.json').read_text())['rows']
     cases = [r['case'] for r in rows]
     assert cases[0] == 'attention: SDPA float32' and 'dropout 0.1: MaskDropout' in cases
-    assert cases[-2:] == ["mlit_xxs training step, bfloat16: moe_impl='dense'",
-                          "mlit_xxs training step, bfloat16: moe_impl='sparse'"]
+    assert cases[-4:] == ["mlit_xxs training step, bfloat16: moe_impl='dense'",
+                          "mlit_xxs training step, bfloat16: moe_impl='sparse'",
+                          'mlit_s training step, bfloat16: MoE blocks unpadded',
+                          f'mlit_s training step, bfloat16: MoE blocks padded to {sorted_mix.ROW_GRANULE} rows']
     assert all(r['ms'] > 0 for r in rows) and rows[0]['vs_first_of_group'] == 1
 
 

@@ -14,7 +14,8 @@ from timm_mlit.layers import (
     softmax_k,
     top_k_thresholds,
 )
-from timm_mlit.layers.ops import NoisyTopKFunction, PairedExpertMix, SortedExpertMix
+from timm_mlit.layers.ops import NoisyTopKFunction, PairedExpertMix, SortedExpertMix, sorted_mix
+from timm_mlit.layers.ops.sorted_mix import pad_blocks
 
 # the matrix H of eq. 4 and eq. 7
 H_PAPER = torch.tensor([
@@ -286,6 +287,47 @@ def test_expert_mix_functions_pass_gradcheck_with_an_idle_expert(mix, silu):
     assert torch.autograd.gradcheck(f, (x, p, weight, bias, u))
     f(x, p, weight, bias, u).sum().backward()
     assert weight.grad[3].abs().sum() == 0 and weight.grad[:3].abs().sum() > 0
+
+
+def test_pad_blocks_lays_each_block_out_at_a_multiple_of_the_granule():
+    order = torch.tensor([5, 2, 7, 0, 1, 9, 3, 4, 6, 8, 10, 11])
+    src, pos, blocks = pad_blocks(order, [3, 0, 9], granule=4)
+    assert blocks == [(0, 4), (4, 0), (4, 12)]
+    assert pos.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert torch.equal(src[pos], order) and src.numel() == 16
+    assert src[[3, 13, 14, 15]].tolist() == [0, 0, 0, 0]  # pad rows read row 0
+
+
+@pytest.mark.parametrize('mix', [SortedExpertMix, PairedExpertMix])
+def test_sparse_mix_runs_every_block_at_a_padded_size_and_padding_changes_nothing(mix, monkeypatch):
+    """The routing changes the blocks' sizes at every step; padded to ROW_GRANULE rows, every matmul the sparse
+    path runs has a row count from a short recurring set (oneDNN builds a kernel per new shape: sorted_mix's
+    docstring), and outputs and gradients equal those of the unpadded blocks."""
+    torch.manual_seed(0)
+    n, k, t, m, d = 300, 2, 4, 6, 5
+    scores = torch.randn(n, t)
+    top_idx = scores.topk(k, 1).indices
+    base = [torch.randn(n, m), torch.rand(n, k), torch.randn(t, d, m), torch.randn(t, d), torch.randn(n, d)]
+    rows = []
+    real_addmm = torch.addmm
+
+    def addmm(bias, a, b, **kw):
+        rows.append(a.shape[0])
+        return real_addmm(bias, a, b, **kw)
+
+    results = {}
+    for granule in (1, 32):
+        monkeypatch.setattr(sorted_mix, 'ROW_GRANULE', granule)
+        monkeypatch.setattr(torch, 'addmm', addmm)
+        rows.clear()
+        x, p, weight, bias, u = (a.clone().requires_grad_() for a in base)
+        out = mix.apply(x, p, top_idx, weight, bias, u, True)
+        monkeypatch.setattr(torch, 'addmm', real_addmm)
+        out.backward(torch.ones_like(out))
+        results[granule] = [out] + [a.grad for a in (x, p, weight, bias, u)]
+        assert rows and all(r % granule == 0 for r in rows)
+    for padded, plain in zip(results[32], results[1]):
+        torch.testing.assert_close(padded, plain)
 
 
 @pytest.mark.parametrize('impl', ['dense', 'sparse'])

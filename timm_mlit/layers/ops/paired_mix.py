@@ -4,7 +4,7 @@ tokens grouped by their pair of experts, one matmul per pair, forward and backwa
 import torch
 import torch.nn.functional as F
 
-from .sorted_mix import expert_grad_buffers
+from .sorted_mix import expert_grad_buffers, pad_blocks
 
 __all__ = ['PairedExpertMix']
 
@@ -12,50 +12,51 @@ __all__ = ['PairedExpertMix']
 class PairedExpertMix(torch.autograd.Function):
     """`SortedExpertMix` for top-2 routing, grouping tokens by their pair of experts instead of (token, expert) pairs
     by expert: each token is gathered once (not k = 2 times), one matmul per pair {i, j} computes both of its
-    experts' projections side by side, and the two slots are mixed within the row, so there is no second gather to
-    bring a token's two results together and the input gradient is a permutation back, not a scatter-add. The pairs
+    experts' projections side by side (each pair's block padded as `sorted_mix.pad_blocks` does), and the two slots
+    are mixed within the row, so there is no second gather to bring a token's two results together and the input
+    gradient is a permutation back, not a scatter-add. The pairs
     grow as t² and their blocks shrink, so the experts use it for few experts only (`experts.MAX_EXPERTS_FOR_PAIRS`,
     measured at the model level by benchmarks/moe_paths.py).
     """
 
     @staticmethod
     def forward(ctx, x, p, top_idx, weight, bias, shared, silu: bool):
-        n = top_idx.shape[0]
         t, d, _ = weight.shape
         swap = top_idx[:, 0] > top_idx[:, 1]  # order each token's pair as (lower, higher) expert index
         lo = torch.where(swap, top_idx[:, 1], top_idx[:, 0])
         hi = torch.where(swap, top_idx[:, 0], top_idx[:, 1])
         pair = lo * t + hi
         order = pair.argsort()
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
         counts = torch.bincount(pair, minlength=t * t).tolist()
-        xs = x.index_select(0, order)  # [N, m], grouped by pair
+        src, pos, layout = pad_blocks(order, counts)  # grouped by pair, each block padded (sorted_mix.ROW_GRANULE)
+        inverse = torch.empty_like(order).scatter_(0, order, pos)  # each token's row
+        xs = x.index_select(0, src)  # [P, m]
         ps = torch.where(swap.unsqueeze(1), p.flip(1), p).index_select(0, order)  # gates as (lower, higher)
-        z = x.new_empty(n, 2 * d)
+        ps = p.new_zeros(src.numel(), 2).index_copy_(0, pos, ps)  # 0 on pad rows
+        z = x.new_empty(src.numel(), 2 * d)
         blocks = []
-        start = 0
-        for key, c in enumerate(counts):
-            if c:
+        for key, (start, size) in enumerate(layout):
+            if size:
                 i, j = key // t, key % t
                 w_ij = torch.cat([weight[i], weight[j]])  # [2d, m], kept for the backward
-                torch.addmm(torch.cat([bias[i], bias[j]]), xs[start:start + c], w_ij.t(), out=z[start:start + c])
-                blocks.append((i, j, start, c, w_ij))
-            start += c
+                torch.addmm(torch.cat([bias[i], bias[j]]), xs[start:start + size], w_ij.t(),
+                            out=z[start:start + size])
+                blocks.append((i, j, start, size, w_ij))
         a = F.silu(z) if silu else z
         mixed = (a[:, :d] * ps[:, :1]).addcmul_(a[:, d:], ps[:, 1:]).index_select(0, inverse)  # Σ_j p_j f(z_j)
-        ctx.save_for_backward(xs, z, a, ps, swap, order, inverse, weight, shared, mixed)
+        ctx.save_for_backward(xs, z, a, ps, swap, src, inverse, weight, shared, mixed)
         ctx.blocks, ctx.silu = blocks, silu
         return mixed * shared
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        xs, z, a, ps, swap, order, inverse, weight, shared, mixed = ctx.saved_tensors
+        xs, z, a, ps, swap, src, inverse, weight, shared, mixed = ctx.saved_tensors
         d = weight.shape[1]
-        d_mixed = (dh * shared).index_select(0, order)  # [N, d], sorted like z
+        d_mixed = (dh * shared).index_select(0, src)  # [P, d], sorted like z
         dps = torch.stack([(a[:, :d] * d_mixed).sum(-1), (a[:, d:] * d_mixed).sum(-1)], 1).index_select(0, inverse)
         dp = torch.where(swap.unsqueeze(1), dps.flip(1), dps)
-        dz = torch.cat([d_mixed * ps[:, :1], d_mixed * ps[:, 1:]], 1)
+        dz = torch.cat([d_mixed * ps[:, :1], d_mixed * ps[:, 1:]], 1)  # zero on pad rows: they add nothing
         if ctx.silu:
             dz = torch.ops.aten.silu_backward(dz, z)
         dw, db, dxs = expert_grad_buffers(ctx, xs, weight)

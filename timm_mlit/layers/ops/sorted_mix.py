@@ -4,12 +4,21 @@ expert, one matmul per expert, forward and backward written out
 h = (Σ_j p_j · f(x·W_{e_j} + b_{e_j})) ⊙ shared over each token's k chosen experts e_j, f = silu or identity: the
 per-expert part of eq. 13 when one input matrix is private (`timm_mlit.layers.experts`), for the chosen experts only.
 """
+import itertools
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['SortedExpertMix', 'sort_by_expert', 'expert_grad_buffers']
+__all__ = ['ROW_GRANULE', 'SortedExpertMix', 'sort_by_expert', 'pad_blocks', 'expert_grad_buffers']
+
+# Each expert's (or expert pair's) block of rows is padded to a multiple of ROW_GRANULE rows. The blocks' sizes change
+# with the routing at every step, and oneDNN, which runs PyTorch's bfloat16 matmuls on a CPU, builds a kernel for every
+# new shape: on a CPU with AMX that cost ~9 ms per matmul of one block against ~0.4 ms for the product itself, which
+# made bfloat16 training slower than float32 there (benchmarks/cpu_paths.py). Padded, the shapes recur and oneDNN's
+# primitive cache serves them. A pad row reads a real row and carries a zero gate, so it adds nothing to any output or
+# gradient; it costs its share of the matmuls (< granule rows per block).
+ROW_GRANULE = 128
 
 
 def _weighted_slot_sum(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -21,14 +30,28 @@ def _weighted_slot_sum(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sort_by_expert(top_idx: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+def sort_by_expert(top_idx: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, List[int]]:
     """Group the (token, expert) pairs of top_idx [N, k] by expert: `order` maps a sorted position to its flat pair
-    index token·k + slot (any order within an expert's block), `token` is each sorted pair's token, `counts` the
-    pairs per expert, read back to the host (a synchronisation on CUDA)."""
+    index token·k + slot (any order within an expert's block), `counts` the pairs per expert, read back to the host
+    (a synchronisation on CUDA)."""
     flat = top_idx.reshape(-1)
-    order = flat.argsort()
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    return order, order.div(top_idx.shape[1], rounding_mode='floor'), counts
+    return flat.argsort(), torch.bincount(flat, minlength=num_experts).tolist()
+
+
+def pad_blocks(order: torch.Tensor, counts: List[int], granule: int = 0) \
+        -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int]]]:
+    """Lay out the rows `order` [S] (grouped in blocks of `counts` rows) with each block padded to a multiple of
+    `granule` rows (ROW_GRANULE when 0; module docstring): `src` [P], the row of `order`'s space each padded position
+    reads (row 0 for a pad), `pos` [S], each row's padded position, and one (start, padded size) per block."""
+    granule = granule or ROW_GRANULE
+    sizes = [-(-c // granule) * granule for c in counts]
+    starts = list(itertools.accumulate(sizes, initial=0))
+    shift = [start - done for start, done in zip(starts, itertools.accumulate(counts, initial=0))]
+    pos = torch.arange(order.numel(), device=order.device) + torch.repeat_interleave(
+        torch.tensor(shift[:-1], device=order.device), torch.tensor(counts, device=order.device),
+        output_size=order.numel())
+    src = order.new_zeros(starts[-1]).index_copy_(0, pos, order)
+    return src, pos, list(zip(starts, sizes))
 
 
 def expert_grad_buffers(ctx, xs: torch.Tensor, weight: torch.Tensor):
@@ -42,7 +65,8 @@ def expert_grad_buffers(ctx, xs: torch.Tensor, weight: torch.Tensor):
 class SortedExpertMix(torch.autograd.Function):
     """h = (Σ_j p_j · f(x·W_{e_j} + b_{e_j})) ⊙ shared over each token's k chosen experts e_j (module docstring).
 
-    (token, expert) pairs are sorted by expert so each expert runs one matmul on a contiguous block. Written as
+    (token, expert) pairs are sorted by expert so each expert runs one matmul on a contiguous block (padded to a
+    multiple of ROW_GRANULE rows: `pad_blocks`). Written as
     one Function because autograd through index_select / index_add / split / cat pays a zero-filled scatter per
     gather and a copy per block; here every gather has its inverse permutation at hand, so forward and backward
     are gathers and matmuls writing into preallocated blocks. The per-expert token counts are read back to the
@@ -53,43 +77,42 @@ class SortedExpertMix(torch.autograd.Function):
     def forward(ctx, x, p, top_idx, weight, bias, shared, silu: bool):
         n, k = top_idx.shape
         t, d, _ = weight.shape
-        order, token, counts = sort_by_expert(top_idx, t)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        xs = x.index_select(0, token)  # [N·k, m], grouped by expert
-        z = x.new_empty(n * k, d)
-        start = 0
-        for i, c in enumerate(counts):
-            if c:
-                torch.addmm(bias[i], xs[start:start + c], weight[i].t(), out=z[start:start + c])
-            start += c
+        order, counts = sort_by_expert(top_idx, t)
+        src, pos, blocks = pad_blocks(order, counts)  # grouped by expert, each block padded (ROW_GRANULE)
+        token = src.div(k, rounding_mode='floor')
+        inverse = torch.empty_like(order).scatter_(0, order, pos)  # each (token, slot) pair's row
+        gate = p.new_zeros(src.numel()).index_copy_(0, pos, p.reshape(-1).index_select(0, order))  # 0 on pad rows
+        xs = x.index_select(0, token)  # [P, m]
+        z = x.new_empty(src.numel(), d)
+        for i, (start, size) in enumerate(blocks):
+            if size:
+                torch.addmm(bias[i], xs[start:start + size], weight[i].t(), out=z[start:start + size])
         a = F.silu(z) if silu else z
         mixed = _weighted_slot_sum(a.index_select(0, inverse).view(n, k, d), p)  # Σ_j p_j f(z_j), [N, d]
-        ctx.save_for_backward(xs, z, a, p, token, order, inverse, weight, shared, mixed)
-        ctx.counts, ctx.silu = counts, silu
+        ctx.save_for_backward(xs, z, a, gate, token, inverse, weight, shared, mixed)
+        ctx.blocks, ctx.silu, ctx.k = blocks, silu, k
         return mixed * shared
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        xs, z, a, p, token, order, inverse, weight, shared, mixed = ctx.saved_tensors
-        n, k = p.shape
-        d_mixed = (dh * shared).index_select(0, token)  # [N·k, d], sorted like z
+        xs, z, a, gate, token, inverse, weight, shared, mixed = ctx.saved_tensors
+        n, k = dh.shape[0], ctx.k
+        d_mixed = (dh * shared).index_select(0, token)  # [P, d], sorted like z
         dp = (a * d_mixed).sum(-1).index_select(0, inverse).view(n, k)
-        dz = d_mixed.mul_(p.reshape(-1).index_select(0, order).unsqueeze(1))
+        dz = d_mixed.mul_(gate.unsqueeze(1))  # zero on pad rows, so they add nothing to dw, db, dx
         if ctx.silu:
             dz = torch.ops.aten.silu_backward(dz, z)
         dw, db, dxs = expert_grad_buffers(ctx, xs, weight)
-        start = 0
-        for i, c in enumerate(ctx.counts):
-            if c:
-                dzi = dz[start:start + c]
+        for i, (start, size) in enumerate(ctx.blocks):
+            if size:
+                dzi = dz[start:start + size]
                 if dw is not None:
-                    torch.mm(dzi.t(), xs[start:start + c], out=dw[i])
+                    torch.mm(dzi.t(), xs[start:start + size], out=dw[i])
                 if db is not None:
                     torch.sum(dzi, 0, out=db[i])
                 if dxs is not None:
-                    torch.mm(dzi, weight[i], out=dxs[start:start + c])
-            start += c
+                    torch.mm(dzi, weight[i], out=dxs[start:start + size])
         dx = None
         if dxs is not None:
             dx = xs.new_zeros(n, xs.shape[1]).index_add_(0, token, dxs)  # Σ over each token's k pairs
