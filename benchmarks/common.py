@@ -17,7 +17,9 @@ def machine() -> str:
     CPU models: bfloat16 units, AMX) and the threads used."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f'{cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads'
+    name = cpu_name()
+    arch = '' if name == platform.machine() else f', {platform.machine()}'
+    return f'{name}{arch}, {torch.get_num_threads()} threads'
 
 
 def sync(device: str):

@@ -6,8 +6,8 @@
     batch at once
   * the MoE output dropout of one layer (18,560 x 108 float32), forward + backward: nn.Dropout and `ops.MaskDropout`
   * an mlit_xxs training step (batch 128, AdamW) under bfloat16 autocast with `moe_impl='dense'` and `'sparse'`
-  * an mlit_s training step (batch 128, AdamW) under bfloat16 autocast with the sparse MoE's blocks of rows unpadded
-    and padded to multiples of `ops.sorted_mix.ROW_GRANULE` (128) rows, so that their matmul shapes recur
+  * an mlit_s training step (batch 128, AdamW) in bfloat16 autocast and in float32, with the sparse MoE's blocks of
+    rows unpadded and padded (`ops.sorted_mix.ROW_GRANULE`), so that their matmul shapes recur
 
     python benchmarks/cpu_paths.py --out benchmarks/results
 """
@@ -74,16 +74,19 @@ def moe_fns(batch: int):
 
 def padding_fns(batch: int):
     x, target = torch.randn(batch, 3, 36, 36), torch.randint(0, 100, (batch,))
+    first = build('mlit_s@sparse').train()
     fns = {}
-    for label, granule in (('unpadded', 1), (f'padded to {sorted_mix.ROW_GRANULE} rows', sorted_mix.ROW_GRANULE)):
-        model = build('mlit_s@sparse').train()
-        step = train_step_fn(model, x, target, torch.optim.AdamW(model.parameters(), lr=1e-4), torch.bfloat16,
-                             torch.device('cpu'))
+    for precision, dtype in (('bfloat16', torch.bfloat16), ('float32', None)):
+        for label, granule in (('unpadded', 1), (f'padded ({sorted_mix.ROW_GRANULE} rows)', sorted_mix.ROW_GRANULE)):
+            model = build('mlit_s@sparse').train()
+            model.load_state_dict(first.state_dict())  # one initialisation, so that each case routes alike
+            step = train_step_fn(model, x, target, torch.optim.AdamW(model.parameters(), lr=1e-4), dtype,
+                                 torch.device('cpu'))
 
-        def fn(step=step, granule=granule):
-            sorted_mix.ROW_GRANULE = granule
-            step()
-        fns[f'mlit_s training step, bfloat16: MoE blocks {label}'] = fn
+            def fn(step=step, granule=granule):
+                sorted_mix.ROW_GRANULE = granule
+                step()
+            fns[f'mlit_s training step, {precision}: MoE blocks {label}'] = fn
     return fns
 
 

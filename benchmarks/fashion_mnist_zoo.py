@@ -268,6 +268,26 @@ PAPER_TABLE8 = {
 }
 
 
+def _machine(row: dict) -> Optional[str]:
+    """The CPU (or GPU) model that measured a row: the first part of its recorded hardware."""
+    hardware = (row.get('measured') or {}).get('hardware')
+    return hardware.split(',')[0].split(' (')[0] if hardware else None
+
+
+def machines_note(rows: Sequence[dict]) -> List[str]:
+    """Where the rows were measured on more than one machine, a line saying which row ran where (wall times and
+    img/s compare only between rows of one machine); else nothing."""
+    machines = {}
+    for r in rows:
+        if _machine(r):
+            kind, size = r['key'].split('_')
+            machines.setdefault(_machine(r), []).append(f'{"mmLiT" if kind == "mmlit" else "mLiT"}-{size.upper()}')
+    if len(machines) < 2:
+        return []
+    where = '; '.join(f'{", ".join(dict.fromkeys(labels))} on {m}' for m, labels in machines.items())
+    return ['', f'Measured on more than one machine (compare wall times and img/s within one): {where}.']
+
+
 def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
     """fashion_mnist_zoo.json per size: mmLiT (MAE + fine-tuning) beside mLiT (from scratch, as many epochs), the
     test top-1, wall time and img/s measured here, then the paper's Table 8 for the same sizes, marked as quoted, and
@@ -294,6 +314,7 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
         lines.append(f'| {z.upper()} | {params} | {SCHEDULE[z][0]} + {SCHEDULE[z][1]} / {SCHEDULE[z][1]} | '
                      f'{get(f"mmlit_{z}", lambda r: format(r["top1"], ".2f"))} | '
                      f'{get(f"mlit_{z}", lambda r: format(r["top1"], ".2f"))} | {gain} | {wall} | {img_s} |')
+    lines += machines_note([r for r in data['rows'] if r['key'].split('_')[-1] in sizes])
     lines += ['', 'Quoted from the paper\'s Table 8 (not measured here: 100 epochs on a GPU, 36x36 images, mmLiT '
               'pre-trained on CIFAR-100), top-1 (%) as mmLiT / mLiT:', '',
               '| size | params (M) | ' + ' | '.join(PAPER_DATASETS) + ' |',
@@ -390,6 +411,7 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
                                                                        r['test_img_s']))
         lines.append(f'| {r["model"]} | {r["params"] or 0:,} | {r["pretrain_epochs"]} + {r["epochs"]} | '
                      f'{r["top1"]:.2f} | {val} | {wall} | {img_s} |')
+    lines += machines_note(rows)
     written = f'Written by benchmarks/fashion_mnist_zoo.py at {meta["written"]}'
     lines += ['', f'{written}; the curves: {os.path.basename(png)}.' if png else f'{written}.']
     from timm_mlit.files import atomic_write
@@ -581,6 +603,7 @@ def write_tune_results(plan: fm.Plan, results_dir: str, pilots: Sequence[Pilot] 
              f'Hardware: {meta["hardware"]}. MAE pre-training: '
              f'{fm.fmt_s(pre["wall_s"]) + " at " + str(pre["img_s"]) + " img/s" if pre else "not finished"}.', '']
     lines.append(tune_table(dict(meta=meta, rows=rows), pilots))
+    lines += machines_note(rows)
     written = f'Written by benchmarks/fashion_mnist_zoo.py at {meta["written"]}'
     lines += ['', f'{written}; the curves: {os.path.basename(png)}.' if png else f'{written}.']
     from timm_mlit.files import atomic_write

@@ -132,10 +132,13 @@ def test_cpu_paths_benchmark_times_each_piece_against_its_alternative(tmp_path):
     rows = json.loads((tmp_path / 'cpu_paths_cpu.json').read_text())['rows']
     cases = [r['case'] for r in rows]
     assert cases[0] == 'attention: SDPA float32' and 'dropout 0.1: MaskDropout' in cases
-    assert cases[-4:] == ["mlit_xxs training step, bfloat16: moe_impl='dense'",
+    padded = f'padded ({sorted_mix.ROW_GRANULE} rows)'
+    assert cases[-6:] == ["mlit_xxs training step, bfloat16: moe_impl='dense'",
                           "mlit_xxs training step, bfloat16: moe_impl='sparse'",
                           'mlit_s training step, bfloat16: MoE blocks unpadded',
-                          f'mlit_s training step, bfloat16: MoE blocks padded to {sorted_mix.ROW_GRANULE} rows']
+                          f'mlit_s training step, bfloat16: MoE blocks {padded}',
+                          'mlit_s training step, float32: MoE blocks unpadded',
+                          f'mlit_s training step, float32: MoE blocks {padded}']
     assert all(r['ms'] > 0 for r in rows) and rows[0]['vs_first_of_group'] == 1
 
 

@@ -422,6 +422,13 @@ def test_size_table_puts_mmlit_beside_mlit_quotes_the_paper_and_checks_its_claim
             r['top1'] += {'xxs': 1, 'xs': 2, 's': 3}[r['key'].split('_')[1]] + 2
     assert 'pre-training helps at every size: yes (mmLiT ahead at XXS, XS, S); mmLiT S > XS > XXS: yes' in \
         zoo.size_table(dict(meta={}, rows=rows))
+    assert 'more than one machine' not in zoo.size_table(dict(meta={}, rows=rows))
+    amd, xeon = 'AMD EPYC, 2 CPU cores, 24 GiB RAM, no GPU; torch 2 threads', 'Intel(R) Xeon(R) Processor, 2 CPU cores'
+    for r in rows:
+        r['measured'] = dict(hardware=xeon if r['key'].endswith('_s') else amd)
+    assert ('Measured on more than one machine (compare wall times and img/s within one): mmLiT-XXS, mmLiT-XS, '
+            'mLiT-XXS, mLiT-XS on AMD EPYC; mmLiT-S, mLiT-S on Intel(R) Xeon(R) Processor.') in \
+        zoo.size_table(dict(meta={}, rows=rows))
 
 
 def test_run_precision_reads_the_checkpoint_then_the_log(tmp_path):

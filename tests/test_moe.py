@@ -15,7 +15,7 @@ from timm_mlit.layers import (
     top_k_thresholds,
 )
 from timm_mlit.layers.ops import NoisyTopKFunction, PairedExpertMix, SortedExpertMix, sorted_mix
-from timm_mlit.layers.ops.sorted_mix import pad_blocks
+from timm_mlit.layers.ops.sorted_mix import pad_blocks, padded_size
 
 # the matrix H of eq. 4 and eq. 7
 H_PAPER = torch.tensor([
@@ -289,25 +289,26 @@ def test_expert_mix_functions_pass_gradcheck_with_an_idle_expert(mix, silu):
     assert weight.grad[3].abs().sum() == 0 and weight.grad[:3].abs().sum() > 0
 
 
-def test_pad_blocks_lays_each_block_out_at_a_multiple_of_the_granule():
-    order = torch.tensor([5, 2, 7, 0, 1, 9, 3, 4, 6, 8, 10, 11])
-    src, pos, blocks = pad_blocks(order, [3, 0, 9], granule=4)
-    assert blocks == [(0, 4), (4, 0), (4, 12)]
-    assert pos.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-    assert torch.equal(src[pos], order) and src.numel() == 16
-    assert src[[3, 13, 14, 15]].tolist() == [0, 0, 0, 0]  # pad rows read row 0
+def test_pad_blocks_pads_to_the_granule_or_a_small_block_to_a_power_of_two():
+    order = torch.randperm(20)
+    src, inverse, pads, blocks = pad_blocks(order, [3, 0, 9, 8], granule=8)
+    assert blocks == [(0, 4), (4, 0), (4, 16), (20, 8)]
+    rows = list(range(0, 3)) + list(range(4, 13)) + list(range(20, 28))  # each row's padded position, in order
+    assert torch.equal(inverse[order], torch.tensor(rows)) and torch.equal(src[rows], order)
+    assert pads.tolist() == [3] + list(range(13, 20)) and src[pads].eq(0).all()
+    assert [padded_size(c, 128) for c in (0, 1, 3, 100, 128, 129, 300)] == [0, 1, 4, 128, 128, 256, 384]
 
 
 @pytest.mark.parametrize('mix', [SortedExpertMix, PairedExpertMix])
-def test_sparse_mix_runs_every_block_at_a_padded_size_and_padding_changes_nothing(mix, monkeypatch):
-    """The routing changes the blocks' sizes at every step; padded to ROW_GRANULE rows, every matmul the sparse
-    path runs has a row count from a short recurring set (oneDNN builds a kernel per new shape: sorted_mix's
-    docstring), and outputs and gradients equal those of the unpadded blocks."""
+def test_sparse_mix_pads_its_blocks_and_padding_changes_nothing(mix, monkeypatch):
+    """The routing changes the blocks' sizes at every step; padded (ROW_GRANULE's comment in sorted_mix), every
+    matmul the sparse path runs has a row count from a short recurring set, and outputs and gradients equal those of
+    unpadded blocks, also where a pad row would read a token with non-finite values."""
     torch.manual_seed(0)
     n, k, t, m, d = 300, 2, 4, 6, 5
-    scores = torch.randn(n, t)
-    top_idx = scores.topk(k, 1).indices
+    top_idx = torch.randn(n, t).topk(k, 1).indices
     base = [torch.randn(n, m), torch.rand(n, k), torch.randn(t, d, m), torch.randn(t, d), torch.randn(n, d)]
+    base[0][0, 0] = float('inf')  # token 0, the row a pad reads, is not finite (an overflow upstream)
     rows = []
     real_addmm = torch.addmm
 
@@ -316,7 +317,7 @@ def test_sparse_mix_runs_every_block_at_a_padded_size_and_padding_changes_nothin
         return real_addmm(bias, a, b, **kw)
 
     results = {}
-    for granule in (1, 32):
+    for granule in (1, 24):
         monkeypatch.setattr(sorted_mix, 'ROW_GRANULE', granule)
         monkeypatch.setattr(torch, 'addmm', addmm)
         rows.clear()
@@ -325,9 +326,16 @@ def test_sparse_mix_runs_every_block_at_a_padded_size_and_padding_changes_nothin
         monkeypatch.setattr(torch, 'addmm', real_addmm)
         out.backward(torch.ones_like(out))
         results[granule] = [out] + [a.grad for a in (x, p, weight, bias, u)]
-        assert rows and all(r % granule == 0 for r in rows)
-    for padded, plain in zip(results[32], results[1]):
-        torch.testing.assert_close(padded, plain)
+        real_rows = n * k if mix is SortedExpertMix else n
+        if granule == 1:
+            assert sum(rows) == real_rows
+        else:
+            assert sum(rows) > real_rows and all(r % 24 == 0 or (r < 24 and r & (r - 1) == 0) for r in rows)
+    for padded, plain in zip(results[24], results[1]):
+        torch.testing.assert_close(padded, plain, equal_nan=True)
+    # experts that token 0 did not choose get finite gradients: no pad row carried its overflow
+    unchosen = sorted(set(range(t)) - set(top_idx[0].tolist()))
+    assert torch.isfinite(results[24][3][unchosen]).all()
 
 
 @pytest.mark.parametrize('impl', ['dense', 'sparse'])

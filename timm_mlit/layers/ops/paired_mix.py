@@ -12,11 +12,11 @@ __all__ = ['PairedExpertMix']
 class PairedExpertMix(torch.autograd.Function):
     """`SortedExpertMix` for top-2 routing, grouping tokens by their pair of experts instead of (token, expert) pairs
     by expert: each token is gathered once (not k = 2 times), one matmul per pair {i, j} computes both of its
-    experts' projections side by side (each pair's block padded as `sorted_mix.pad_blocks` does), and the two slots
-    are mixed within the row, so there is no second gather to bring a token's two results together and the input
-    gradient is a permutation back, not a scatter-add. The pairs
-    grow as t² and their blocks shrink, so the experts use it for few experts only (`experts.MAX_EXPERTS_FOR_PAIRS`,
-    measured at the model level by benchmarks/moe_paths.py).
+    experts' projections side by side (each pair's block padded on a CPU, as `sorted_mix.pad_blocks` does), and the
+    two slots are mixed within the row, so there is no second gather to bring a token's two results together and the
+    input gradient is a permutation back, not a scatter-add. The pairs grow as t² and their blocks shrink, so the
+    experts use it for few experts only (`experts.MAX_EXPERTS_FOR_PAIRS`, measured at the model level by
+    benchmarks/moe_paths.py).
     """
 
     @staticmethod
@@ -28,11 +28,10 @@ class PairedExpertMix(torch.autograd.Function):
         pair = lo * t + hi
         order = pair.argsort()
         counts = torch.bincount(pair, minlength=t * t).tolist()
-        src, pos, layout = pad_blocks(order, counts)  # grouped by pair, each block padded (sorted_mix.ROW_GRANULE)
-        inverse = torch.empty_like(order).scatter_(0, order, pos)  # each token's row
-        xs = x.index_select(0, src)  # [P, m]
-        ps = torch.where(swap.unsqueeze(1), p.flip(1), p).index_select(0, order)  # gates as (lower, higher)
-        ps = p.new_zeros(src.numel(), 2).index_copy_(0, pos, ps)  # 0 on pad rows
+        src, inverse, pads, layout = pad_blocks(order, counts)  # grouped by pair, each block padded on a CPU
+        xs = x.index_select(0, src).index_fill_(0, pads, 0)  # [P, m]
+        ps = torch.where(swap.unsqueeze(1), p.flip(1), p)  # gates as (lower, higher)
+        ps = p.new_zeros(src.numel(), 2).index_copy_(0, inverse, ps)  # 0 on pad rows
         z = x.new_empty(src.numel(), 2 * d)
         blocks = []
         for key, (start, size) in enumerate(layout):
@@ -44,16 +43,16 @@ class PairedExpertMix(torch.autograd.Function):
                 blocks.append((i, j, start, size, w_ij))
         a = F.silu(z) if silu else z
         mixed = (a[:, :d] * ps[:, :1]).addcmul_(a[:, d:], ps[:, 1:]).index_select(0, inverse)  # Σ_j p_j f(z_j)
-        ctx.save_for_backward(xs, z, a, ps, swap, src, inverse, weight, shared, mixed)
+        ctx.save_for_backward(xs, z, a, ps, swap, src, inverse, pads, weight, shared, mixed)
         ctx.blocks, ctx.silu = blocks, silu
         return mixed * shared
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        xs, z, a, ps, swap, src, inverse, weight, shared, mixed = ctx.saved_tensors
+        xs, z, a, ps, swap, src, inverse, pads, weight, shared, mixed = ctx.saved_tensors
         d = weight.shape[1]
-        d_mixed = (dh * shared).index_select(0, src)  # [P, d], sorted like z
+        d_mixed = (dh * shared).index_select(0, src).index_fill_(0, pads, 0)  # [P, d], sorted like z
         dps = torch.stack([(a[:, :d] * d_mixed).sum(-1), (a[:, d:] * d_mixed).sum(-1)], 1).index_select(0, inverse)
         dp = torch.where(swap.unsqueeze(1), dps.flip(1), dps)
         dz = torch.cat([d_mixed * ps[:, :1], d_mixed * ps[:, 1:]], 1)  # zero on pad rows: they add nothing

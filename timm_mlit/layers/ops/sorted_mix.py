@@ -5,19 +5,21 @@ h = (Σ_j p_j · f(x·W_{e_j} + b_{e_j})) ⊙ shared over each token's k chosen 
 per-expert part of eq. 13 when one input matrix is private (`timm_mlit.layers.experts`), for the chosen experts only.
 """
 import itertools
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ROW_GRANULE', 'SortedExpertMix', 'sort_by_expert', 'pad_blocks', 'expert_grad_buffers']
+__all__ = ['ROW_GRANULE', 'PaddedBlocks', 'SortedExpertMix', 'sort_by_expert', 'padded_size', 'pad_blocks',
+           'expert_grad_buffers']
 
-# Each expert's (or expert pair's) block of rows is padded to a multiple of ROW_GRANULE rows. The blocks' sizes change
-# with the routing at every step, and oneDNN, which runs PyTorch's bfloat16 matmuls on a CPU, builds a kernel for every
-# new shape: on a CPU with AMX that cost ~9 ms per matmul of one block against ~0.4 ms for the product itself, which
-# made bfloat16 training slower than float32 there (benchmarks/cpu_paths.py). Padded, the shapes recur and oneDNN's
-# primitive cache serves them. A pad row reads a real row and carries a zero gate, so it adds nothing to any output or
-# gradient; it costs its share of the matmuls (< granule rows per block).
+# On a CPU each expert's (or expert pair's) block of rows is padded: to a multiple of ROW_GRANULE rows, or a block
+# smaller than that to a power of two. The blocks' sizes change with the routing at every step, and oneDNN, which runs
+# PyTorch's bfloat16 matmuls on a CPU, builds a kernel for every new shape: on a CPU with AMX that cost ~9 ms per
+# matmul of one block against ~0.35 ms for the product itself (torch.profiler), which made bfloat16 training slower
+# than float32 there. Padded, the shapes recur and oneDNN's primitive cache serves them (benchmarks/cpu_paths.py).
+# Pad rows are zeros in the gathered tokens and in the gradients that reach the blocks, with a zero gate, so they add
+# nothing to any output or gradient; they cost their share of the matmuls. GPUs have no per-shape cost: no padding.
 ROW_GRANULE = 128
 
 
@@ -38,20 +40,39 @@ def sort_by_expert(top_idx: torch.Tensor, num_experts: int) -> Tuple[torch.Tenso
     return flat.argsort(), torch.bincount(flat, minlength=num_experts).tolist()
 
 
-def pad_blocks(order: torch.Tensor, counts: List[int], granule: int = 0) \
-        -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int]]]:
-    """Lay out the rows `order` [S] (grouped in blocks of `counts` rows) with each block padded to a multiple of
-    `granule` rows (ROW_GRANULE when 0; module docstring): `src` [P], the row of `order`'s space each padded position
-    reads (row 0 for a pad), `pos` [S], each row's padded position, and one (start, padded size) per block."""
+class PaddedBlocks(NamedTuple):
+    """The rows of `order` [S] (a permutation, grouped in blocks) laid out with each block padded (`pad_blocks`)."""
+    src: torch.Tensor  # [P]: the row of `order`'s space each padded position reads (row 0 for a pad)
+    inverse: torch.Tensor  # [S]: where each row of `order`'s space sits in the padded layout
+    pads: torch.Tensor  # the pad positions
+    blocks: List[Tuple[int, int]]  # (start, padded size) of each block
+
+
+def padded_size(count: int, granule: int) -> int:
+    """`count` rounded up to a multiple of `granule`, or below `granule` to a power of two (few shapes, and no more
+    than twice the rows of a small block)."""
+    if count >= granule:
+        return -(-count // granule) * granule
+    return 1 << (count - 1).bit_length() if count else 0
+
+
+def pad_blocks(order: torch.Tensor, counts: List[int], granule: int = 0) -> PaddedBlocks:
+    """Lay out the rows `order` [S], grouped in blocks of `counts` rows, with each block padded to
+    `padded_size(count, granule)` rows (ROW_GRANULE when `granule` is 0; on a CPU only: ROW_GRANULE's comment)."""
+    if order.device.type != 'cpu':
+        granule = 1
     granule = granule or ROW_GRANULE
-    sizes = [-(-c // granule) * granule for c in counts]
+    sizes = [padded_size(c, granule) for c in counts]
     starts = list(itertools.accumulate(sizes, initial=0))
     shift = [start - done for start, done in zip(starts, itertools.accumulate(counts, initial=0))]
     pos = torch.arange(order.numel(), device=order.device) + torch.repeat_interleave(
         torch.tensor(shift[:-1], device=order.device), torch.tensor(counts, device=order.device),
         output_size=order.numel())
     src = order.new_zeros(starts[-1]).index_copy_(0, pos, order)
-    return src, pos, list(zip(starts, sizes))
+    inverse = torch.empty_like(order).scatter_(0, order, pos)
+    pads = torch.tensor([i for start, c, size in zip(starts, counts, sizes) for i in range(start + c, start + size)],
+                        dtype=torch.long, device=order.device)
+    return PaddedBlocks(src, inverse, pads, list(zip(starts, sizes)))
 
 
 def expert_grad_buffers(ctx, xs: torch.Tensor, weight: torch.Tensor):
@@ -65,12 +86,11 @@ def expert_grad_buffers(ctx, xs: torch.Tensor, weight: torch.Tensor):
 class SortedExpertMix(torch.autograd.Function):
     """h = (Σ_j p_j · f(x·W_{e_j} + b_{e_j})) ⊙ shared over each token's k chosen experts e_j (module docstring).
 
-    (token, expert) pairs are sorted by expert so each expert runs one matmul on a contiguous block (padded to a
-    multiple of ROW_GRANULE rows: `pad_blocks`). Written as
-    one Function because autograd through index_select / index_add / split / cat pays a zero-filled scatter per
-    gather and a copy per block; here every gather has its inverse permutation at hand, so forward and backward
-    are gathers and matmuls writing into preallocated blocks. The per-expert token counts are read back to the
-    host (a synchronisation on CUDA, where 'auto' does not pick this path).
+    (token, expert) pairs are sorted by expert so each expert runs one matmul on a contiguous block (padded on a
+    CPU: `pad_blocks`). Written as one Function because autograd through index_select / index_add / split / cat pays
+    a zero-filled scatter per gather and a copy per block; here every gather has its inverse permutation at hand, so
+    forward and backward are gathers and matmuls writing into preallocated blocks. The per-expert token counts are
+    read back to the host (a synchronisation on CUDA, where 'auto' does not pick this path).
     """
 
     @staticmethod
@@ -78,27 +98,26 @@ class SortedExpertMix(torch.autograd.Function):
         n, k = top_idx.shape
         t, d, _ = weight.shape
         order, counts = sort_by_expert(top_idx, t)
-        src, pos, blocks = pad_blocks(order, counts)  # grouped by expert, each block padded (ROW_GRANULE)
+        src, inverse, pads, blocks = pad_blocks(order, counts)  # grouped by expert, each block padded
         token = src.div(k, rounding_mode='floor')
-        inverse = torch.empty_like(order).scatter_(0, order, pos)  # each (token, slot) pair's row
-        gate = p.new_zeros(src.numel()).index_copy_(0, pos, p.reshape(-1).index_select(0, order))  # 0 on pad rows
-        xs = x.index_select(0, token)  # [P, m]
+        gate = p.new_zeros(src.numel()).index_copy_(0, inverse, p.reshape(-1))  # 0 on pad rows
+        xs = x.index_select(0, token).index_fill_(0, pads, 0)  # [P, m]
         z = x.new_empty(src.numel(), d)
         for i, (start, size) in enumerate(blocks):
             if size:
                 torch.addmm(bias[i], xs[start:start + size], weight[i].t(), out=z[start:start + size])
         a = F.silu(z) if silu else z
         mixed = _weighted_slot_sum(a.index_select(0, inverse).view(n, k, d), p)  # Σ_j p_j f(z_j), [N, d]
-        ctx.save_for_backward(xs, z, a, gate, token, inverse, weight, shared, mixed)
+        ctx.save_for_backward(xs, z, a, gate, token, inverse, pads, weight, shared, mixed)
         ctx.blocks, ctx.silu, ctx.k = blocks, silu, k
         return mixed * shared
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        xs, z, a, gate, token, inverse, weight, shared, mixed = ctx.saved_tensors
+        xs, z, a, gate, token, inverse, pads, weight, shared, mixed = ctx.saved_tensors
         n, k = dh.shape[0], ctx.k
-        d_mixed = (dh * shared).index_select(0, token)  # [P, d], sorted like z
+        d_mixed = (dh * shared).index_select(0, token).index_fill_(0, pads, 0)  # [P, d], sorted like z
         dp = (a * d_mixed).sum(-1).index_select(0, inverse).view(n, k)
         dz = d_mixed.mul_(gate.unsqueeze(1))  # zero on pad rows, so they add nothing to dw, db, dx
         if ctx.silu:
