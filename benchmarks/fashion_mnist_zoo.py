@@ -603,7 +603,6 @@ def write_tune_results(plan: fm.Plan, results_dir: str, pilots: Sequence[Pilot] 
              f'Hardware: {meta["hardware"]}. MAE pre-training: '
              f'{fm.fmt_s(pre["wall_s"]) + " at " + str(pre["img_s"]) + " img/s" if pre else "not finished"}.', '']
     lines.append(tune_table(dict(meta=meta, rows=rows), pilots))
-    lines += machines_note(rows)
     written = f'Written by benchmarks/fashion_mnist_zoo.py at {meta["written"]}'
     lines += ['', f'{written}; the curves: {os.path.basename(png)}.' if png else f'{written}.']
     from timm_mlit.files import atomic_write
