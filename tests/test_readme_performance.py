@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 from readme import README
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
@@ -131,6 +132,9 @@ def test_shipped_weights_table_reads_the_cards_and_refuses_a_folder_without_a_cf
     folder.mkdir()
     (folder / 'README.md').write_text('---\nvalue: 90.0\n  name: top1\n---\n')
     monkeypatch.setattr(_weights, 'WEIGHTS_DIR', tmp_path)
+    registered = timm.list_pretrained  # as if mlit.py had no entry for it, whether or not the package ships one
+    monkeypatch.setattr(timm, 'list_pretrained',
+                        lambda *a, **kw: [n for n in registered(*a, **kw) if n != 'mlit_s.mae_ft_fashion_mnist'])
     with pytest.raises(readme_tables.ReadmeTableError, match='mlit_s.mae_ft_fashion_mnist has no pretrained cfg'):
         readme_tables.shipped_weights_table(tmp_path)
 
