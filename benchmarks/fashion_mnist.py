@@ -545,7 +545,8 @@ class Orchestrator:
         info = dict(stage=stage.name, kind=stage.kind, argv=argv, wall_s=round(prior + wall, 1),
                     attempts_wall_s=dict(earlier=round(prior, 1), last=round(wall, 1)), epochs=stage.epochs,
                     images_per_epoch=stage.images, load_average=[round(load_start, 2), round(os.getloadavg()[0], 2)],
-                    finished=datetime.now().isoformat(timespec='seconds'))
+                    finished=datetime.now().isoformat(timespec='seconds'),
+                    measured=dict(hardware=hardware(self.plan.device), code=code_version()))  # what ran it
         if stage.kind in ('train', 'pretrain'):
             info['img_s'] = round(stage.epochs * stage.images / max(prior + wall, 1e-9), 1)
             info['checkpoint'] = latest_checkpoint(d)
@@ -636,7 +637,8 @@ def collect(plan: Plan) -> List[dict]:
             eval_wall_s=ev['wall_s'], pretrain_img_s=pre['img_s'] if pre else None, train_img_s=tr['img_s'],
             test_img_s=ev['test_img_s'], checkpoint=tr['checkpoint'], encoder=pre['encoder'] if pre else None,
             load_average=dict(pretrain=pre['load_average'] if pre else None, train=tr['load_average'],
-                              eval=ev['load_average'])))
+                              eval=ev['load_average']),
+            measured=tr.get('measured')))  # the hardware and code that trained it (None in older done.json)
     return rows
 
 

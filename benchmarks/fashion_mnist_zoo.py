@@ -364,26 +364,33 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
     """fashion_mnist_zoo.json/.md (a row per finished, tested run) and fashion_mnist_zoo.png (validation curves).
     A row the results already hold and plan.out has not (yet) finished again is kept as it was, so that losing or
     moving a run folder, or running some sizes alone (`--sizes`), never drops a tested model from the results. Each
-    row records the hardware, code and run folder that measured it (`measured`)."""
+    row records the hardware and code that trained it and its run folder (`measured`): its training's done.json
+    holds them, and so a row keeps them however often, and by whatever code, the results are written again."""
     from timm_mlit.plots import plot_series, read_column
     stem = os.path.join(results_dir, 'fashion_mnist_zoo')
     previous = fm._read_json(stem + '.json') or {}
-    measured = dict(hardware=fm.hardware(plan.device), code=fm.code_version(), out=plan.out)
+    recorded = {r['key']: r for r in previous.get('rows', [])}
+    current = dict(hardware=fm.hardware(plan.device), code=fm.code_version())
     rows = fm.collect(plan)
     for r in rows:
         summary = os.path.join(plan.out, next(x.train for x in plan.rows if x.key == r['key']), 'summary.csv')
         r['val_top1'] = read_column(summary, VAL_COLUMN)[1] if os.path.exists(summary) else []
-        r['measured'] = measured
+        # a done.json written before stages recorded what ran them: what the results recorded for the same run,
+        # else (never recorded) the code writing now, which is the code that just tested it
+        same = recorded.get(r['key'], {})
+        if any(same.get(k) != r[k] for k in ('checkpoint', 'train_wall_s', 'top1')):
+            same = {}
+        r['measured'] = dict(r['measured'] or same.get('measured') or current, out=plan.out)
     finished = {r['key'] for r in rows}
     kept = [r for r in previous.get('rows', []) if r['key'] not in finished]
     for r in kept:  # rows written before each row recorded its own: the meta of the results that held them
-        r.setdefault('measured', {k: previous['meta'].get(k) for k in measured})
+        r.setdefault('measured', {k: previous['meta'].get(k) for k in ('hardware', 'code', 'out')})
     rows = sorted(rows + kept, key=lambda r: (ZOO_KEYS.index(r['key']) if r['key'] in ZOO_KEYS else len(ZOO_KEYS),
                                               r['key']))
     sizes = tuple(z for z in SCHEDULE if z in plan.budget.sizes or any(r['arch'] == f'mlit_{z}' for r in rows))
     expected = {f'{kind}_{z}' for kind in ('mmlit', 'mlit') for z in sizes}  # as the size table shows them
-    hardware = sorted({r['measured']['hardware'] for r in rows} or {measured['hardware']})
-    meta = dict(description=plan.budget.description, hardware='; '.join(hardware), code=measured['code'],
+    hardware = sorted({r['measured']['hardware'] for r in rows} or {current['hardware']})
+    meta = dict(description=plan.budget.description, hardware='; '.join(hardware), code=current['code'],
                 schedule={z: dict(pretrain_epochs=SCHEDULE[z][0], epochs=SCHEDULE[z][1]) for z in sizes},
                 written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
                 complete=expected <= {r['key'] for r in rows})

@@ -313,6 +313,37 @@ def test_a_tested_row_whose_run_folder_is_gone_is_kept_and_not_run_or_published_
     assert rows()['mmlit_xs']['checkpoint'] == data['rows'][1]['checkpoint'] and published_models() == {'mlit_xs'}
 
 
+def test_each_row_keeps_the_code_that_trained_it_when_the_results_are_written_again(tmp_path, source,
+                                                                                   monkeypatch):
+    res, out = tmp_path / 'res', tmp_path / 'out'
+    _tune_results(str(res), [80.0 + i for i in range(len(zoo.PILOTS))])
+
+    def zoo_main(commit, *sizes):
+        monkeypatch.setattr(zoo.fm, 'code_version', lambda: dict(commit=commit))
+        assert zoo.main(['zoo', '--out', str(out), '--results-dir', str(res), '--data-dir', source, '--timm-scripts',
+                         str(tmp_path), '-j', '1', '--holdout', '15', '--sizes', *sizes], runner=FakeTrain()) == 0
+        data = json.loads((res / 'fashion_mnist_zoo.json').read_text())
+        return data['meta']['code']['commit'], {r['key']: r['measured']['code']['commit'] for r in data['rows']}
+
+    assert zoo_main('aaa', 'xxs') == ('aaa', {'mmlit_xxs': 'aaa', 'mlit_xxs': 'aaa'})
+    assert json.loads((out / 'scratch_mlit_xxs' / 'done.json').read_text())['measured']['code'] == {'commit': 'aaa'}
+    # the XS rows are trained by newer code: the XXS rows, read again from the run folder, keep theirs
+    assert zoo_main('bbb', 'xxs', 'xs') == ('bbb', {'mmlit_xxs': 'aaa', 'mmlit_xs': 'bbb', 'mlit_xxs': 'aaa',
+                                                    'mlit_xs': 'bbb'})
+    # a training's done.json from before stages recorded what ran them: the results' record of the same run
+    for stage in ('finetune_mlit_xxs', 'scratch_mlit_xxs'):
+        done = json.loads((out / stage / 'done.json').read_text())
+        del done['measured']
+        (out / stage / 'done.json').write_text(json.dumps(done))
+    assert zoo_main('ccc', 'xxs', 'xs')[1] == {'mmlit_xxs': 'aaa', 'mmlit_xs': 'bbb', 'mlit_xxs': 'aaa',
+                                               'mlit_xs': 'bbb'}
+    data = json.loads((res / 'fashion_mnist_zoo.json').read_text())  # ... only if it is the same run
+    data['rows'][0]['train_wall_s'] += 1
+    (res / 'fashion_mnist_zoo.json').write_text(json.dumps(data))
+    assert zoo_main('ddd', 'xxs', 'xs')[1] == {'mmlit_xxs': 'ddd', 'mmlit_xs': 'bbb', 'mlit_xxs': 'aaa',
+                                               'mlit_xs': 'bbb'}
+
+
 def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_commands(tmp_path, source):
     import timm
     from safetensors.torch import load_file
