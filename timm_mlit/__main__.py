@@ -1,13 +1,14 @@
-"""`python -m timm_mlit`: the shipped mmLiT-XXS classifying the Fashion-MNIST test set, offline.
+"""`python -m timm_mlit`: a shipped mmLiT (XXS by default) classifying the Fashion-MNIST test set, offline.
 
     python -m timm_mlit                       # mlit_xxs, pretrained=True, the 10k test images: top-1 and images/s
+    python -m timm_mlit --model mlit_s        # the shipped mmLiT-S instead (mlit_xs: mmLiT-XS)
     python -m timm_mlit --limit 1000          # the first 1,000 test images only
     python -m timm_mlit --data-dir DIR        # Fashion-MNIST idx files in DIR (flat, or torchvision's layout)
     python -m timm_mlit --list                # every mLiT model with its parameter count
     python -m timm_mlit --log-freq 5          # a progress line (stderr) every 5 batches instead of 10
     python -m timm_mlit --results-file r.json # also write the figures printed (and the machine) as JSON
 
-The model is `timm.create_model('mlit_xxs', pretrained=True)`: its default tag's weights, embedded in the package
+The model is `timm.create_model(MODEL, pretrained=True)`: its default tag's weights, embedded in the package
 (timm_mlit/weights/), so nothing is downloaded. The test images come from --data-dir when it is given (nothing is
 downloaded into it); otherwise from Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), else
 from a copy in $XDG_CACHE_HOME/timm_mlit/fashion-mnist (~/.cache/...), which torchvision downloads where there is
