@@ -37,7 +37,9 @@ script's outputs, stage.log, done.json); re-running the same command after a kil
 an interrupted one from its newest checkpoint.
 A row that fashion_mnist_zoo.json records as tested and whose training and test have no folder in OUT (its run
 folder gone, or another OUT) is kept in the results as recorded and left out of the `zoo` and `publish` plans: it is
-not trained, tested or published again.
+not trained, tested or published again. A run cut short before its test (a training still going, or killed and
+not resumed) keeps its validation curve in the results (`unfinished`: the epochs done, the time spent, the machine),
+however its run folder fares, until a run of the same row gets further or is tested; `curves` records it.
 """
 import argparse
 import dataclasses
@@ -293,10 +295,14 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
     test top-1, wall time and img/s measured here, then the paper's Table 8 for the same sizes, marked as quoted, and
     the paper's two claims checked on what ran (pre-training helps at every size; S > XS > XXS)."""
     rows = {r['key']: r for r in data['rows']}
+    unfinished = {u['key']: u for u in data.get('unfinished', [])}
     sizes = [z for z in SCHEDULE if z in sizes]  # smallest first, as the S > XS > XXS check reads them
 
     def get(key, fmt):
-        return fmt(rows[key]) if key in rows else 'not run yet'
+        if key in rows:
+            return fmt(rows[key])
+        u = unfinished.get(key)
+        return f'not finished ({u["epochs_done"]} of {u["epochs"]} epochs)' if u else 'not run yet'
 
     lines = ['| size | params | epochs: MAE + fine-tune / scratch | mmLiT test top-1 (%) | mLiT test top-1 (%) | '
              'gain from pre-training | wall time: mmLiT (MAE + fine-tune) / mLiT | img/s: MAE / fine-tune / '
@@ -324,15 +330,23 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
         lines.append(f'| {z.upper()} | {q["params_m"]} | '
                      + ' | '.join(f'{a:.2f} / {b:.2f}' for a, b in zip(q['mmlit'], q['mlit'])) + ' |')
     claims = []
-    if all(f'{k}_{z}' in rows for k in ('mmlit', 'mlit') for z in sizes):
-        helps = [z.upper() for z in sizes if rows[f'mmlit_{z}']['top1'] > rows[f'mlit_{z}']['top1']]
-        claims.append(f'pre-training helps at every size: {"yes" if len(helps) == len(sizes) else "no"} '
-                      f'(mmLiT ahead at {", ".join(helps) or "no size"})')
+    both = [z for z in sizes if f'mmlit_{z}' in rows and f'mlit_{z}' in rows]
+    if both:  # decided "no" by one size where it fails; "yes" only once every size is tested
+        helps = [z.upper() for z in both if rows[f'mmlit_{z}']['top1'] > rows[f'mlit_{z}']['top1']]
+        untested = [z.upper() for z in sizes if z not in both]
+        verdict = 'no' if len(helps) < len(both) else 'open' if untested else 'yes'
+        claims.append(f'pre-training helps at every size: {verdict} (mmLiT ahead at {", ".join(helps) or "no size"}'
+                      + (f'; not tested at {", ".join(untested)})' if untested else ')'))
     for kind, name in (('mmlit', 'mmLiT'), ('mlit', 'mLiT')):
-        top1 = [rows[f'{kind}_{z}']['top1'] for z in sizes if f'{kind}_{z}' in rows]
-        if len(top1) == len(sizes) > 1:
-            order = all(a < b for a, b in zip(top1, top1[1:]))
-            claims.append(f'{name} {" > ".join(z.upper() for z in reversed(sizes))}: {"yes" if order else "no"}')
+        have = [z for z in sizes if f'{kind}_{z}' in rows]
+        if len(have) > 1:
+            top1 = [rows[f'{kind}_{z}']['top1'] for z in have]
+            order = all(a < b for a, b in zip(top1, top1[1:]))  # an order broken among the tested ones stays broken
+            untested = [z.upper() for z in sizes if z not in have]
+            verdict = 'no' if not order else 'open' if untested else 'yes'
+            so_far = f' ({" > ".join(z.upper() for z in reversed(have))}; not tested at {", ".join(untested)})' \
+                if untested and order else ''
+            claims.append(f'{name} {" > ".join(z.upper() for z in reversed(sizes))}: {verdict}{so_far}')
     if claims:
         lines += ['', 'The paper\'s claims on this data: ' + '; '.join(claims) + '.']
     return '\n'.join(lines)
@@ -358,6 +372,31 @@ def without_recorded(plan: fm.Plan, recorded: Dict[str, dict]) -> Tuple[fm.Plan,
     names = {n for row in gone for n in (row.pretrain, row.train, row.eval) if n}
     return dataclasses.replace(plan, stages=[s for s in plan.stages if s.name not in names],
                                rows=[row for row in plan.rows if row not in gone]), [row.key for row in gone]
+
+
+def unfinished_runs(plan: fm.Plan, previous: Sequence[dict], tested: Sequence[str]) -> List[dict]:
+    """The runs not tested yet whose training logged a validation curve in plan.out (cut short, or still going):
+    each with that curve, the epochs done of those planned, the time spent on it so far (killed attempts included)
+    and the machine. Merged with those the results recorded before (`previous`): of one row's two, the one that got
+    further is kept, so that a lost run folder, or a run begun again from zero, never shortens the curve the results
+    show. Rows in `tested` (tested since) have none: their finished row holds the curve."""
+    from timm_mlit.plots import read_column
+    runs = {u['key']: u for u in previous if u['key'] not in tested}
+    for x in plan.rows:
+        stage = next((s for s in plan.stages if s.name == x.train), None)
+        summary = os.path.join(plan.out, x.train, 'summary.csv')
+        if x.key in tested or stage is None or not os.path.exists(summary):
+            continue
+        top1 = read_column(summary, VAL_COLUMN)[1]
+        if not top1 or len(top1) < runs.get(x.key, {}).get('epochs_done', 0):
+            continue
+        wall = (fm._read_json(os.path.join(plan.out, x.train, 'wall.json')) or {}).get('wall_s')
+        runs[x.key] = dict(key=x.key, model=x.label, arch=x.model, recipe=x.recipe, epochs=stage.epochs,
+                           epochs_done=len(top1), val_top1=top1, wall_s=None if wall is None else round(wall, 1),
+                           hardware=fm.hardware(plan.device), out=plan.out,
+                           written=datetime.now().isoformat(timespec='seconds'))
+    return sorted(runs.values(), key=lambda u: (ZOO_KEYS.index(u['key']) if u['key'] in ZOO_KEYS else len(ZOO_KEYS),
+                                                 u['key']))
 
 
 def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
@@ -395,18 +434,18 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
                 written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
                 complete=expected <= {r['key'] for r in rows})
     os.makedirs(results_dir, exist_ok=True)
-    fm._write_json(stem + '.json', dict(meta=meta, rows=rows))
+    unfinished = unfinished_runs(plan, previous.get('unfinished', []), [r['key'] for r in rows])
+    fm._write_json(stem + '.json', dict(meta=meta, rows=rows, unfinished=unfinished))
     curves = {r['model']: (range(1, len(r['val_top1']) + 1), r['val_top1']) for r in rows}
-    curves.update({x.label: read_column(p, VAL_COLUMN) for x in plan.rows  # runs not finished yet
-                   for p in [os.path.join(plan.out, x.train, 'summary.csv')]
-                   if x.key not in finished and x.label not in curves and os.path.exists(p)})
+    curves.update({f'{u["model"]}: {u["epochs_done"]} of {u["epochs"]} epochs, not tested':
+                   (range(1, u['epochs_done'] + 1), u['val_top1']) for u in unfinished})
     png = plot_series(curves, stem + '.png', ylabel='validation top-1 (%)',
                       title=f'Fashion-MNIST: top-1 on the {HOLDOUT:,} held-out training images')
     lines = ['# Fashion-MNIST: mmLiT and mLiT of every size (recipes chosen on the validation split)', '',
              f'{meta["description"]}.', '', f'Hardware: {meta["hardware"]}.', '']
     if not meta['complete']:
         lines += [f'**Incomplete: {len(rows)} of {len(expected)} rows so far.**', '']
-    lines += [size_table(dict(meta=meta, rows=rows), sizes), '', '## Every run', '']
+    lines += [size_table(dict(meta=meta, rows=rows, unfinished=unfinished), sizes), '', '## Every run', '']
     lines += ['| Model | Params | Epochs (pre-train + train) | Test top-1 (%) | Final validation top-1 (%) | '
               'Wall time (pre-train + train) | img/s (pre-train / train / test) |',
               '|---|---:|---:|---:|---:|---:|---:|']
@@ -419,6 +458,13 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
         lines.append(f'| {r["model"]} | {r["params"] or 0:,} | {r["pretrain_epochs"]} + {r["epochs"]} | '
                      f'{r["top1"]:.2f} | {val} | {wall} | {img_s} |')
     lines += machines_note(rows)
+    if unfinished:
+        lines += ['', '## Not finished (not tested)', '', '| Model | Epochs done | Validation top-1 per epoch (%) | '
+                  'Time spent so far | Machine |', '|---|---:|---|---:|---|']
+        lines += [f'| {u["model"]} | {u["epochs_done"]} of {u["epochs"]} | '
+                  f'{" / ".join(f"{v:.2f}" for v in u["val_top1"])} | '
+                  f'{"-" if u["wall_s"] is None else fm.fmt_s(u["wall_s"])} | {u["hardware"].split(",")[0]} |'
+                  for u in unfinished]
     written = f'Written by benchmarks/fashion_mnist_zoo.py at {meta["written"]}'
     lines += ['', f'{written}; the curves: {os.path.basename(png)}.' if png else f'{written}.']
     from timm_mlit.files import atomic_write

@@ -313,6 +313,42 @@ def test_a_tested_row_whose_run_folder_is_gone_is_kept_and_not_run_or_published_
     assert rows()['mmlit_xs']['checkpoint'] == data['rows'][1]['checkpoint'] and published_models() == {'mlit_xs'}
 
 
+def test_a_run_cut_short_keeps_its_validation_curve_in_the_results_until_it_is_tested(tmp_path, source):
+    import shutil
+    res, out = tmp_path / 'res', tmp_path / 'out'
+    _tune_results(str(res), [80.0 + i for i in range(len(zoo.PILOTS))])
+    common = ['--out', str(out), '--results-dir', str(res), '--data-dir', source, '--timm-scripts', str(tmp_path),
+              '-j', '1', '--holdout', '15', '--sizes', 'xxs']
+    epochs = zoo.SCHEDULE['xxs'][1]
+
+    def unfinished():
+        data = json.loads((res / 'fashion_mnist_zoo.json').read_text())
+        return [(u['key'], u['epochs_done'], u['epochs'], u['val_top1']) for u in data['unfinished']]
+
+    with pytest.raises(SystemExit):  # killed after the third epoch from scratch, before any test of it
+        zoo.main(['zoo', *common], runner=FakeTrain(kill_at=('scratch_mlit_xxs', 2)))
+    assert zoo.main(['curves', *common]) == 0
+    assert unfinished() == [('mlit_xxs', 3, epochs, [50, 60, 70])]
+    data = json.loads((res / 'fashion_mnist_zoo.json').read_text())
+    assert [r['key'] for r in data['rows']] == ['mmlit_xxs'] and not data['meta']['complete']
+    wall = json.loads((out / 'scratch_mlit_xxs' / 'wall.json').read_text())['wall_s']  # killed attempts included
+    assert data['unfinished'][0]['wall_s'] == round(wall, 1)
+    assert data['unfinished'][0]['hardware'] == data['meta']['hardware']
+    md = (res / 'fashion_mnist_zoo.md').read_text()
+    assert f'| not finished (3 of {epochs} epochs) |' in md
+    assert f'| mLiT-XXS (from scratch) | 3 of {epochs} | 50.00 / 60.00 / 70.00 |' in md
+    shutil.rmtree(out)  # the run folder is lost; begun again from zero, the new run is cut short sooner
+    with pytest.raises(SystemExit):
+        zoo.main(['zoo', *common], runner=FakeTrain(kill_at=('scratch_mlit_xxs', 0)))
+    assert zoo.main(['curves', *common]) == 0
+    assert unfinished() == [('mlit_xxs', 3, epochs, [50, 60, 70])]  # the longer curve stays
+    assert zoo.main(['zoo', *common], runner=FakeTrain()) == 0  # resumed to the end and tested
+    data = json.loads((res / 'fashion_mnist_zoo.json').read_text())
+    assert unfinished() == [] and data['meta']['complete']
+    assert [r['key'] for r in data['rows']] == ['mmlit_xxs', 'mlit_xxs']
+    assert '## Not finished' not in (res / 'fashion_mnist_zoo.md').read_text()
+
+
 def test_each_row_keeps_the_code_that_trained_it_when_the_results_are_written_again(tmp_path, source,
                                                                                    monkeypatch):
     res, out = tmp_path / 'res', tmp_path / 'out'
@@ -442,7 +478,17 @@ def test_size_table_puts_mmlit_beside_mlit_quotes_the_paper_and_checks_its_claim
     assert '| S | - |' in md and 'not run yet | not run yet |' in md
     # the paper's Table 8 beside it, marked as quoted, mmLiT / mLiT
     assert 'Quoted from the paper' in md and '| XXS | 0.67 | 73.42 / 56.98 | 92.21 / 80.78 | 97.32 / 94.97 |' in md
-    assert "claims" not in md  # nothing to check until every size has both rows
+    # the claims as far as the tested rows decide them: "open" while a size is untested and none breaks them
+    assert ("The paper's claims on this data: pre-training helps at every size: open (mmLiT ahead at XXS; not tested "
+            "at XS, S); mmLiT S > XS > XXS: open (XS > XXS; not tested at S).") in md
+    epochs = zoo.SCHEDULE['xs'][1]
+    unfinished = [dict(key='mlit_xs', epochs_done=3, epochs=epochs)]
+    md = zoo.size_table(dict(meta={}, rows=rows + [_zoo_row('mlit_xs', 91.2)], unfinished=unfinished))
+    assert ("pre-training helps at every size: no (mmLiT ahead at XXS; not tested at S); "
+            "mmLiT S > XS > XXS: open (XS > XXS; not tested at S); mLiT S > XS > XXS: open (XS > XXS; not tested "
+            "at S).") in md  # one size where it fails decides "no"
+    md = zoo.size_table(dict(meta={}, rows=rows, unfinished=unfinished))
+    assert f'| 91.00 | not finished (3 of {epochs} epochs) | - |' in md
     rows += [_zoo_row('mmlit_s', 90.8), _zoo_row('mlit_xs', 91.2), _zoo_row('mlit_s', 89.5)]
     md = zoo.size_table(dict(meta={}, rows=rows[::-1]), sizes=('s', 'xxs', 'xs'))
     assert md.index('| XXS |') < md.index('| XS |') < md.index('| S |')
