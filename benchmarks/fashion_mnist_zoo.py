@@ -298,11 +298,21 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
     unfinished = {u['key']: u for u in data.get('unfinished', [])}
     sizes = [z for z in SCHEDULE if z in sizes]  # smallest first, as the S > XS > XXS check reads them
 
-    def get(key, fmt):
+    def get(key, fmt, progress=True):
+        """fmt(row); else, for a run not tested, how far it got (or '-': `progress` False); else 'not run yet'."""
         if key in rows:
             return fmt(rows[key])
         u = unfinished.get(key)
-        return f'not finished ({u["epochs_done"]} of {u["epochs"]} epochs)' if u else 'not run yet'
+        if not u:
+            return 'not run yet'
+        if not progress:
+            return '-'
+        done = u['epochs_done'] >= u['epochs']
+        return 'trained, not tested' if done else f'not finished ({u["epochs_done"]} of {u["epochs"]} epochs)'
+
+    def name(key):
+        kind, size = key.split('_')
+        return f'{"mmLiT" if kind == "mmlit" else "mLiT"}-{size.upper()}'
 
     lines = ['| size | params | epochs: MAE + fine-tune / scratch | mmLiT test top-1 (%) | mLiT test top-1 (%) | '
              'gain from pre-training | wall time: mmLiT (MAE + fine-tune) / mLiT | img/s: MAE / fine-tune / '
@@ -312,8 +322,8 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
         params = next((f'{r["params"]:,}' for r in (mm, ml) if r and r.get('params')), '-')
         gain = f'{mm["top1"] - ml["top1"]:+.2f}' if mm and ml else '-'
         wall = ' / '.join([get(f'mmlit_{z}', lambda r: f'{fm.fmt_s(r["wall_s"])} ({fm.fmt_s(r["pretrain_wall_s"])}'
-                                                       f' + {fm.fmt_s(r["train_wall_s"])})'),
-                           get(f'mlit_{z}', lambda r: fm.fmt_s(r['wall_s']))])
+                                                       f' + {fm.fmt_s(r["train_wall_s"])})', False),
+                           get(f'mlit_{z}', lambda r: fm.fmt_s(r['wall_s']), False)])
         img_s = ' / '.join('-' if v is None else f'{v:.0f}' for v in (
             mm and mm['pretrain_img_s'], mm and mm['train_img_s'], ml and ml['train_img_s'],
             (mm or ml or {}).get('test_img_s')))
@@ -329,24 +339,26 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
         q = PAPER_TABLE8[z]
         lines.append(f'| {z.upper()} | {q["params_m"]} | '
                      + ' | '.join(f'{a:.2f} / {b:.2f}' for a, b in zip(q['mmlit'], q['mlit'])) + ' |')
-    claims = []
+    claims = []  # each "no" once a tested size breaks it, "open" while a row is missing, else "yes"
     both = [z for z in sizes if f'mmlit_{z}' in rows and f'mlit_{z}' in rows]
-    if both:  # decided "no" by one size where it fails; "yes" only once every size is tested
+    if both:
         helps = [z.upper() for z in both if rows[f'mmlit_{z}']['top1'] > rows[f'mlit_{z}']['top1']]
-        untested = [z.upper() for z in sizes if z not in both]
-        verdict = 'no' if len(helps) < len(both) else 'open' if untested else 'yes'
+        behind = [z.upper() for z in both if z.upper() not in helps]
+        missing = [name(k) for z in sizes if z not in both for k in (f'mmlit_{z}', f'mlit_{z}') if k not in rows]
+        verdict = 'no' if behind else 'open' if missing else 'yes'
         claims.append(f'pre-training helps at every size: {verdict} (mmLiT ahead at {", ".join(helps) or "no size"}'
-                      + (f'; not tested at {", ".join(untested)})' if untested else ')'))
-    for kind, name in (('mmlit', 'mmLiT'), ('mlit', 'mLiT')):
+                      + (f', not at {", ".join(behind)}' if behind else '')
+                      + (f'; {", ".join(missing)} not tested' if missing else '') + ')')
+    for kind, label in (('mmlit', 'mmLiT'), ('mlit', 'mLiT')):
         have = [z for z in sizes if f'{kind}_{z}' in rows]
         if len(have) > 1:
             top1 = [rows[f'{kind}_{z}']['top1'] for z in have]
             order = all(a < b for a, b in zip(top1, top1[1:]))  # an order broken among the tested ones stays broken
-            untested = [z.upper() for z in sizes if z not in have]
-            verdict = 'no' if not order else 'open' if untested else 'yes'
-            so_far = f' ({" > ".join(z.upper() for z in reversed(have))}; not tested at {", ".join(untested)})' \
-                if untested and order else ''
-            claims.append(f'{name} {" > ".join(z.upper() for z in reversed(sizes))}: {verdict}{so_far}')
+            missing = [name(f'{kind}_{z}') for z in sizes if z not in have]
+            verdict = 'no' if not order else 'open' if missing else 'yes'
+            so_far = f' ({" > ".join(z.upper() for z in reversed(have))}; {", ".join(missing)} not tested)' \
+                if missing and order else ''
+            claims.append(f'{label} {" > ".join(z.upper() for z in reversed(sizes))}: {verdict}{so_far}')
     if claims:
         lines += ['', 'The paper\'s claims on this data: ' + '; '.join(claims) + '.']
     return '\n'.join(lines)
@@ -375,11 +387,12 @@ def without_recorded(plan: fm.Plan, recorded: Dict[str, dict]) -> Tuple[fm.Plan,
 
 
 def unfinished_runs(plan: fm.Plan, previous: Sequence[dict], tested: Sequence[str]) -> List[dict]:
-    """The runs not tested yet whose training logged a validation curve in plan.out (cut short, or still going):
-    each with that curve, the epochs done of those planned, the time spent on it so far (killed attempts included)
-    and the machine. Merged with those the results recorded before (`previous`): of one row's two, the one that got
-    further is kept, so that a lost run folder, or a run begun again from zero, never shortens the curve the results
-    show. Rows in `tested` (tested since) have none: their finished row holds the curve."""
+    """The runs not tested yet whose training logged a validation curve in plan.out (cut short, still going, or
+    trained and not tested): each with that curve, the epochs done of those planned, the time spent on it in that
+    folder (killed attempts included) and the machine that wrote the record (the run folder's: keep OUT on the
+    machine that trains). Merged with those the results recorded before (`previous`): of one row's two, the one that
+    got further is kept, so that a lost run folder, or a run begun again from zero, never shortens the curve the
+    results show. Rows in `tested` (tested since) have none: their finished row holds the curve."""
     from timm_mlit.plots import read_column
     runs = {u['key']: u for u in previous if u['key'] not in tested}
     for x in plan.rows:
@@ -426,7 +439,9 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
         r.setdefault('measured', {k: previous['meta'].get(k) for k in ('hardware', 'code', 'out')})
     rows = sorted(rows + kept, key=lambda r: (ZOO_KEYS.index(r['key']) if r['key'] in ZOO_KEYS else len(ZOO_KEYS),
                                               r['key']))
-    sizes = tuple(z for z in SCHEDULE if z in plan.budget.sizes or any(r['arch'] == f'mlit_{z}' for r in rows))
+    unfinished = unfinished_runs(plan, previous.get('unfinished', []), [r['key'] for r in rows])
+    sizes = tuple(z for z in SCHEDULE if z in plan.budget.sizes or any(r['arch'] == f'mlit_{z}'
+                                                                       for r in rows + unfinished))
     expected = {f'{kind}_{z}' for kind in ('mmlit', 'mlit') for z in sizes}  # as the size table shows them
     hardware = sorted({r['measured']['hardware'] for r in rows} or {current['hardware']})
     meta = dict(description=plan.budget.description, hardware='; '.join(hardware), code=current['code'],
@@ -434,7 +449,6 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
                 written=datetime.now().isoformat(timespec='seconds'), out=plan.out,
                 complete=expected <= {r['key'] for r in rows})
     os.makedirs(results_dir, exist_ok=True)
-    unfinished = unfinished_runs(plan, previous.get('unfinished', []), [r['key'] for r in rows])
     fm._write_json(stem + '.json', dict(meta=meta, rows=rows, unfinished=unfinished))
     curves = {r['model']: (range(1, len(r['val_top1']) + 1), r['val_top1']) for r in rows}
     curves.update({f'{u["model"]}: {u["epochs_done"]} of {u["epochs"]} epochs, not tested':
@@ -459,7 +473,7 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
                      f'{r["top1"]:.2f} | {val} | {wall} | {img_s} |')
     lines += machines_note(rows)
     if unfinished:
-        lines += ['', '## Not finished (not tested)', '', '| Model | Epochs done | Validation top-1 per epoch (%) | '
+        lines += ['', '## Not tested yet', '', '| Model | Epochs done | Validation top-1 per epoch (%) | '
                   'Time spent so far | Machine |', '|---|---:|---|---:|---|']
         lines += [f'| {u["model"]} | {u["epochs_done"]} of {u["epochs"]} | '
                   f'{" / ".join(f"{v:.2f}" for v in u["val_top1"])} | '
