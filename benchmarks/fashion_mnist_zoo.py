@@ -270,10 +270,20 @@ PAPER_TABLE8 = {
 }
 
 
-def _machine(row: dict) -> Optional[str]:
-    """The CPU (or GPU) model that measured a row: the first part of its recorded hardware."""
-    hardware = (row.get('measured') or {}).get('hardware')
+def _machine_name(hardware: Optional[str]) -> Optional[str]:
+    """The CPU (or GPU) model of a recorded hardware string: its first part."""
     return hardware.split(',')[0].split(' (')[0] if hardware else None
+
+
+def _machine(row: dict) -> Optional[str]:
+    """The CPU (or GPU) model that measured a row."""
+    return _machine_name((row.get('measured') or {}).get('hardware'))
+
+
+def _row_name(key: str) -> str:
+    """'mmlit_xs' -> 'mmLiT-XS'."""
+    kind, size = key.split('_')
+    return f'{"mmLiT" if kind == "mmlit" else "mLiT"}-{size.upper()}'
 
 
 def machines_note(rows: Sequence[dict]) -> List[str]:
@@ -282,8 +292,7 @@ def machines_note(rows: Sequence[dict]) -> List[str]:
     machines = {}
     for r in rows:
         if _machine(r):
-            kind, size = r['key'].split('_')
-            machines.setdefault(_machine(r), []).append(f'{"mmLiT" if kind == "mmlit" else "mLiT"}-{size.upper()}')
+            machines.setdefault(_machine(r), []).append(_row_name(r['key']))
     if len(machines) < 2:
         return []
     where = '; '.join(f'{", ".join(dict.fromkeys(labels))} on {m}' for m, labels in machines.items())
@@ -309,10 +318,6 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
             return '-'
         done = u['epochs_done'] >= u['epochs']
         return 'trained, not tested' if done else f'not finished ({u["epochs_done"]} of {u["epochs"]} epochs)'
-
-    def name(key):
-        kind, size = key.split('_')
-        return f'{"mmLiT" if kind == "mmlit" else "mLiT"}-{size.upper()}'
 
     lines = ['| size | params | epochs: MAE + fine-tune / scratch | mmLiT test top-1 (%) | mLiT test top-1 (%) | '
              'gain from pre-training | wall time: mmLiT (MAE + fine-tune) / mLiT | img/s: MAE / fine-tune / '
@@ -343,8 +348,8 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
     both = [z for z in sizes if f'mmlit_{z}' in rows and f'mlit_{z}' in rows]
     if both:
         helps = [z.upper() for z in both if rows[f'mmlit_{z}']['top1'] > rows[f'mlit_{z}']['top1']]
-        behind = [z.upper() for z in both if z.upper() not in helps]
-        missing = [name(k) for z in sizes if z not in both for k in (f'mmlit_{z}', f'mlit_{z}') if k not in rows]
+        behind = [z.upper() for z in both if rows[f'mmlit_{z}']['top1'] <= rows[f'mlit_{z}']['top1']]
+        missing = [_row_name(k) for z in sizes if z not in both for k in (f'mmlit_{z}', f'mlit_{z}') if k not in rows]
         verdict = 'no' if behind else 'open' if missing else 'yes'
         claims.append(f'pre-training helps at every size: {verdict} (mmLiT ahead at {", ".join(helps) or "no size"}'
                       + (f', not at {", ".join(behind)}' if behind else '')
@@ -354,7 +359,7 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
         if len(have) > 1:
             top1 = [rows[f'{kind}_{z}']['top1'] for z in have]
             order = all(a < b for a, b in zip(top1, top1[1:]))  # an order broken among the tested ones stays broken
-            missing = [name(f'{kind}_{z}') for z in sizes if z not in have]
+            missing = [_row_name(f'{kind}_{z}') for z in sizes if z not in have]
             verdict = 'no' if not order else 'open' if missing else 'yes'
             so_far = f' ({" > ".join(z.upper() for z in reversed(have))}; {", ".join(missing)} not tested)' \
                 if missing and order else ''
@@ -365,6 +370,11 @@ def size_table(data: dict, sizes: Sequence[str] = tuple(SCHEDULE)) -> str:
 
 
 ZOO_KEYS = tuple(f'{kind}_{z}' for kind in ('mmlit', 'mlit') for z in SCHEDULE)  # the results' row order
+
+
+def _zoo_order(key: str) -> Tuple[int, str]:
+    """The results' row order: ZOO_KEYS first, in its order, then any other key by name."""
+    return ZOO_KEYS.index(key) if key in ZOO_KEYS else len(ZOO_KEYS), key
 
 
 def recorded_rows(results_dir: str) -> Dict[str, dict]:
@@ -408,8 +418,7 @@ def unfinished_runs(plan: fm.Plan, previous: Sequence[dict], tested: Sequence[st
                            epochs_done=len(top1), val_top1=top1, wall_s=None if wall is None else round(wall, 1),
                            hardware=fm.hardware(plan.device), out=plan.out,
                            written=datetime.now().isoformat(timespec='seconds'))
-    return sorted(runs.values(), key=lambda u: (ZOO_KEYS.index(u['key']) if u['key'] in ZOO_KEYS else len(ZOO_KEYS),
-                                                 u['key']))
+    return sorted(runs.values(), key=lambda u: _zoo_order(u['key']))
 
 
 def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
@@ -437,8 +446,7 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
     kept = [r for r in previous.get('rows', []) if r['key'] not in finished]
     for r in kept:  # rows written before each row recorded its own: the meta of the results that held them
         r.setdefault('measured', {k: previous['meta'].get(k) for k in ('hardware', 'code', 'out')})
-    rows = sorted(rows + kept, key=lambda r: (ZOO_KEYS.index(r['key']) if r['key'] in ZOO_KEYS else len(ZOO_KEYS),
-                                              r['key']))
+    rows = sorted(rows + kept, key=lambda r: _zoo_order(r['key']))
     unfinished = unfinished_runs(plan, previous.get('unfinished', []), [r['key'] for r in rows])
     sizes = tuple(z for z in SCHEDULE if z in plan.budget.sizes or any(r['arch'] == f'mlit_{z}'
                                                                        for r in rows + unfinished))
@@ -477,7 +485,7 @@ def write_zoo_results(plan: fm.Plan, results_dir: str) -> Dict[str, str]:
                   'Time spent so far | Machine |', '|---|---:|---|---:|---|']
         lines += [f'| {u["model"]} | {u["epochs_done"]} of {u["epochs"]} | '
                   f'{" / ".join(f"{v:.2f}" for v in u["val_top1"])} | '
-                  f'{"-" if u["wall_s"] is None else fm.fmt_s(u["wall_s"])} | {u["hardware"].split(",")[0]} |'
+                  f'{"-" if u["wall_s"] is None else fm.fmt_s(u["wall_s"])} | {_machine_name(u["hardware"])} |'
                   for u in unfinished]
     written = f'Written by benchmarks/fashion_mnist_zoo.py at {meta["written"]}'
     lines += ['', f'{written}; the curves: {os.path.basename(png)}.' if png else f'{written}.']
