@@ -377,3 +377,13 @@ def test_readme_fashion_mnist_table_and_groups_are_the_benchmarks():
         assert f'- {line}' in README.splitlines(), line
     meta = json.loads((results / 'mobile_vmoe_fashion_mnist.json').read_text())['meta']
     assert f"--epochs {meta['epochs']}" in README and (results / 'mobile_vmoe_fashion_mnist_confusion.png').is_file()
+
+
+@pytest.mark.parametrize('name, kwargs', [('mobile_vmoe_vit_xxs_patch3_36', {}), ('mlit_xxs', dict(moe_routing='image'))])
+def test_an_empty_batch_gives_empty_logits_in_eval_and_training(name, kwargs):
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    x = torch.randn(0, 3, 36, 36)
+    assert model.eval()(x).shape == (0, 10)
+    y = model.train()(x)
+    y.sum().backward()
+    assert y.shape == (0, 10) and float(model.moe_loss()) == 0.

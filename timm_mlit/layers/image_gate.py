@@ -66,7 +66,8 @@ class ImageRouter(nn.Module):
         probs = logits.float().softmax(dim=-1)
         top_vals, top_idx = probs.topk(self.top_k, dim=-1)  # [B, k]
         gates = torch.zeros_like(probs).scatter(1, top_idx, top_vals).to(x.dtype)  # not renormalised
-        load = torch.zeros_like(probs[0]).scatter_add(0, top_idx.reshape(-1), torch.ones_like(top_vals).reshape(-1))
+        ones = torch.ones_like(top_vals).reshape(-1)
+        load = probs.new_zeros(self.num_experts).scatter_add(0, top_idx.reshape(-1), ones)  # [E]; a batch may be empty
         routing = Routing(gates, top_idx, probs.sum(0), load)
         if not torch.jit.is_scripting():
             self._record(logits, routing)
