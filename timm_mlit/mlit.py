@@ -22,6 +22,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (
     DropPath,
+    PatchDropout,
     PatchEmbed,
     resample_abs_pos_embed,
     resample_patch_embed,
@@ -185,6 +186,7 @@ class MLiT(nn.Module):
             moe_routing: str = 'token',
             drop_rate: float = 0.,
             pos_drop_rate: float = 0.,
+            patch_drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -218,6 +220,8 @@ class MLiT(nn.Module):
                 norm left it, and all its tokens follow; per layer, since the layers' expert counts differ).
             drop_rate: dropout before the head.
             pos_drop_rate: dropout after adding the positional embedding.
+            patch_drop_rate: share of the patch tokens dropped at random in training (timm's PatchDropout, as in
+                VisionTransformer); the dummy token is always kept, and evaluation sees every token.
             proj_drop_rate: dropout after the attention projection.
             attn_drop_rate: attention dropout.
             drop_path_rate: stochastic depth, rising linearly to this rate.
@@ -230,6 +234,7 @@ class MLiT(nn.Module):
             img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth, num_heads, num_kv_heads,
             hidden_dims, num_experts, top_k, expert_shared, noisy_gating, norm_layer, dtype,
             rates=dict(moe_drop_rate=moe_drop_rate, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
+                       patch_drop_rate=patch_drop_rate,
                        proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate),
             weights=dict(moe_loss_weight=moe_loss_weight, moe_loss_coef=moe_loss_coef))
         norm_layer = norm_layer or nn.LayerNorm
@@ -248,6 +253,8 @@ class MLiT(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.patch_drop = PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens) \
+            if patch_drop_rate > 0 else nn.Identity()
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # python floats: works on 'meta' too
         self.blocks = nn.Sequential(*[
@@ -343,7 +350,10 @@ class MLiT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
         B = x.shape[0]
-        x = self.forward_embed(x)
+        x = self.patch_drop(self.forward_embed(x))
+        if reshape and x.shape[1] != self.pos_embed.shape[1]:
+            raise ValueError(f'patch dropout kept {x.shape[1] - 1} of {self.pos_embed.shape[1] - 1} patch tokens '
+                             f'(training mode): output_fmt=\'NCHW\' needs them all; use eval() or output_fmt=\'NLC\'')
         if torch.jit.is_scripting() or not stop_early:
             blocks = self.blocks
         else:
@@ -385,7 +395,7 @@ class MLiT(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_embed(x)
+        x = self.patch_drop(self.forward_embed(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
