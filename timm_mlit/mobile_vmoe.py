@@ -11,7 +11,7 @@ Decisions where the paper is silent (also in the README):
     ablation: the router "gets information from the 12 - L ViT layers"). Its choice holds for every token of the
     image in all L MoE layers, so an image touches k experts per MoE layer and nothing else.
   * Combine weights: the chosen experts' softmax probabilities over all E, not renormalised (V-MoE's way; see
-    `layers.image_gate`), so that an end-to-end router learns from the classification loss even at k = 1.
+    `layers.image_router`), so that an end-to-end router learns from the classification loss even at k = 1.
   * Balance: the router's balance loss (mLiT's w·(CV²(importance) + CV²(load)) over the batch's images, w = 1e-2)
     stays on beside the super-class loss (`timm_mlit.task`), so that super-class and end-to-end training differ by
     the super-class term alone; at 1e-2 against λ = 0.3 it does not compete with it.
@@ -37,7 +37,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 from torch.jit import Final
 
 from ._checks import check_int, check_rate
-from .layers import ImageRouter, MlpExperts, Routing, moe_stats
+from .layers import ImageRouter, MlpExperts, Routing, image_routers, moe_stats
 
 __all__ = ['MobileVMoE', 'MobileVMoEBlock', 'image_routers']
 
@@ -216,11 +216,6 @@ class MobileVMoE(VisionTransformer):
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
-
-
-def image_routers(model: nn.Module) -> List[Tuple[str, ImageRouter]]:
-    """The per-image routers of `model` with their module names (one for a Mobile V-MoE, none for a dense model)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ImageRouter)]
 
 
 def _checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MobileVMoE) -> Dict[str, torch.Tensor]:

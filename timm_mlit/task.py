@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import ClassificationTask
 
-from .layers import ImageRouter
+from .layers import ImageRouter, image_routers
 from .superclasses import RouterTaskError, SuperClasses
 
 __all__ = ['SuperClassRouterTask', 'RouterAccuracy', 'RouterTaskError', 'superclass_targets', 'the_router']
@@ -37,13 +37,13 @@ def superclass_targets(target: torch.Tensor, class_to_super: torch.Tensor) -> to
 
 def the_router(model: nn.Module) -> ImageRouter:
     """The one per-image router of `model` (a Mobile V-MoE), whose logits the super-class loss reads."""
-    routers = [m for m in model.modules() if isinstance(m, ImageRouter)]
+    routers = image_routers(model)
     if len(routers) != 1:
         raise RouterTaskError(
             f'the super-class router loss needs a model with exactly one per-image router (a Mobile V-MoE such as '
             f'mobile_vmoe_vit_xxs_patch3_36 with moe_layers >= 1), found {len(routers)} in '
             f'{type(model).__name__}')
-    return routers[0]
+    return routers[0][1]
 
 
 class RouterAccuracy:

@@ -12,15 +12,16 @@ renormalisation a top-1 router would always weigh its expert by 1 and get no gra
 so an end-to-end router (no super-class loss) could not learn at k = 1.
 """
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .gate import Routing, moe_balance_loss
+from .stats import AddAuxiliaryLoss, RecordsBalanceLoss
 
-__all__ = ['ImageRouter', 'per_token']
+__all__ = ['ImageRouter', 'image_routers', 'per_token']
 
 
 def per_token(routing: Routing, tokens_per_image: int) -> Routing:
@@ -35,7 +36,7 @@ def per_token(routing: Routing, tokens_per_image: int) -> Routing:
     )
 
 
-class ImageRouter(nn.Module):
+class ImageRouter(RecordsBalanceLoss, nn.Module):
     """Mobile V-MoE's router g(x) = softmax(x·W_r) over E experts for one vector x per image (no bias, no noise).
 
     `forward(x)` routes images x [B, D] to their top-k experts, weighted by their softmax probabilities (module
@@ -89,7 +90,12 @@ class ImageRouter(nn.Module):
 
     @torch.jit.unused
     def _attach(self, y: torch.Tensor) -> torch.Tensor:
-        from .moe import AddAuxiliaryLoss
         if self.training and self.last_loss is not None and self.loss_weight > 0 and torch.is_grad_enabled():
             y = AddAuxiliaryLoss.apply(y, self.last_loss * self.loss_weight)
         return y
+
+
+def image_routers(model: nn.Module) -> List[Tuple[str, ImageRouter]]:
+    """The per-image routers of `model` with their module names (one for a Mobile V-MoE, none for a dense model or
+    an mLiT, whose per-image routing lives in its MoE layers' gates)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ImageRouter)]
