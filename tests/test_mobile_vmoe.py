@@ -379,7 +379,8 @@ def test_readme_fashion_mnist_table_and_groups_are_the_benchmarks():
     assert f"--epochs {meta['epochs']}" in README and (results / 'mobile_vmoe_fashion_mnist_confusion.png').is_file()
 
 
-@pytest.mark.parametrize('name, kwargs', [('mobile_vmoe_vit_xxs_patch3_36', {}), ('mlit_xxs', dict(moe_routing='image'))])
+@pytest.mark.parametrize('name, kwargs', [
+    ('mobile_vmoe_vit_xxs_patch3_36', {}), ('mlit_xxs', dict(moe_routing='image'))])
 def test_an_empty_batch_gives_empty_logits_in_eval_and_training(name, kwargs):
     model = timm.create_model(name, num_classes=10, **kwargs)
     x = torch.randn(0, 3, 36, 36)
@@ -387,3 +388,29 @@ def test_an_empty_batch_gives_empty_logits_in_eval_and_training(name, kwargs):
     y = model.train()(x)
     y.sum().backward()
     assert y.shape == (0, 10) and float(model.moe_loss()) == 0.
+
+
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_upcycling_with_normalized_combine_gives_the_dense_logits_at_step_0(top_k):
+    from timm_mlit.mobile_vmoe import _checkpoint_filter_fn
+    torch.manual_seed(0)
+    dense = small_model(moe_layers=0).eval()
+    x = torch.randn(4, 3, 36, 36)
+    for combine, same in (('normalized', True), ('softmax', False)):
+        moe = small_model(num_experts=4, top_k=top_k, router_combine=combine)
+        moe.load_state_dict(_checkpoint_filter_fn(dense.state_dict(), moe))
+        with torch.no_grad():
+            diff = (moe.eval()(x) - dense(x)).abs().max().item()
+        assert (diff < 1e-5) == same, (combine, diff)  # the V-MoE weights sum to < 1: the branch is scaled down
+
+
+def test_normalized_combine_weights_sum_to_one_and_still_train_a_top1_router():
+    from timm_mlit.layers import ImageRouter
+    router = ImageRouter(8, num_experts=4, top_k=1, combine='normalized')
+    x = torch.randn(5, 8)
+    routing = router(x)
+    torch.testing.assert_close(routing.gates.sum(1), torch.ones(5))
+    (routing.gates * torch.randn(5, 4)).sum().backward()
+    assert router.weight.grad.abs().sum() > 0  # plain renormalisation would give the router no gradient at k = 1
+    with pytest.raises(ValueError, match="router_combine 'mean'"):
+        ImageRouter(8, 4, combine='mean')

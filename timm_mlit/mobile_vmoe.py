@@ -11,7 +11,9 @@ Decisions where the paper is silent (also in the README):
     ablation: the router "gets information from the 12 - L ViT layers"). Its choice holds for every token of the
     image in all L MoE layers, so an image touches k experts per MoE layer and nothing else.
   * Combine weights: the chosen experts' softmax probabilities over all E, not renormalised (V-MoE's way; see
-    `layers.image_router`), so that an end-to-end router learns from the classification loss even at k = 1.
+    `layers.image_router`), so that an end-to-end router learns from the classification loss even at k = 1. They
+    sum to less than 1, so `router_combine='normalized'` (the same probabilities over their sum, the sum held
+    constant for the gradient) is offered for a start that computes what the dense source computes (upcycling).
   * Balance: the router's balance loss (mLiT's w·(CV²(importance) + CV²(load)) over the batch's images, w = 1e-2)
     stays on beside the super-class loss (`timm_mlit.task`), so that super-class and end-to-end training differ by
     the super-class term alone; at 1e-2 against λ = 0.3 it does not compete with it.
@@ -60,6 +62,7 @@ class MobileVMoEBlock(Block):
             top_k: int = 1,
             moe_loss_coef: float = 1e-2,
             moe_loss_weight: float = 1.0,
+            router_combine: str = 'softmax',
             mlp_layer=Mlp,
             **kwargs,
     ):
@@ -69,7 +72,7 @@ class MobileVMoEBlock(Block):
         super().__init__(dim, num_heads, mlp_layer=mlp_layer, depth=depth, **kwargs)
         self.is_moe = is_moe
         self.router = ImageRouter(
-            dim, num_experts, top_k, loss_coef=moe_loss_coef, loss_weight=moe_loss_weight,
+            dim, num_experts, top_k, loss_coef=moe_loss_coef, loss_weight=moe_loss_weight, combine=router_combine,
             device=kwargs.get('device'), dtype=kwargs.get('dtype')) if depth == first_moe_block else None
 
     def forward(self, x: torch.Tensor, routing: Optional[Routing] = None) -> Tuple[torch.Tensor, Optional[Routing]]:
@@ -115,6 +118,7 @@ class MobileVMoE(VisionTransformer):
             top_k: int = 1,
             moe_loss_coef: float = 1e-2,
             moe_loss_weight: float = 1.0,
+            router_combine: str = 'softmax',
             **kwargs,
     ):
         """
@@ -125,6 +129,9 @@ class MobileVMoE(VisionTransformer):
             top_k: experts per image (k; 1 or 2 in the paper).
             moe_loss_coef: w of the router's balance loss w·(CV²(importance) + CV²(load)) over the batch's images.
             moe_loss_weight: weight with which that loss reaches the gradients (0: recorded only).
+            router_combine: 'softmax' (V-MoE's combine weights, the default) or 'normalized' (weights that sum to
+                1, so that a model upcycled from a dense ViT computes what the ViT computes at step 0; see
+                `layers.image_router`).
             **kwargs: timm VisionTransformer arguments (img_size, patch_size, embed_dim, num_heads, mlp_ratio, ...).
         """
         _check_moe_args(depth, moe_layers, num_experts, top_k, moe_loss_coef, moe_loss_weight)
@@ -134,7 +141,7 @@ class MobileVMoE(VisionTransformer):
             raise ValueError('the router reads the class token: class_token=False needs moe_layers=0')
         block_fn = partial(
             MobileVMoEBlock, first_moe_block=depth - moe_layers, num_experts=num_experts, top_k=top_k,
-            moe_loss_coef=moe_loss_coef, moe_loss_weight=moe_loss_weight)
+            moe_loss_coef=moe_loss_coef, moe_loss_weight=moe_loss_weight, router_combine=router_combine)
         super().__init__(depth=depth, block_fn=block_fn, **kwargs)
         # a ModuleList, not timm's Sequential: the blocks pass (x, routing) along, which a Sequential cannot call
         # (TorchScript compiles every submodule's forward); the names stay blocks.<i>
