@@ -1,5 +1,6 @@
 """End-to-end tests of the pre-training program (timm_mlit.pretrain), on tiny synthetic image folders."""
 import csv
+import errno
 import os
 import shutil
 import subprocess
@@ -12,9 +13,11 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from test_files import dead_pid
 
 import timm_mlit  # noqa: F401
 from timm_mlit import precision
+from timm_mlit.files import lock_folder
 from timm_mlit.pretrain import PretrainError, main
 
 # a 3-layer encoder, no gate noise / MoE dropout: small, fast and deterministic up to the data pipeline
@@ -404,28 +407,93 @@ def test_every_option_has_help_and_there_is_a_version(capsys):
 
 # ---------------------------------------------------------------- interrupted writes leave nothing behind
 
-def _dead_pid():
-    pid = 999_999
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            pass
-        pid -= 1
-
-
 @pytest.mark.slow
 def test_files_left_by_a_killed_run_are_removed_on_resume(tmp_path, image_folder):
     out = run(tmp_path, image_folder, 'k', '-b', '8', '--epochs', '1')
-    dead = out / f'checkpoint-1.pth.tar.tmp.{_dead_pid()}'  # what a SIGKILL during torch.save leaves
+    dead = out / f'checkpoint-1.pth.tar.tmp.{dead_pid()}'  # what a SIGKILL during torch.save leaves
     dead.write_bytes(b'partial')
     live = out / f'checkpoint-1.pth.tar.tmp.{os.getppid()}'  # a writer that is still running: not ours to remove
     live.write_bytes(b'in progress')
     assert main(['--data-dir', image_folder, *TINY, '-b', '8', '--epochs', '2',
                  '--resume', str(out / 'last.pth.tar')]) == 0
     assert not dead.exists() and live.exists()
+
+
+# ---------------------------------------------------------------- one run per folder
+
+def _pretrain(*argv):
+    """timm-mlit-pretrain ARGV, started in its own process."""
+    return subprocess.Popen([sys.executable, '-m', 'timm_mlit.pretrain', *TINY, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def _files(folder):
+    return {p: (folder / p).read_bytes() for p in os.listdir(folder)}
+
+
+@pytest.mark.slow
+def test_a_new_run_never_writes_into_another_runs_folder(tmp_path, image_folder):
+    old = tmp_path / 'a'
+    old.mkdir()
+    for name in ('args.yaml', 'summary.csv', 'checkpoint-7.pth.tar', 'last.pth.tar'):
+        (old / name).write_text(f'{name} of an earlier run')
+    before = _files(old)
+    proc = _pretrain('--data-dir', image_folder, '--output', str(tmp_path), '--experiment', 'a', '-b', '8',
+                     '--train-num-samples', '8', '--epochs', '1')
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert _files(old) == before
+    assert (tmp_path / 'a-1' / 'last.pth.tar').exists() and f'this run writes {tmp_path / "a-1"}' in log
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_write_a_folder_each(tmp_path, image_folder):
+    procs = [_pretrain('--data-dir', image_folder, '--output', str(tmp_path), '--experiment', 'a', '-b', '8',
+                       '--train-num-samples', '8', '--epochs', '1', '--seed', str(seed)) for seed in (1, 2)]
+    for proc in procs:
+        log = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, log[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ['a', 'a-1']
+    seeds = set()
+    for folder in (tmp_path / 'a', tmp_path / 'a-1'):  # each folder one run's files: its args, rows, checkpoint
+        assert [r['epoch'] for r in summary(folder)] == ['0']
+        seed = yaml.safe_load((folder / 'args.yaml').read_text())['seed']
+        assert torch.load(folder / 'last.pth.tar', weights_only=True)['args']['seed'] == seed
+        seeds.add(seed)
+    assert seeds == {1, 2}
+
+
+@pytest.mark.slow
+def test_resuming_into_a_folder_another_run_holds_is_refused(tmp_path, image_folder):
+    out = run(tmp_path, image_folder, 'r', '-b', '8', '--train-num-samples', '8', '--epochs', '1')
+    with lock_folder(str(out)):
+        before = _files(out)
+        proc = _pretrain('--data-dir', image_folder, '-b', '8', '--train-num-samples', '8', '--epochs', '2',
+                         '--resume', str(out / 'last.pth.tar'))
+        log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1
+    assert log.splitlines()[-1] == (f'timm-mlit-pretrain: error: {out} is in use: another run (pid {os.getpid()}) '
+                                    f'holds it')
+    assert _files(out) == before
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, image_folder,
+                                                                                  monkeypatch):
+    save = torch.save
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        if obj.get('epoch') == 1:
+            f.write(b'the first part of a checkpoint')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', save_until_the_disk_is_full)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, image_folder, 'full', '-b', '8', '--train-num-samples', '8', '--epochs', '2')
+    out = tmp_path / 'full'
+    assert e.value.code == f'timm-mlit-pretrain: error: no space left on device writing {out}/checkpoint-1.pth.tar'
+    assert not [p for p in os.listdir(out) if '.tmp' in p] and not (out / 'checkpoint-1.pth.tar').exists()
+    assert torch.load(out / 'last.pth.tar', weights_only=True)['epoch'] == 0
 
 
 # ---------------------------------------------------------------- plots

@@ -14,13 +14,15 @@ resuming with a larger --epochs extends the run on the longer schedule, and argu
 are named in a warning. Every sample's augmentation and mask are drawn from (seed, epoch, index)
 (data.MAEPretrainDataset), so a run resumed with unchanged arguments repeats an uninterrupted one.
 
-Outputs in the experiment folder: args.yaml, summary.csv (one row per epoch, as timm's train.py), expert_load.csv
-(each expert's share of the routing, ΣP of eq. 5, per MoE layer per epoch), loss.png (every loss term of eq. 16
-on log-log axes, the paper's Fig. 6) and expert_load.png (one panel per MoE layer: each expert's share per epoch
-beside the even share), both redrawn after every epoch, checkpoint-<epoch>.pth.tar, last.pth.tar, and at the end
-encoder.safetensors (its metadata records the arch and the model kwargs): the head-less encoder for
-`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=0))` or timm's
-`train.py --pretrained-path PATH`.
+A run writes a folder of its own: where --output/--experiment names one that exists, NAME-1, NAME-2, ... (timm's
+get_outdir(inc=True)); only --resume goes on in its checkpoint's folder. A run holds its folder (a lock the kernel
+drops when the process ends): a second run on it stops with a one-line error. Outputs in the folder: args.yaml,
+summary.csv (one row per epoch, as timm's train.py), expert_load.csv (each expert's share of the routing, ΣP of
+eq. 5, per MoE layer per epoch), loss.png (every loss term of eq. 16 on log-log axes, the paper's Fig. 6) and
+expert_load.png (one panel per MoE layer: each expert's share per epoch beside the even share), both redrawn after
+every epoch, checkpoint-<epoch>.pth.tar, last.pth.tar, and at the end encoder.safetensors (its metadata records the
+arch and the model kwargs): the head-less encoder for `timm.create_model(name, pretrained=True,
+pretrained_cfg_overlay=dict(file=PATH, num_classes=0))` or timm's `train.py --pretrained-path PATH`.
 
 Multi-process runs: the MoE gate noise and dropout draw from each rank's own RNG, and each rank's balance loss
 (eq. 12) is a CV² over its own tokens; neither equals the single-process value. With the noise and dropout off and
@@ -61,7 +63,7 @@ from .checkpoint import (
 from .cli import HelpFormatter, exit_on_error
 from .data import MAEPretrainDataset
 from .engine import log_epoch, train_one_epoch
-from .files import atomic_write, check_writable_path, remove_stale_temporaries
+from .files import WriteError, atomic_write, check_writable_path, hold_folder, remove_stale_temporaries
 from .mae import MaskedAutoencoderMLiT
 from .mlit import MLiT
 from .plots import truncate_csv
@@ -400,28 +402,22 @@ def _setup(args) -> _Run:
                 device, start_epoch, num_epochs, global_batch)
 
 
-def _output_dir(args) -> str:
-    if args.resume and not args.experiment and not args.output:
-        return os.path.dirname(os.path.abspath(args.resume))
+def _hold_output(args):
+    """(the experiment folder, the lock holding it), on rank 0: never another run's (files.hold_folder)."""
+    if args.resume and not (args.experiment or args.output):
+        return hold_folder(os.path.dirname(os.path.abspath(args.resume)), resuming=args.resume)
     name = args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}-mae'
-    return os.path.join(args.output or os.path.join('output', 'pretrain'), name)
+    return hold_folder(os.path.join(args.output or os.path.join('output', 'pretrain'), name), resuming=args.resume)
 
 
 def _plain_args(args) -> Dict[str, Any]:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(args).items()}
 
 
-def _prepare_output(args, run: _Run) -> str:
-    """Create the experiment folder (rank 0): stale temporaries removed, args.yaml written, the CSV logs cut back
-    to the resume point. Returns its path."""
-    output_dir = _output_dir(args)
-    if args.rank != 0:
-        return output_dir
-    os.makedirs(output_dir, exist_ok=True)
-    removed = remove_stale_temporaries(output_dir)
-    if removed:
-        _logger.warning(f'Removed {len(removed)} incomplete file(s) an interrupted run left in {output_dir}: '
-                        + ', '.join(os.path.basename(p) for p in removed))
+def _prepare_output(args, run: _Run, output_dir: str):
+    """Rank 0's experiment folder: stale temporaries removed, args.yaml written, the CSV logs cut back to the resume
+    point."""
+    remove_stale_temporaries(output_dir)
     atomic_write(os.path.join(output_dir, 'args.yaml'), lambda f: f.write(yaml.safe_dump(_plain_args(args)).encode()))
     for name in ('summary.csv', 'expert_load.csv'):
         truncate_csv(os.path.join(output_dir, name), run.start_epoch)
@@ -431,7 +427,6 @@ def _prepare_output(args, run: _Run) -> str:
         f'+ {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M decoder params, {len(run.dataset)} images, '
         f'{args.world_size} process(es), global batch {run.global_batch}, lr {args.lr:.3e}, '
         f'epochs {run.start_epoch}..{run.num_epochs - 1}, output {output_dir}')
-    return output_dir
 
 
 def _gather_rng_states(args) -> list:
@@ -477,20 +472,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_default_logging()
     args = _parse_args(argv)
     # every error of the request (PretrainError, CheckpointError, the argument checks) before anything is written
-    with exit_on_error('timm-mlit-pretrain', (ValueError, FileNotFoundError)):
+    with exit_on_error('timm-mlit-pretrain'):
         _check_args(args)
         if args.export_only:
             return _export_only(args)
         run = _setup(args)
+        output_dir, lock = _hold_output(args) if args.rank == 0 else (None, nullcontext())
 
-    output_dir = _prepare_output(args, run)
-    for epoch in range(run.start_epoch, run.num_epochs):
-        _run_epoch(args, run, epoch, output_dir)
-    if args.rank == 0:
-        export_path = args.export_path or os.path.join(output_dir, 'encoder.safetensors')
-        path = export_encoder(run.model.state_dict(), export_path, arch=args.model, model_kwargs=args.model_kwargs)
-        _logger.info(f'Done. Encoder exported to {path}; loss curve in {os.path.join(output_dir, "loss.png")}, '
-                     f'expert load in {os.path.join(output_dir, "expert_load.png")}')
+    with lock, exit_on_error('timm-mlit-pretrain', (WriteError,)):  # a full disk: one line, the last checkpoint kept
+        if args.rank == 0:
+            _prepare_output(args, run, output_dir)
+        for epoch in range(run.start_epoch, run.num_epochs):
+            _run_epoch(args, run, epoch, output_dir)
+        if args.rank == 0:
+            export_path = args.export_path or os.path.join(output_dir, 'encoder.safetensors')
+            path = export_encoder(run.model.state_dict(), export_path, arch=args.model, model_kwargs=args.model_kwargs)
+            _logger.info(f'Done. Encoder exported to {path}; loss curve in {os.path.join(output_dir, "loss.png")}, '
+                         f'expert load in {os.path.join(output_dir, "expert_load.png")}')
     if args.distributed:
         dist.barrier()
         dist.destroy_process_group()
