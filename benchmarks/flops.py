@@ -30,9 +30,10 @@ DEFAULT_SPECS = ['mlit_xxs', 'mlit_xxs@sparse', 'vit_twin@mlit_xxs', 'mlit_xs', 
                  'mlit_s', 'mlit_s@sparse', 'vit_twin@mlit_s']
 
 
-def count_flops(model: torch.nn.Module, batch: int = 4, train: bool = False) -> float:
-    """FLOPs per image of one forward (eval mode, no autograd) or, with `train`, one forward and backward."""
-    x = torch.randn(batch, 3, 36, 36)
+def count_flops(model: torch.nn.Module, batch: int = 4, train: bool = False, input_size=(3, 36, 36)) -> float:
+    """FLOPs per image of one forward (eval mode, no autograd) or, with `train`, one forward and backward; a
+    multiply-add counts as two."""
+    x = torch.randn(batch, *input_size)
     model.train(train)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         if train:

@@ -414,3 +414,20 @@ def test_normalized_combine_weights_sum_to_one_and_still_train_a_top1_router():
     assert router.weight.grad.abs().sum() > 0  # plain renormalisation would give the router no gradient at k = 1
     with pytest.raises(ValueError, match="router_combine 'mean'"):
         ImageRouter(8, 4, combine='mean')
+
+
+def test_size_sweep_table_is_the_counters_and_lists_every_registered_size():
+    import json
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[1] / 'benchmarks'
+    sys.path.insert(0, str(bench))
+    from mobile_vmoe_sizes import measure
+    recorded = {r['model']: r for r in json.loads((bench / 'results' / 'mobile_vmoe_sizes.json').read_text())['rows']}
+    assert set(recorded) == set(timm.list_models('mobile_vmoe_*'))
+    for row in measure(['mobile_vmoe_vit_6x96_patch32_224', 'mobile_vmoe_vit_xxs_patch3_36']):
+        assert row == recorded[row['model']]
+    # the sweep's ends: ViT-Tiny's 11.05M / 6.31M (paper §3), and a dense twin of about 54 M multiply-adds
+    tiny = recorded['mobile_vmoe_vit_tiny_patch16_224']
+    assert (tiny['params_m'], tiny['touched_m']) == (11.05, 6.31)
+    assert abs(recorded['mobile_vmoe_vit_6x96_patch32_224']['dense_mmac'] - 54) < 0.1 * 54

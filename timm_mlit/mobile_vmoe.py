@@ -22,7 +22,13 @@ Models: `mobile_vmoe_vit_tiny_patch16_224` is the paper's setting (ViT-Tiny: 12 
 MoE in the last L = 2 layers, E = 10, k = 2: with k = 2 it has the paper's 11.05M parameters of which an image touches
 6.31M, §3); `mobile_vmoe_vit_xxs_patch3_36` has mLiT-XXS's input, patch, width and depth (36x36, 3x3 patches, 108
 wide, 9 layers, 6 heads, MLP ratio 2) and k = 1, the per-image compute of its dense twin, for small datasets.
-`moe_layers=0` gives the dense twin of either (the same ViT without MoE: timm's VisionTransformer with the same
+The paper's size sweep, ViT-Small down to "only 54M FLOPs" (the paper counts a multiply-add as one FLOP, as ViT-S/16's
+usual 4.6 G does; a FLOP counter that counts two measures 9.2 G): `mobile_vmoe_vit_small_patch16_224`,
+`..._tiny_patch16_224`, `..._tiny_patch32_224`, `..._12x128_patch32_224` and `..._6x96_patch32_224`, whose dense twin
+does 51 M multiply-adds per image; only patch 32 gets that low at 224 (the smallest patch-16 ViT measured, 6 layers
+of 64, does 98 M). The widths and depths between the named ends are not in the notes: a decision, measured by
+benchmarks/mobile_vmoe_sizes.py.
+`moe_layers=0` gives the dense twin of any of them (the same ViT without MoE: timm's VisionTransformer with the same
 arguments, weights interchangeable); `num_experts` and `top_k` are model kwargs. mLiT with per-image routing is
 `mlit_*(moe_routing='image')`.
 """
@@ -261,7 +267,11 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
+    'mobile_vmoe_vit_small_patch16_224.untrained': _cfg(),
     'mobile_vmoe_vit_tiny_patch16_224.untrained': _cfg(),
+    'mobile_vmoe_vit_tiny_patch32_224.untrained': _cfg(),
+    'mobile_vmoe_vit_12x128_patch32_224.untrained': _cfg(),
+    'mobile_vmoe_vit_6x96_patch32_224.untrained': _cfg(),
     'mobile_vmoe_vit_xxs_patch3_36.untrained': _cfg(num_classes=100, input_size=(3, 36, 36), crop_pct=1.0),
 })
 
@@ -279,11 +289,44 @@ def _create_mobile_vmoe(variant: str, pretrained: bool = False, **kwargs) -> Mob
 
 
 @register_model
+def mobile_vmoe_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> MobileVMoE:
+    """Mobile V-MoE ViT-Small (the largest of the paper's sweep): 12 layers, 384 wide, 6 heads, patch 16; MoE in the
+    last 2, 10 experts, k=2."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, moe_layers=2, num_experts=10, top_k=2)
+    return _create_mobile_vmoe('mobile_vmoe_vit_small_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
 def mobile_vmoe_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MobileVMoE:
     """Mobile V-MoE ViT-Tiny (arXiv 2309.04354): 12 layers, 192 wide, 3 heads, MoE in the last 2, 10 experts, k=2
     (11.05M parameters, 6.31M of them touched per image: the paper's §3 figures)."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, moe_layers=2, num_experts=10, top_k=2)
     return _create_mobile_vmoe('mobile_vmoe_vit_tiny_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mobile_vmoe_vit_tiny_patch32_224(pretrained: bool = False, **kwargs) -> MobileVMoE:
+    """Mobile V-MoE ViT-Tiny at patch 32, a quarter of ViT-Tiny/16's compute: 12 layers, 192 wide, 3 heads; MoE in
+    the last 2, 10 experts, k=2."""
+    model_args = dict(patch_size=32, embed_dim=192, depth=12, num_heads=3, moe_layers=2, num_experts=10, top_k=2)
+    return _create_mobile_vmoe('mobile_vmoe_vit_tiny_patch32_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mobile_vmoe_vit_12x128_patch32_224(pretrained: bool = False, **kwargs) -> MobileVMoE:
+    """A step of the paper's sweep below ViT-Tiny: 12 layers, 128 wide, 2 heads, patch 32; MoE in the last 2,
+    10 experts, k=2."""
+    model_args = dict(patch_size=32, embed_dim=128, depth=12, num_heads=2, moe_layers=2, num_experts=10, top_k=2)
+    return _create_mobile_vmoe('mobile_vmoe_vit_12x128_patch32_224', pretrained=pretrained,
+                               **dict(model_args, **kwargs))
+
+
+@register_model
+def mobile_vmoe_vit_6x96_patch32_224(pretrained: bool = False, **kwargs) -> MobileVMoE:
+    """The small end of the paper's sweep ("only 54M FLOPs", counted as multiply-adds): 6 layers, 96 wide, 3
+    heads, patch 32, 51 M multiply-adds per image for its dense twin; MoE in the last 2, 10 experts, k=2."""
+    model_args = dict(patch_size=32, embed_dim=96, depth=6, num_heads=3, moe_layers=2, num_experts=10, top_k=2)
+    return _create_mobile_vmoe('mobile_vmoe_vit_6x96_patch32_224', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
