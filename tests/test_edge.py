@@ -102,3 +102,83 @@ def test_readme_export_command_writes_the_shipped_classifier_as_int8(tmp_path):
     with torch.no_grad():
         agree = (_run(str(tmp_path / 'mlit_xxs_int8.onnx'), x).argmax(1) == model(x).argmax(1)).float().mean()
     assert agree >= 0.75
+
+
+# ------------------------------------------------------------------------------ the command line, from checkpoints
+
+def _export_cli(*argv: str):
+    """timm-mlit-export as a console script, in a process of its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    exe = Path(sys.executable).parent / 'timm-mlit-export'
+    return subprocess.run([str(exe) if exe.exists() else 'timm-mlit-export', *argv], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('model_name,model_kwargs,gp,recorded', [
+    ('mlit_xxs', {'top_k': 1}, 'avg', True),  # routing and pooling, that the weights cannot tell
+    ('mobile_vmoe_vit_xxs_patch3_36', {'num_experts': 4}, None, True),  # docs/mobile_vmoe.md's Mobile V-MoE recipe
+    ('mobile_vmoe_vit_xxs_patch3_36', {'num_experts': 4, 'top_k': 2}, None, False),  # a bare state dict
+])
+def test_checkpoint_exports_the_model_it_was_trained_as(model_name, model_kwargs, gp, recorded, tmp_path):
+    from test_publish import _train_py_checkpoint, _trained
+    checkpoint, out = tmp_path / 'last.pth.tar', tmp_path / 'model.onnx'
+    model = _trained(model_name, seed=3, num_classes=10, **model_kwargs, **({'global_pool': gp} if gp else {}))
+    if recorded:
+        _train_py_checkpoint(checkpoint, model, model_name, model_kwargs, gp)
+    else:
+        torch.save(model.state_dict(), checkpoint)
+    extra = [] if recorded else ['--model-kwargs'] + [f'{k}={v}' for k, v in model_kwargs.items()]
+    proc = _export_cli(model_name, str(out), '--checkpoint', str(checkpoint), *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    x = torch.randn(16, 3, 36, 36, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+    got = _run(str(out), x)
+    assert (got - expected).abs().max() < 1e-4
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_model_from_a_checkpoint_is_the_trained_model_and_a_mae_is_refused(tmp_path):
+    from test_publish import _train_py_checkpoint, _trained
+
+    from timm_mlit.checkpoint import CheckpointError
+    model = _trained('mlit_xxs', seed=3, num_classes=10, depth=3, top_k=1, global_pool='avg')
+    checkpoint = _train_py_checkpoint(tmp_path / 'ck.pth.tar', model, 'mlit_xxs', {'depth': 3, 'top_k': 1}, 'avg')
+    x = torch.randn(8, 3, 36, 36, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(edge.model_from_checkpoint('mlit_xxs', str(checkpoint))(x), model(x))
+    with pytest.raises(CheckpointError, match='masked autoencoder'):
+        edge.model_from_checkpoint('mlit_xxs', str(_pretraining_checkpoint(tmp_path, 'pretrain')))
+
+
+def _pretraining_checkpoint(tmp_path, kind: str):
+    from timm_mlit.checkpoint import CHECKPOINT_FORMAT
+    from timm_mlit.mae import MaskedAutoencoderMLiT
+    mae = MaskedAutoencoderMLiT('mlit_xxs', depth=3)
+    if kind == 'pretrain':  # timm-mlit-pretrain's last.pth.tar
+        path = tmp_path / 'run' / 'last.pth.tar'
+        path.parent.mkdir()
+        torch.save({'format': CHECKPOINT_FORMAT, 'epoch': 4, 'arch': 'mlit_xxs', 'model_kwargs': {'depth': 3},
+                    'state_dict': mae.state_dict(), 'optimizer': {}, 'args': {'model': 'mlit_xxs'}}, path)
+    else:  # a whole masked autoencoder's state dict
+        path = tmp_path / 'mae.pth'
+        torch.save(mae.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['pretrain', 'mae_state_dict'])
+def test_pretraining_checkpoint_is_one_line_saying_how_to_export_its_encoder(kind, tmp_path):
+    checkpoint = _pretraining_checkpoint(tmp_path, kind)
+    proc = _export_cli('mlit_xxs', str(tmp_path / 'out.onnx'), '--checkpoint', str(checkpoint), '--num-classes',
+                       '10')
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('timm-mlit-export: error: '), proc.stderr[-3000:]
+    assert str(checkpoint) in lines[0] and 'masked autoencoder' in lines[0]
+    # the route to its encoder: the pre-training's encoder export, or publishing the encoder first
+    assert ('encoder.safetensors' if kind == 'pretrain' else 'timm-mlit-publish') in lines[0]
+    assert not (tmp_path / 'out.onnx').exists()

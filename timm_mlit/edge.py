@@ -2,7 +2,13 @@
 
     timm-mlit-export mlit_xxs mlit_xxs.onnx --pretrained                 # float32 graph, batch size free
     timm-mlit-export mlit_xxs mlit_xxs_int8.onnx --pretrained --int8     # int8 weights (dynamic quantization)
-    timm-mlit-export mlit_xxs out.onnx --checkpoint output/train/RUN/model_best.pth.tar --num-classes 10
+    timm-mlit-export mlit_xxs out.onnx --checkpoint output/train/RUN/model_best.pth.tar
+    timm-mlit-export mobile_vmoe_vit_xxs_patch3_36 out.onnx --num-classes 10 --model-kwargs num_experts=4
+
+A checkpoint's model is built as it was trained, as timm-mlit-publish builds it (checkpoint.build_model): the head,
+channels and image size its weights tell, then the kwargs it records (train.py's --model-kwargs and --gp, a
+pre-training export's model_kwargs), then --num-classes and --model-kwargs over them. A masked autoencoder's
+checkpoint (pre-training's last.pth.tar) is refused, saying how to export its encoder.
 
 The graph is `torch.onnx.export(dynamo=True)` of the model in eval mode, its batch dimension dynamic; the MoE layers
 take their fixed-shape ('dense') form there, every expert run and mixed by the gate, as under torch.compile.
@@ -25,11 +31,13 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.utils import ParseKwargs
 
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, build_model, read_checkpoint
 from .cli import HelpFormatter, exit_on_error
 from .files import atomic_write, check_writable_path
 
-__all__ = ['export_onnx', 'quantize_int8', 'onnx_session', 'main']
+__all__ = ['export_onnx', 'quantize_int8', 'onnx_session', 'model_from_checkpoint', 'main']
 
 PROG = 'timm-mlit-export'
 
@@ -118,13 +126,41 @@ def quantize_int8(src: str, dst: str) -> str:
     return dst
 
 
+def _mae_note(path: str, meta: dict, model_name: str) -> str:
+    """What a masked autoencoder's checkpoint is and how to export its encoder, in a sentence."""
+    arch = meta.get('arch') or model_name
+    if meta.get('format') == CHECKPOINT_FORMAT:
+        encoder = os.path.join(os.path.dirname(path), 'encoder.safetensors')
+        return (f'{path} is a timm-mlit-pretrain checkpoint ({arch}, epoch {meta.get("epoch", "?")}): a whole masked '
+                f'autoencoder, decoder included, whose encoder has no classifier head. To export the encoder, give '
+                f'the encoder.safetensors that pre-training writes at its end: `{PROG} {arch} OUT.onnx --checkpoint '
+                f'{encoder}` (`timm-mlit-pretrain --export-only {path} --export-path FILE` writes this epoch\'s)')
+    return (f'{path} holds a whole masked autoencoder (encoder and decoder, as pre-training trains it), not a model to '
+            f'export. To export its encoder, publish it first: `timm-mlit-publish {path} --model {arch} --output-dir '
+            f'DIR`, then `{PROG} local-dir:DIR OUT.onnx --pretrained`')
+
+
+def model_from_checkpoint(model_name: str, path: str, model_kwargs: Optional[dict] = None) -> nn.Module:
+    """`model_name` built as the checkpoint at `path` was trained and loaded (checkpoint.build_model), `model_kwargs`
+    over the kwargs it records; eval mode."""
+    state_dict, meta = read_checkpoint(path)
+    if meta.get('masked_autoencoder'):
+        raise CheckpointError(_mae_note(path, meta, model_name))
+    return build_model(model_name, state_dict, meta, path, model_kwargs)[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__)
     parser.add_argument('model', help='a timm model name (mlit_xxs, mlit_xxs.mae_ft_fashion_mnist, ...)')
     parser.add_argument('output', help='the ONNX file to write')
-    parser.add_argument('--pretrained', action='store_true', help="the model's pretrained weights")
-    parser.add_argument('--checkpoint', default='', help='weights from a checkpoint (timm.models.load_checkpoint)')
-    parser.add_argument('--num-classes', type=int, default=None, help="the head's classes (default: the model's)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--pretrained', action='store_true', help="the model's pretrained weights")
+    weights.add_argument('--checkpoint', default='',
+                         help='weights from a checkpoint, the model built as it records (train.py, encoder export)')
+    parser.add_argument('--num-classes', type=int, default=None,
+                        help="the head's classes (default: the checkpoint's, else the model's)")
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help="model arguments, as train.py's --model-kwargs (over those the checkpoint records)")
     parser.add_argument('--int8', action='store_true', help='int8 weights (ONNX Runtime dynamic quantization)')
     return parser
 
@@ -133,19 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import timm
-    from timm.models import load_checkpoint
 
     import timm_mlit  # noqa: F401  (registers the models)
     check_writable_path(args.output, 'ONNX file')
     if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f'--checkpoint {args.checkpoint}: no such file')
-    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+        raise FileNotFoundError(f'--checkpoint {args.checkpoint}: ' + (
+            'a folder; give a checkpoint file in it' if os.path.isdir(args.checkpoint) else 'no such file'))
+    kwargs = dict(args.model_kwargs, **({} if args.num_classes is None else dict(num_classes=args.num_classes)))
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except RuntimeError as e:  # timm: unknown model, or no weights for the tag
+        if args.checkpoint:
+            model = model_from_checkpoint(args.model, args.checkpoint, kwargs)
+        else:
+            model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except (RuntimeError, TypeError) as e:  # timm: unknown model, no weights for the tag; a kwarg it does not take
         raise ValueError(f'cannot create {args.model}: {e}') from e
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
     if not args.int8:
         export_onnx(model, args.output)
     else:

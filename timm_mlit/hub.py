@@ -1,4 +1,5 @@
-"""Publishing mLiT weights: `timm-mlit-publish`, a thin layer over timm's save_for_hf and the Hugging Face Hub.
+"""Publishing weights of the package's models (mLiT, Mobile V-MoE): `timm-mlit-publish`, a thin layer over timm's
+save_for_hf and the Hugging Face Hub.
 
     timm-mlit-publish CHECKPOINT --model mlit_xxs --output-dir DIR [--tag TAG] [--ema] [--dataset cifar100]
         [--pretrain-dataset NAME] [--base-model ORG/NAME] [--metric top1=74.95 ...] [--label-names FILE]
@@ -15,18 +16,18 @@ CHECKPOINT may be
   `--ema` takes the EMA weights (and fails if there are none);
 - a plain state dict, .pth or .safetensors.
 
-The model is rebuilt as the checkpoint was trained (timm_mlit/model_card.py says how); keys or shapes that do not
-fit `--model` (another architecture, another size) are an error, as is a recorded 'arch' naming another model.
+The model is rebuilt as the checkpoint was trained (checkpoint.build_model); keys or shapes that do not fit
+`--model` (another architecture, another size) are an error, as is a recorded 'arch' naming another model.
 
 DIR receives what the Hub and timm read: `model.safetensors` (no pickle), `config.json` (timm's save_for_hf:
 architecture, num_classes, label_names, model_args = the creation kwargs, pretrained_cfg), a `README.md` model card
 (timm_mlit/model_card.py) and, when the checkpoint records its training arguments, `training_args.yaml`. The folder
 is built in a temporary folder beside DIR, loaded back with timm.create_model('local-dir:...') and checked to give
-the same outputs, then renamed into place: DIR is whole or absent. An existing DIR is an error unless --overwrite,
-which replaces only a folder this tool wrote (these files and nothing else) or an empty one, never one that is or
-holds CHECKPOINT. The temporary folders are named `.<DIR name>.<host>.<pid>.<random>.tmp` (`.old` for the previous
-DIR while it is swapped out); a later publish to DIR removes those of processes that are gone and, if DIR is
-missing, puts a swapped-out previous DIR back.
+the same outputs, then renamed into place: DIR is whole or absent, a full disk included. An existing DIR is an error
+unless --overwrite, which replaces only a folder this tool wrote (these files and nothing else) or an empty one,
+never one that is or holds CHECKPOINT. The temporary folders are named `.<DIR name>.<host>.<pid>.<random>.tmp`
+(`.old` for the previous DIR while it is swapped out); a later publish to DIR removes those of processes that are
+gone and, if DIR is missing, puts a swapped-out previous DIR back.
 
 `--repo-id` then uploads DIR as it is (HfApi.create_repo + upload_folder). timm's push_to_hf_hub is not used: it
 re-serialises the model into a folder of its own (pickle as well as safetensors by default) and keeps a Hub
@@ -39,7 +40,7 @@ Adding a pretrained tag (the procedure; one cfg entry + one file):
    `<data>` trained from scratch. It prints the cfg entry of step 3.
 2. Embed (small weights only, they ship in the wheel): publish with `--output-dir
    timm_mlit/weights/mlit_xxs.mae_ft_cifar100` (or move the folder there): the embedded copy is the Hub folder.
-3. Add the printed entry to `default_cfgs` in timm_mlit/mlit.py, e.g.
+3. Add the printed entry to `default_cfgs` in the module it names, e.g. in timm_mlit/mlit.py
    `'mlit_xxs.mae_ft_cifar100': _cfg(**weights_source('mlit_xxs.mae_ft_cifar100'), num_classes=100,
    label_names=LABEL_NAMES['cifar100']),`. weights_source (timm_mlit/_weights.py) gives it the hf_hub_id and, when
    the file of step 2 is there, the `file` that timm loads first. The first entry with weights becomes the arch's
@@ -58,11 +59,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
-from timm.models import is_model, save_for_hf, split_model_name_tag
+from safetensors import SafetensorError
+from timm.models import save_for_hf
 
 from . import __version__, model_card
 from ._weights import HF_HUB_ORG
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, build_model, from_pretraining, package_model, read_checkpoint, recorded_args
 from .cli import HelpFormatter, exit_on_error, log_to_stderr
 from .files import process_alive
 from .model_card import PublishError, model_stats, write_model_card  # (hub's names before the card had its module)
@@ -96,28 +98,16 @@ def load_checkpoint_state_dict(path: Path, use_ema: bool = False) -> Tuple[Dict[
 
 
 def _load_model(path: Path, model_name: str, use_ema: bool = False) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    arch = split_model_name_tag(model_name)[0]
-    if not arch.startswith('mlit_') or not is_model(arch):
-        raise PublishError(f'--model {model_name!r} is not an mLiT model (mlit_s, mlit_xs, mlit_xxs)')
+    if not package_model(model_name):
+        ours = ', '.join(m for m in timm.list_models() if package_model(m))
+        raise PublishError(f'--model {model_name!r} is not an mLiT model nor another model of timm-mlit ({ours})')
     state_dict, meta = load_checkpoint_state_dict(path, use_ema=use_ema)
-    ckpt_arch = meta.get('arch')
-    if ckpt_arch and split_model_name_tag(str(ckpt_arch))[0] != arch:
-        raise PublishError(f'checkpoint {path} was trained as {ckpt_arch!r}, not {arch!r}')
-    # what the weights cannot tell (pooling, routing, depth, expert counts, ...) the checkpoint records
-    kwargs = model_card.recorded_model_kwargs(state_dict, meta, str(path))
     try:
-        model = timm.create_model(arch, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise PublishError(f'cannot build {arch} with {kwargs} (from checkpoint {path}): {e}') from e
-
-    problems = model_card.state_dict_mismatches(model.state_dict(), state_dict, arch)
-    if problems:
-        raise PublishError(
-            f'checkpoint {path} does not fit {arch} built with {kwargs} (a checkpoint of another architecture or '
-            f'size?): {problems}')
-    model.load_state_dict(state_dict, strict=True)
+        model, kwargs = build_model(model_name, state_dict, meta, str(path))
+    except CheckpointError as e:
+        raise PublishError(str(e)) from e
     model.publish_model_args = kwargs
-    return model.eval(), meta
+    return model, meta
 
 
 def model_from_checkpoint(path: Path, model_name: str, use_ema: bool = False) -> torch.nn.Module:
@@ -225,7 +215,7 @@ def _check_output(output_dir: Path, checkpoint: Path, overwrite: bool):
 def _outputs_match(model: torch.nn.Module, folder: Path) -> bool:
     """Does timm, loading `folder`, give the model's outputs exactly?"""
     reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
-    x = torch.rand(1, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(1, *model_card.input_size(model), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return torch.equal(model(x), reloaded(x))
 
@@ -319,19 +309,27 @@ def publish(
     config = model_card.model_config(model, tag, dataset, label_names)
     arch = model.pretrained_cfg['architecture']
     title = f'{arch}.{tag}' if tag else arch
-    args = model_card.recorded_args(meta.get('args')) if training_args else {}
+    args = recorded_args(meta.get('args')) if training_args else {}
     card = dict(
         model_id=f'hf-hub:{repo_id or f"{HF_HUB_ORG}/{title}"}', title=title, license=license, dataset=dataset,
         pretrain_dataset=pretrain_dataset, metrics=metrics, description=description, base_model=base_model,
-        mae_pretrained=model_card.from_pretraining(meta) or tag.startswith('mae_'),
+        mae_pretrained=from_pretraining(meta) or tag.startswith('mae_'),
         training_args_file=TRAINING_ARGS_FILE if args else '', has_label_names='label_names' in config,
         commands=list(commands))
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    existed = os.path.lexists(output_dir)
     tmp = Path(tempfile.mkdtemp(prefix=_work_prefix(output_dir), suffix='.tmp', dir=output_dir.parent))
     try:
         _write_folder(tmp, model, config, args, card)
         _move_into_place(tmp, output_dir, checkpoint, overwrite)
+    except (OSError, SafetensorError) as e:  # a full disk; safetensors names the OS error in its own error's text
+        os_error = re.search(r'os error (\d+)', str(e))
+        if not (isinstance(e, OSError) or os_error):
+            raise
+        reason = os.strerror(int(os_error[1])) if os_error else e.strerror or str(e)
+        raise OSError(f'cannot write {output_dir}: {reason}; '
+                      + ('it is as it was' if existed else 'nothing was written')) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -382,12 +380,13 @@ def _parse_metric(text: str) -> Tuple[str, float]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=HelpFormatter,
-        description='Turn an mLiT checkpoint into a Hugging Face Hub / timm model folder: model.safetensors,\n'
-                    "timm's config.json, a model card and the recorded training arguments.")
+        description='Turn a checkpoint of a timm-mlit model (mLiT, Mobile V-MoE) into a Hugging Face Hub / timm\n'
+                    "model folder: model.safetensors, timm's config.json, a model card and the recorded training "
+                    'arguments.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     parser.add_argument('checkpoint', type=Path,
                         help='encoder .safetensors, pre-training or train.py checkpoint, or a state dict')
-    parser.add_argument('--model', required=True, help='architecture: mlit_s, mlit_xs or mlit_xxs')
+    parser.add_argument('--model', required=True, help='architecture: mlit_xxs, mobile_vmoe_vit_xxs_patch3_36, ...')
     parser.add_argument('--output-dir', required=True, type=Path,
                         help='folder to write; must not exist unless --overwrite')
     parser.add_argument('--tag', default='',
@@ -432,8 +431,7 @@ def _publish_and_push(args: argparse.Namespace):
         base_model=args.base_model, training_args=args.training_args, commands=commands)
     num_classes = json.loads((folder / 'config.json').read_text())['num_classes']
     print(f'wrote {folder}: {", ".join(sorted(p.name for p in folder.iterdir()))}')
-    entry = model_card.cfg_entry(args.model, args.tag, num_classes, args.dataset)
-    print(f'pretrained cfg entry for timm_mlit/mlit.py: {entry}')
+    print(model_card.cfg_entry(args.model, args.tag, num_classes, args.dataset))
     if args.repo_id:
         push_folder(folder, args.repo_id, private=args.private, revision=args.revision,
                     commit_message=args.commit_message)

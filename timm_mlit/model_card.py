@@ -1,19 +1,14 @@
-"""What a published folder says about its model: the card, the creation kwargs and the training arguments.
+"""What a published folder says about its model: the card, config.json's additions and the training arguments.
 
 The model card is README.md in the layout of timm's own: the Hub's metadata (library_name timm, license, tags,
 datasets, base_model, the measured metrics as model-index), Model Details with the measured params / GMACs /
-activations (`model_stats`), usage snippets that run as written, and the citations: mLiT (arXiv 2407.17783) and,
-for masked-autoencoder weights, MAE (arXiv 2111.06377).
+activations (`model_stats`), usage snippets that run as written, and the citations: the paper of the model's family
+(mLiT, arXiv 2407.17783; Mobile V-MoE, arXiv 2309.04354) and, for masked-autoencoder weights, MAE (arXiv 2111.06377).
 
-The checkpoint says what it is: the head's rows give num_classes (0 for a head-less encoder), the patch projection
-the input channels, the positional embedding the image size; what the weights cannot tell (pooling, routing top-k,
-depth, expert counts, ...) comes from the kwargs the checkpoint recorded (`model_kwargs`, train.py's
---model-kwargs and --gp). These kwargs are config.json's model_args; the recorded training arguments go to
-`training_args.yaml`, which the card links to.
+The creation kwargs (config.json's model_args) are what the checkpoint records (checkpoint.recorded_model_kwargs);
+the recorded training arguments go to `training_args.yaml`, which the card links to.
 """
-import argparse
 import json
-import math
 import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -21,21 +16,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
-from timm.models import split_model_name_tag
+from timm.models import model_entrypoint, split_model_name_tag
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._weights import LABEL_NAMES
+from .checkpoint import checkpoint_args  # noqa: F401  (run.py and the benchmarks import it from here)
 from .layers import MoE, named_moe_layers
 
-__all__ = ['model_stats', 'write_model_card', 'write_training_args', 'recorded_args', 'recorded_model_kwargs',
-           'from_pretraining', 'read_label_names', 'model_config', 'cfg_entry', 'hub_repo_id', 'PublishError',
-           'state_dict_mismatches']
+__all__ = ['model_stats', 'input_size', 'write_model_card', 'write_training_args', 'read_label_names', 'model_config',
+           'cfg_entry', 'hub_repo_id', 'PublishError']
 
-_PRETRAIN_FORMAT = 'timm-mlit-pretrain/'
 _REPO_ID_RE = re.compile(r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$')
 _MLIT_PAPER = ('How Lightweight Can A Vision Transformer Be', 'https://arxiv.org/abs/2407.17783')
+_VMOE_PAPER = ('Mobile V-MoEs: Scaling Down Vision Transformers via Sparse Mixture-of-Experts',
+               'https://arxiv.org/abs/2309.04354')
 _MAE_PAPER = ('Masked Autoencoders Are Scalable Vision Learners', 'https://arxiv.org/abs/2111.06377')
 _CITATIONS = {
     _MLIT_PAPER: '@article{tan2024mlit,\n  title={How Lightweight Can A Vision Transformer Be},\n'
@@ -43,6 +39,18 @@ _CITATIONS = {
     _MAE_PAPER: '@inproceedings{he2022masked,\n  title={Masked Autoencoders Are Scalable Vision Learners},\n'
                 '  author={He, Kaiming and Chen, Xinlei and Xie, Saining and Li, Yanghao and Doll{\\\'a}r, Piotr '
                 'and Girshick, Ross},\n  booktitle={CVPR},\n  year={2022}\n}',
+    _VMOE_PAPER: '@article{daxberger2023mobile,\n  title={Mobile V-MoEs: Scaling Down Vision Transformers via Sparse '
+                 'Mixture-of-Experts},\n  author={Daxberger, Erik and Weers, Floris and Zhang, Bowen and Gunter, Tom '
+                 'and Pang, Ruoming and Eichner, Marcin and Emmersberger, Michael and Yang, Yinfei and Toshev, '
+                 'Alexander and Du, Xianzhi},\n  journal={arXiv preprint arXiv:2309.04354},\n  year={2023}\n}',
+}
+# each model family of the package, by the module defining its model class: how the card names it, what it is, its
+# paper and its Hub tag
+_FAMILIES = {
+    'timm_mlit.mlit': ('An mLiT', 'a tiny vision transformer with Mixture-of-Experts feed-forward layers', _MLIT_PAPER,
+                       'mlit'),
+    'timm_mlit.mobile_vmoe': ('A Mobile V-MoE', 'a vision transformer whose last layers are mixtures of MLP experts, '
+                              'each image routed as a whole to k of them', _VMOE_PAPER, 'mobile-vmoe'),
 }
 
 
@@ -103,6 +111,11 @@ def model_stats(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[str, 
                 activations=activations.count)
 
 
+def input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) of the images the model was built for (timm's PatchEmbed records the size)."""
+    return (model.in_chans, *model.patch_embed.img_size)
+
+
 # ------------------------------------------------------------------------------------------------- the snippets
 
 _TRANSFORMS = (
@@ -118,13 +131,13 @@ _TRANSFORMS = (
 def _snippet_head(model: torch.nn.Module) -> str:
     """The imports and a stand-in image of the model's channels and size, that every snippet starts with."""
     mode, grey = ('L', '128') if model.in_chans == 1 else ('RGB', '(128, 128, 128)')
-    size = f'({model.img_size[1]}, {model.img_size[0]})'  # PIL: (width, height)
+    size = f'({input_size(model)[2]}, {input_size(model)[1]})'  # PIL: (width, height)
     return (
         "import timm\n"
         "import torch\n"
         "from PIL import Image\n"
         "\n"
-        "import timm_mlit  # noqa: F401  registers the mLiT models with timm (the timm-mlit package)\n"
+        "import timm_mlit  # noqa: F401  registers the timm-mlit package's models with timm\n"
         "\n"
         f"img = Image.new('{mode}', {size}, {grey})  # stands in for your image: "
         f"Image.open('image.png').convert('{mode}')\n"
@@ -189,7 +202,7 @@ def _embedding_snippet(model: torch.nn.Module, model_id: str, head: str, tokens:
 
 def _usage_snippets(model: torch.nn.Module, model_id: str, has_label_names: bool) -> str:
     """The Model Usage section, in the form of timm's cards; every block runs as written once `model_id` exists."""
-    x = torch.rand(1, model.in_chans, *model.img_size)
+    x = torch.rand(1, *input_size(model))
     with torch.no_grad():
         tokens = tuple(model.forward_features(x).shape)
         maps = [tuple(t.shape) for t in model.forward_intermediates(
@@ -216,7 +229,7 @@ def _code_url() -> str:
 
 
 def _card_data(title: str, task: str, license: str, dataset: str, pretrain_dataset: str,
-               metrics: Optional[Dict[str, float]], base_model: str):
+               metrics: Optional[Dict[str, float]], base_model: str, family_tag: str):
     """The card's YAML metadata, as the Hub reads it (model-index from the metrics)."""
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -233,12 +246,13 @@ def _card_data(title: str, task: str, license: str, dataset: str, pretrain_datas
     datasets = list(dict.fromkeys(d for d in (dataset, pretrain_dataset) if d))
     return ModelCardData(
         library_name='timm', license=license, pipeline_tag=task, model_name=title,
-        tags=[task, 'timm', 'timm-mlit', 'mlit', 'vision-transformer', 'mixture-of-experts'],
+        tags=[task, 'timm', 'timm-mlit', family_tag, 'vision-transformer', 'mixture-of-experts'],
         datasets=datasets or None, base_model=base_model or None, eval_results=eval_results,
     )
 
 
-def _intro(classifier: bool, mae_pretrained: bool, dataset: str, pretrain_dataset: str, base_model: str) -> str:
+def _intro(family: Tuple[Any, ...], classifier: bool, mae_pretrained: bool, dataset: str, pretrain_dataset: str,
+           base_model: str) -> str:
     """One sentence: what the model is and how it was trained."""
     what = 'image classification model' if classifier else 'feature backbone (an encoder without classifier head)'
     origin = []
@@ -249,14 +263,14 @@ def _intro(classifier: bool, mae_pretrained: bool, dataset: str, pretrain_datase
         origin.append(('fine-tuned' if mae_pretrained or base_model else 'trained')
                       + (f' on {dataset}' if dataset else '')
                       + (f' from [{base_model}](https://huggingface.co/{base_model})' if base_model else ''))
-    return (f'An mLiT {what}: a tiny vision transformer with Mixture-of-Experts feed-forward layers'
+    return (f'{family[0]} {what}: {family[1]}'
             + (f', {", then ".join(origin)}' if origin else '') + '.')
 
 
 def _details(model: torch.nn.Module, papers: List[Tuple[str, str]], dataset: str, pretrain_dataset: str,
              base_model: str, training_args_file: str, metrics: Optional[Dict[str, float]]) -> List[str]:
     """The Model Details list, as in timm's cards."""
-    stats = model_stats(model, (model.in_chans, *model.img_size))
+    stats = model_stats(model, input_size(model))
     classifier = model.num_classes > 0
     details = [
         f'- **Model Type:** {"Image classification / feature backbone" if classifier else "Feature backbone"}',
@@ -264,7 +278,7 @@ def _details(model: torch.nn.Module, papers: List[Tuple[str, str]], dataset: str
         f'  - Params (M): {stats["params"] / 1e6:.3f}',
         f'  - GMACs: {stats["macs"] / 1e9:.3f}',
         f'  - Activations (M): {stats["activations"] / 1e6:.3f}',
-        f'  - Image size: {model.img_size[0]} x {model.img_size[1]}',
+        f'  - Image size: {input_size(model)[1]} x {input_size(model)[2]}',
         '- **Papers:**',
         *[f'  - {name}: {url}' for name, url in papers],
     ]
@@ -274,7 +288,7 @@ def _details(model: torch.nn.Module, papers: List[Tuple[str, str]], dataset: str
         details.append(f'- **Pretrain Dataset:** {pretrain_dataset}')
     if base_model:
         details.append(f'- **Base Model:** [{base_model}](https://huggingface.co/{base_model})')
-    details.append(f'- **Original:** {_code_url() or _MLIT_PAPER[1]} (timm-mlit, a timm plugin: import timm_mlit '
+    details.append(f'- **Original:** {_code_url() or papers[0][1]} (timm-mlit, a timm plugin: import timm_mlit '
                    'before creating the model)')
     if training_args_file:
         details.append(f'- **Training arguments:** [`{training_args_file}`]({training_args_file}), as the '
@@ -318,14 +332,15 @@ def write_model_card(
     """
     classifier = model.num_classes > 0
     task = 'image-classification' if classifier else 'image-feature-extraction'
-    card_data = _card_data(title, task, license, dataset, pretrain_dataset, metrics, base_model)
+    family = _FAMILIES[type(model).__module__]
+    card_data = _card_data(title, task, license, dataset, pretrain_dataset, metrics, base_model, family[3])
     mae_pretrained = mae_pretrained or bool(pretrain_dataset)
-    papers = [_MLIT_PAPER] + ([_MAE_PAPER] if mae_pretrained else [])
+    papers = [family[2]] + ([_MAE_PAPER] if mae_pretrained else [])
     details = _details(model, papers, dataset, pretrain_dataset, base_model, training_args_file, metrics)
     body = (
         f'# Model card for {title}\n\n'
         + (f'{description}\n\n' if description else '')
-        + f'{_intro(classifier, mae_pretrained, dataset, pretrain_dataset, base_model)}\n\n'
+        + f'{_intro(family, classifier, mae_pretrained, dataset, pretrain_dataset, base_model)}\n\n'
         + '## Model Details\n' + '\n'.join(details) + '\n\n'
         + '## Model Usage\n' + _usage_snippets(model, model_id, has_label_names)
         + (_training_section(commands) if commands else '')
@@ -335,26 +350,6 @@ def write_model_card(
 
 
 # ---------------------------------------------------------------------------------------- the training arguments
-
-def recorded_args(args: Any) -> Dict[str, Any]:
-    """A checkpoint's recorded arguments (train.py's Namespace, the pre-training's dict) as a dict."""
-    if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return dict(args) if isinstance(args, dict) else {}
-
-
-def checkpoint_args(path: Optional[str]) -> Optional[Dict[str, Any]]:
-    """The arguments the checkpoint at `path` records (timm's train.py stores its Namespace, timm-mlit-pretrain a
-    dict); None without a path or a readable checkpoint (whoever loads the file names its problem)."""
-    if not path:
-        return None
-    from .checkpoint import load_torch_file
-    try:
-        ckpt = load_torch_file(path)
-    except Exception:
-        return None
-    return recorded_args(ckpt.get('args')) if isinstance(ckpt, dict) else None
-
 
 def _plain(value: Any) -> Any:
     """`value` with only what YAML and JSON write: tuples as lists, other objects as their str."""
@@ -371,59 +366,6 @@ def write_training_args(path: Path, args: Dict[str, Any]):
     """The training arguments a checkpoint recorded, as YAML (the card links to this file)."""
     text = yaml.safe_dump(_plain(args), default_flow_style=False)  # as timm's train.py writes its args.yaml
     Path(path).write_text('# the training arguments the published checkpoint recorded\n' + text, encoding='utf-8')
-
-
-# ------------------------------------------------------------------------------ what the checkpoint records
-
-def _model_kwargs_from_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, Any]:
-    """num_classes, in_chans and img_size as the weights were trained."""
-    proj, pos_embed = state_dict.get('patch_embed.proj.weight'), state_dict.get('pos_embed')
-    if proj is None or pos_embed is None or proj.ndim != 4 or pos_embed.ndim != 3:
-        raise PublishError(f'{source} is not an mLiT checkpoint: no patch_embed.proj.weight / pos_embed')
-    grid = math.isqrt(pos_embed.shape[1] - 1)  # one dummy token, then a square grid of patches
-    if grid * grid != pos_embed.shape[1] - 1:
-        raise PublishError(f'{source}: pos_embed of {pos_embed.shape[1]} tokens is not 1 + a square patch grid')
-    head = state_dict.get('head.weight')
-    return dict(
-        num_classes=0 if head is None else head.shape[0],
-        in_chans=proj.shape[1],
-        img_size=grid * proj.shape[-1],
-    )
-
-
-def recorded_model_kwargs(state_dict: Dict[str, torch.Tensor], meta: Dict[str, Any], source: str) -> Dict[str, Any]:
-    """The creation kwargs of the model a checkpoint holds: from its weights, then those it records (a pre-training
-    checkpoint's or encoder export's `model_kwargs`, then --model-kwargs and --gp of its training args)."""
-    kwargs = _model_kwargs_from_state_dict(state_dict, source)
-    recorded = meta.get('model_kwargs')
-    if recorded is not None and not isinstance(recorded, dict):
-        raise PublishError(f'checkpoint {source}: its model_kwargs is a {type(recorded).__name__}, not a dict')
-    args = recorded_args(meta.get('args'))
-    kwargs.update(recorded or {}, **(args.get('model_kwargs') or {}))
-    if args.get('gp'):
-        kwargs['global_pool'] = args['gp']
-    return kwargs
-
-
-
-def state_dict_mismatches(expected: Dict[str, torch.Tensor], state_dict: Dict[str, torch.Tensor], arch: str) -> str:
-    """Why `state_dict` does not fit a model whose own state dict is `expected` ('' where it fits)."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    problems = []
-    for what, keys in (('missing', missing), ('unexpected', unexpected)):
-        if keys:
-            problems.append(f'{len(keys)} {what} keys ({", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""})')
-    if wrong:
-        k = wrong[0]
-        problems.append(f'{len(wrong)} shape mismatches (e.g. {k}: checkpoint {tuple(state_dict[k].shape)}, '
-                        f'{arch} {tuple(expected[k].shape)})')
-    return '; '.join(problems)
-
-def from_pretraining(meta: Dict[str, Any]) -> bool:
-    """Is this a pre-training checkpoint or the encoder exported from one?"""
-    return str(meta.get('format', '')).startswith(_PRETRAIN_FORMAT) or 'pre-training' in str(meta.get('source', ''))
 
 
 def _read_text(path: Path, option: str) -> str:
@@ -475,7 +417,7 @@ def model_config(model: torch.nn.Module, tag: str, dataset: str,
     """What config.json records beyond the model's own cfg: the label names, given or the dataset's."""
     # the tag and the input size go into the model's own pretrained_cfg: timm < 1.0.31 replaces a
     # model_config['pretrained_cfg'] wholesale instead of merging it, and does not read the size off the model
-    model.pretrained_cfg = dict(model.pretrained_cfg, tag=tag or None, input_size=(model.in_chans, *model.img_size))
+    model.pretrained_cfg = dict(model.pretrained_cfg, tag=tag or None, input_size=input_size(model))
     if label_names is None and dataset in LABEL_NAMES and len(LABEL_NAMES[dataset]) == model.num_classes:
         label_names = LABEL_NAMES[dataset]
     if label_names is None:
@@ -486,7 +428,9 @@ def model_config(model: torch.nn.Module, tag: str, dataset: str,
 
 
 def cfg_entry(model: str, tag: str, num_classes: int, dataset: str) -> str:
-    """The pretrained cfg entry of the published weights, for `default_cfgs` in timm_mlit/mlit.py."""
-    name = f'{split_model_name_tag(model)[0]}.{tag or "<tag>"}'
+    """Which pretrained cfg entry the published weights need, in `default_cfgs` of the model's module."""
+    arch = split_model_name_tag(model)[0]
+    name = f'{arch}.{tag or "<tag>"}'
     labels = f", label_names=LABEL_NAMES['{dataset}']" if dataset in LABEL_NAMES else ''
-    return f"'{name}': _cfg(**weights_source('{name}'), num_classes={num_classes}{labels}),"
+    return (f"pretrained cfg entry for {model_entrypoint(arch).__module__.replace('.', '/')}.py: "
+            f"'{name}': _cfg(**weights_source('{name}'), num_classes={num_classes}{labels}),")
