@@ -22,17 +22,19 @@ is what `timm-mlit-run train.py --superclasses FILE` reads.
 """
 import argparse
 import json
+import numbers
 import os
-import pickle
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from timm.utils import ParseKwargs
 
+from .cifar100 import COARSE_CLASSES, coarse_of_fine
 from .cli import HelpFormatter, exit_on_error
-from .files import atomic_write
+from .files import atomic_write, check_writable_path
 
 __all__ = ['RouterTaskError', 'SuperClasses', 'load_superclasses', 'confusion_graph', 'cluster_confusion',
            'cifar100_coarse', 'superclasses_from_confusion', 'main']
@@ -56,11 +58,14 @@ class SuperClasses:
     extra: Dict[str, object] = field(default_factory=dict)  # e.g. the confusion matrix the groups came from
 
     def __post_init__(self):
-        self.assignment = [int(s) for s in self.assignment]
-        _check_assignment(self.assignment, 'the division')
+        self.assignment = _check_assignment(self.assignment, 'the division')
         for what, names, n in (('class_names', self.class_names, self.num_classes),
                                ('superclass_names', self.superclass_names, self.num_superclasses)):
-            if names is not None and len(names) != n:
+            if names is None:
+                continue
+            if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(x, str) for x in names):
+                raise ValueError(f'{what} must be a list of names (strings), got {str(names)[:80]}')
+            if len(names) != n:
                 raise ValueError(f'{what} has {len(names)} names for {n} entries')
 
     @property
@@ -99,18 +104,41 @@ class SuperClasses:
 
     def save(self, path: str) -> str:
         text = json.dumps(self.to_json(), indent=1) + '\n'
-        return atomic_write(path, lambda f: f.write(text.encode()))
+        return atomic_write(in_its_folder(path), lambda f: f.write(text.encode()))
 
 
-def _check_assignment(assignment: Sequence[int], where: str):
+def in_its_folder(path: str) -> str:
+    """`path`, its folder made where missing (an output may name a new folder, as `check_writable_path` allows)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
+def _listed(items: List[int], most: int = 10) -> str:
+    """`items` as a list; of a longer one its first `most` and the count, so that a message stays a line."""
+    return str(items) if len(items) <= most else f'{str(items[:most])[:-1]}, ... ({len(items)} in all)]'
+
+
+def _index(value, what: str, n: int) -> int:
+    """`value` as an index in [0, n): an integer (a bool or a float, which int() would quietly turn into one, is
+    not), bounded before anything is built from it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f'{what} must be an integer, got {value!r}')
+    if not 0 <= value < n:
+        raise ValueError(f'{what} is {value}, out of range 0..{n - 1}')
+    return int(value)
+
+
+def _check_assignment(assignment: Sequence[int], where: str) -> List[int]:
+    """The assignment as ints, each a super-class in [0, C) (each of E super-classes non-empty: E <= C)."""
+    assignment = list(assignment)
     if not assignment:
         raise ValueError(f'{where} has no classes')
-    if min(assignment) < 0:
-        raise ValueError(f'{where} has a negative super-class index')
+    assignment = [_index(s, f'{where}: class {c}\'s super-class', len(assignment)) for c, s in enumerate(assignment)]
     missing = sorted(set(range(max(assignment) + 1)) - set(assignment))
     if missing:
         raise ValueError(f'{where} numbers its super-classes 0..{max(assignment)} but none has the classes of '
-                         f'super-class(es) {missing}: super-classes must be numbered 0..E-1, each non-empty')
+                         f'super-class(es) {_listed(missing)}: super-classes must be numbered 0..E-1, each non-empty')
+    return assignment
 
 
 def load_superclasses(path: str, num_classes: Optional[int] = None,
@@ -122,28 +150,41 @@ def load_superclasses(path: str, num_classes: Optional[int] = None,
         FileNotFoundError: no such file. ValueError: a file that is not one, or does not fit the model.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'super-class file {path} does not exist (write one with {PROG})')
+        what = 'is not a file' if os.path.exists(path) else 'does not exist'
+        raise FileNotFoundError(f'super-class file {path} {what} (write one with {PROG})')
     try:
         with open(path, encoding='utf-8') as f:
             data = json.load(f)
-        classes = data['classes']
-        index = [int(c['index']) for c in classes]
-        assignment = {int(c['index']): int(c['superclass']) for c in classes}
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, RecursionError) as e:
         raise ValueError(f'{path} is not a super-class file ({type(e).__name__}: {e}); write one with {PROG}') from e
-    if len(set(index)) != len(index):
-        dup = sorted({i for i in index if index.count(i) > 1})
-        raise ValueError(f'{path} lists class(es) {dup} more than once')
-    n = num_classes if num_classes is not None else max(index) + 1
+    classes = data.get('classes') if isinstance(data, dict) else None
+    if not isinstance(classes, list) or not all(isinstance(c, dict) for c in classes):
+        raise ValueError(f'{path} is not a super-class file: it has no "classes" list of {{"index": I, "superclass": '
+                         f'S}} entries; write one with {PROG}')
+    if not classes:
+        raise ValueError(f'{path} lists no classes')
+    # every index bounded by the class count before a set or a list is built from it
+    bound = max(len(classes), num_classes or 0)
+    index = [_index(c.get('index'), f'{path}: classes[{k}]: its index', bound) for k, c in enumerate(classes)]
+    assignment = {i: _index(c.get('superclass'), f'{path}: classes[{k}]: its superclass', len(classes))
+                  for k, (i, c) in enumerate(zip(index, classes))}
+    dup = sorted(i for i, count in Counter(index).items() if count > 1)
+    if dup:
+        raise ValueError(f'{path} lists class(es) {_listed(dup)} more than once')
+    n = num_classes if num_classes is not None else len(classes)
     uncovered = sorted(set(range(n)) - set(index))
     extra = sorted(set(index) - set(range(n)))
     if uncovered:
-        raise ValueError(f'{path} does not cover every class: class(es) {uncovered} of the {n} have no super-class')
+        raise ValueError(f'{path} does not cover every class: class(es) {_listed(uncovered)} of the {n} have no '
+                         f'super-class')
     if extra:
-        raise ValueError(f'{path} lists class(es) {extra}, but the model has {n} classes (0..{n - 1})')
-    names = [c.get('name') for c in sorted(classes, key=lambda c: int(c['index']))]
-    sc = SuperClasses([assignment[c] for c in range(n)], class_names=names if all(names) else None,
-                      superclass_names=data.get('superclass_names'), source=data.get('source', ''))
+        raise ValueError(f'{path} lists class(es) {_listed(extra)}, but the model has {n} classes (0..{n - 1})')
+    names = [c.get('name') for c in sorted(classes, key=lambda c: c['index'])]
+    try:
+        sc = SuperClasses([assignment[c] for c in range(n)], class_names=names if all(names) else None,
+                          superclass_names=data.get('superclass_names'), source=str(data.get('source', '')))
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from e
     if num_superclasses is not None and sc.num_superclasses != num_superclasses:
         raise ValueError(
             f'{path} divides the classes into {sc.num_superclasses} super-classes, but the model\'s router has '
@@ -158,6 +199,10 @@ def confusion_graph(confusion: np.ndarray) -> np.ndarray:
     confusion = np.asarray(confusion, dtype=np.float64)
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f'a confusion matrix must be square, got shape {confusion.shape}')
+    bad = np.argwhere(~(confusion >= 0) | ~np.isfinite(confusion))
+    if len(bad):
+        i, j = bad[0]
+        raise ValueError(f'confusion matrix entry [{i}, {j}] is {confusion[i, j]:g}: counts must be finite and >= 0')
     rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     affinity = rates + rates.T
     np.fill_diagonal(affinity, 0)
@@ -171,7 +216,8 @@ def cluster_confusion(confusion: np.ndarray, num_superclasses: int, seed: int = 
 
     affinity = confusion_graph(confusion)
     n = affinity.shape[0]
-    if not 2 <= num_superclasses <= n:
+    if isinstance(num_superclasses, bool) or not isinstance(num_superclasses, numbers.Integral) \
+            or not 2 <= num_superclasses <= n:
         raise ValueError(f'num_superclasses must be between 2 and the number of classes ({n}), got {num_superclasses}')
     if num_superclasses == n:
         return list(range(n))
@@ -194,38 +240,14 @@ def superclasses_from_confusion(confusion: np.ndarray, num_superclasses: int, cl
 
 
 def cifar100_coarse(root: str) -> SuperClasses:
-    """CIFAR-100's own 20 super-classes, read from its python pickles (`cifar-100-python/train` and `meta`, as
-    https://www.cs.toronto.edu/~kriz/cifar.html ships them); `root` is that folder or the one holding it."""
-    folder = root if os.path.isfile(os.path.join(root, 'train')) else os.path.join(root, 'cifar-100-python')
-    paths = [os.path.join(folder, name) for name in ('train', 'meta')]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f'no CIFAR-100 pickle {p} (expected the cifar-100-python folder of the python '
-                                    f'version of CIFAR-100)')
-    train, meta = [_unpickle(p) for p in paths]
+    """CIFAR-100's own 20 super-classes, read from its python pickles (`timm_mlit.cifar100`); `root` is the
+    cifar-100-python folder or the one holding it."""
+    folder, assignment, fine_names, coarse_names = coarse_of_fine(root)
     try:
-        fine, coarse = train['fine_labels'], train['coarse_labels']
-        fine_names, coarse_names = meta['fine_label_names'], meta['coarse_label_names']
-    except KeyError as e:
-        raise ValueError(f'{folder} is not CIFAR-100 in its python format: no {e} in its pickles') from e
-    assignment = {}
-    for f, c in zip(fine, coarse):
-        if assignment.setdefault(int(f), int(c)) != int(c):
-            raise ValueError(f'{paths[0]}: fine class {f} appears under two coarse classes')
-    return SuperClasses([assignment[f] for f in range(len(fine_names))], class_names=list(fine_names),
-                        superclass_names=list(coarse_names), source='CIFAR-100 coarse labels')
-
-
-def _unpickle(path: str) -> dict:
-    with open(path, 'rb') as f:
-        data = pickle.load(f, encoding='bytes')
-    return {(k.decode() if isinstance(k, bytes) else k): _decode(v) for k, v in data.items()}
-
-
-def _decode(v):
-    if isinstance(v, list):
-        return [x.decode() if isinstance(x, bytes) else x for x in v]
-    return v
+        return SuperClasses(assignment, class_names=fine_names, superclass_names=coarse_names,
+                            source='CIFAR-100 coarse labels')
+    except ValueError as e:
+        raise ValueError(f'{folder}: {e}') from e
 
 
 def predict(model, dataset, batch_size: int = 256, workers: int = 2, device: str = 'cpu'):
@@ -239,6 +261,8 @@ def predict(model, dataset, batch_size: int = 256, workers: int = 2, device: str
         for x, y in loader:
             preds.append(model(x.to(device)).argmax(-1).cpu())
             targets.append(torch.as_tensor(y))
+    if not preds:
+        raise ValueError('the split holds no images')
     return torch.cat(preds).numpy(), torch.cat(targets).numpy()
 
 
@@ -253,35 +277,108 @@ def class_names_of(dataset) -> Optional[List[str]]:
     return None
 
 
+def dense_model(args):
+    """--model as --checkpoint was trained (`checkpoint.build_model`: what the checkpoint records, --model-kwargs and
+    --num-classes over it), its weights loaded strictly."""
+    from .checkpoint import build_model, read_checkpoint
+
+    state_dict, meta = read_checkpoint(args.checkpoint)
+    given = dict(args.model_kwargs, **({} if args.num_classes is None else dict(num_classes=args.num_classes)))
+    try:
+        model, _ = build_model(args.model, state_dict, meta, args.checkpoint, given)
+    except RuntimeError as e:  # timm: an unknown model
+        raise ValueError(f'cannot build --model {args.model}: {e}') from e
+    if model.num_classes < args.num_superclasses:
+        raise ValueError(f'--num-superclasses {args.num_superclasses} is more than the {model.num_classes} classes '
+                         f'of {args.model} (each super-class needs a class of its own)')
+    return model
+
+
 def confusion_of_checkpoint(args) -> SuperClasses:
     """Evaluate the checkpoint on the split and cluster its confusion graph (the CLI's main path)."""
-    import timm
     from sklearn.metrics import confusion_matrix
     from timm.data import create_dataset, create_transform, resolve_data_config
 
     import timm_mlit.data  # noqa: F401  (registers the idx-file MNIST family and others with create_dataset)
 
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint {args.checkpoint} does not exist')
-    model = timm.create_model(args.model, num_classes=args.num_classes, checkpoint_path=args.checkpoint,
-                              **args.model_kwargs)
+    model = dense_model(args)
+    n = model.num_classes
     data_args = {k: getattr(args, k) for k in ('input_size', 'crop_pct', 'mean', 'std', 'interpolation')
                  if getattr(args, k) is not None}
     transform = create_transform(**resolve_data_config(data_args, model=model))
+    where = f'split {args.split!r} of {args.dataset or "the image folder"} in {args.data_dir}'
+    try:
+        dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, transform=transform)
+    except (AssertionError, RuntimeError, ValueError) as e:  # timm: an unknown dataset is an AssertionError
+        raise ValueError(f'cannot read {where}: {e}') from e
     if args.dataset.startswith('torch/') and args.split not in ('train', 'training'):
         print(f'{PROG}: warning: split {args.split!r} of {args.dataset} reads the test files in {args.data_dir}: '
               f'they should be images held out of the training data (e.g. a copy whose test files are the last '
               f'training images), never the test set you report', file=sys.stderr)
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, transform=transform)
-    preds, targets = predict(model, dataset, args.batch_size, args.workers, args.device)
-    n = model.num_classes
+    names = class_names_of(dataset)
+    if names is not None and len(names) != n:
+        raise ValueError(f'{where} has {len(names)} classes, but {args.model} has {n} (--num-classes): the split '
+                         f'must hold the classes the checkpoint was trained on')
+    try:
+        preds, targets = predict(model, dataset, args.batch_size, args.workers, args.device)
+    except RuntimeError as e:  # timm's readers: an image they cannot read, after retries
+        raise ValueError(f'cannot evaluate {args.model} on {where}: {str(e).splitlines()[0]}') from e
+    if not (0 <= targets.min() and targets.max() < n):
+        raise ValueError(f'{where} has class index {targets.max()}, but {args.model} has {n} classes (--num-classes)')
     confusion = confusion_matrix(targets, preds, labels=list(range(n)))
     accuracy = float(np.trace(confusion) / max(confusion.sum(), 1))
     source = (f'spectral clustering of the confusion graph of {args.model} ({args.checkpoint}) on {args.dataset} '
               f'split {args.split!r} ({len(targets)} images, top-1 {100 * accuracy:.2f}%)')
-    sc = superclasses_from_confusion(confusion, args.num_superclasses, class_names_of(dataset), source, args.seed)
+    sc = superclasses_from_confusion(confusion, args.num_superclasses, names, source, args.seed)
     sc.extra['top1'] = 100 * accuracy
     return sc
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Everything that can be checked before a file is read or a model built: a mistake found in seconds, not after
+    the evaluation."""
+    if args.cifar100_coarse:
+        given = [opt for opt, value in (('--model', args.model), ('--checkpoint', args.checkpoint),
+                                        ('--data-dir', args.data_dir), ('--plot', args.plot)) if value is not None]
+        if given:
+            parser.error(f'{", ".join(given)}: for a dense model\'s confusions, not with --cifar100-coarse')
+        if args.num_superclasses not in (None, COARSE_CLASSES):
+            raise ValueError(f'--num-superclasses {args.num_superclasses}: CIFAR-100 has {COARSE_CLASSES} coarse '
+                             f'classes (give {COARSE_CLASSES} or leave it out)')
+    else:
+        missing = [opt for opt, value in (('--model', args.model), ('--checkpoint', args.checkpoint),
+                                          ('--data-dir', args.data_dir), ('--num-superclasses', args.num_superclasses))
+                   if value is None]
+        if missing:
+            parser.error(f'the following arguments are required without --cifar100-coarse: {", ".join(missing)}')
+        if args.num_superclasses < 2:
+            raise ValueError(f'--num-superclasses must be at least 2, got {args.num_superclasses}')
+        if args.num_classes is not None and args.num_classes < args.num_superclasses:
+            raise ValueError(f'--num-superclasses {args.num_superclasses} is more than the {args.num_classes} classes '
+                             f'of --num-classes (each super-class needs a class of its own)')
+        if args.batch_size < 1 or args.workers < 0:
+            raise ValueError(f'--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}')
+        import torch
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f'--device {args.device!r} is not a device: use cpu, cuda or cuda:N') from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f'--device {args.device} but CUDA is not available here; use --device cpu')
+        if not os.path.isfile(args.checkpoint):
+            raise FileNotFoundError(f'checkpoint {args.checkpoint} does not exist or is not a file')
+        if not os.path.isdir(args.data_dir):
+            raise FileNotFoundError(f'--data-dir {args.data_dir} does not exist or is not a folder')
+        if '/' not in args.dataset:  # a folder: without the split's folder timm reads every image under --data-dir
+            from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM, _search_split
+            splits = sorted(set(os.listdir(args.data_dir)) & {*_TRAIN_SYNONYM, *_EVAL_SYNONYM, 'test'})
+            if splits and _search_split(args.data_dir, args.split) == args.data_dir:
+                raise ValueError(f'--data-dir {args.data_dir} has no folder of --split {args.split!r}, only {splits}')
+    check_writable_path(args.output, '--output')
+    if args.plot:
+        check_writable_path(args.plot, '--plot')
+        if os.path.abspath(args.plot) == os.path.abspath(args.output):
+            raise ValueError(f'--plot and --output are both {args.output}: give the drawing a file of its own')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                      help='model arguments, as train.py\'s --model-kwargs')
     src.add_argument('--checkpoint', help='its weights (a train.py checkpoint or a state dict)')
-    src.add_argument('--num-classes', type=int, default=None, help='classes of its head (default: the model\'s)')
+    src.add_argument('--num-classes', type=int, default=None,
+                     help='classes of its head (default: the checkpoint\'s for this package\'s models, else the '
+                          'model\'s)')
     src.add_argument('--dataset', default='', help='timm dataset name (e.g. torch/fashion_mnist; \'\' = a folder)')
     src.add_argument('--data-dir', help='the dataset\'s root folder')
     src.add_argument('--split', default='validation',
@@ -303,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument('--mean', type=float, nargs='+')
     src.add_argument('--std', type=float, nargs='+')
     src.add_argument('--interpolation')
-    src.add_argument('--num-superclasses', '-E', type=int, help='E: how many super-classes (one per expert)')
+    src.add_argument('--num-superclasses', '-E', type=int,
+                     help=f'E: how many super-classes (one per expert); with --cifar100-coarse, whose division is '
+                          f'fixed, it may only confirm it ({COARSE_CLASSES}), so that a script passing E to every '
+                          f'step is told when its E does not fit')
     src.add_argument('--plot', help='also draw the confusion matrix, classes grouped by super-class, to this PNG')
     src.add_argument('-b', '--batch-size', type=int, default=256)
     src.add_argument('-j', '--workers', type=int, default=2)
@@ -318,21 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.cifar100_coarse:
-        sc = cifar100_coarse(args.cifar100_coarse)
-    else:
-        missing = [opt for opt, value in (('--model', args.model), ('--checkpoint', args.checkpoint),
-                                          ('--data-dir', args.data_dir), ('--num-superclasses', args.num_superclasses))
-                   if value is None]
-        if missing:
-            parser.error(f'the following arguments are required without --cifar100-coarse: {", ".join(missing)}')
-        sc = confusion_of_checkpoint(args)
+    check_arguments(parser, args)
+    sc = cifar100_coarse(args.cifar100_coarse) if args.cifar100_coarse else confusion_of_checkpoint(args)
+    if args.cifar100_coarse and args.num_superclasses not in (None, sc.num_superclasses):
+        raise ValueError(f'--num-superclasses {args.num_superclasses}: {args.cifar100_coarse} divides its classes into '
+                         f'{sc.num_superclasses} coarse classes')
     sc.save(args.output)
     print(sc.describe())
     print(f'{PROG}: wrote {sc.num_superclasses} super-classes of {sc.num_classes} classes to {args.output}')
-    if getattr(args, 'plot', None) and 'confusion' in sc.extra:
+    if args.plot:
         from .plots import plot_confusion
-        plot_confusion(np.asarray(sc.extra['confusion']), sc.groups(), args.plot, class_names=sc.class_names,
+        plot_confusion(np.asarray(sc.extra['confusion']), sc.groups(), in_its_folder(args.plot),
+                       class_names=sc.class_names,
                        title=f'{args.model} on {args.dataset or args.data_dir} ({args.split})')
         print(f'{PROG}: drew the confusion matrix to {args.plot}')
     return 0
