@@ -116,3 +116,103 @@ def test_registration_adds_to_timms_table_in_place_and_keeps_what_others_registe
     with pytest.warns(UserWarning):  # a second call: still OtherSVHN kept, ours kept in their places
         again = register_timm_datasets()
     assert again == added and all(table[name] is cls for name, cls in added.items())
+
+
+def write_raw_idx(path, type_byte: int, shape, payload: bytes = b''):
+    """An idx file with any header: a magic number of `type_byte`, len(shape) dimensions, then `payload`."""
+    path.write_bytes(bytes([0, 0, type_byte, len(shape)]) + struct.pack(f'>{len(shape)}i', *shape) + payload)
+
+
+@pytest.mark.parametrize('header, payload, match', [
+    (b'\x00\x00\x08\xff', b'\x00' * 100, '255 dimensions'),  # ndim 255 in a 104-byte file
+    (b'\x00\x00\x08\x41' + b'\x00\x00\x00\x01' * 65, b'\x00', '65 dimensions'),  # more than numpy holds
+    (b'\x00\x00\x08\x03' + struct.pack('>3i', -1, 28, 28), b'\x00' * 100, 'negative'),
+    # 2**64 values: a product that wraps around to 0 in int64
+    (b'\x00\x00\x08\x04' + struct.pack('>4i', *(1 << 16,) * 4), b'', '18,446,744,073,709,551,616 values'),
+    (b'\x00\x00\x08\x03' + struct.pack('>3i', *(2 ** 31 - 1,) * 3), b'\x00' * 100, 'truncated: the header says'),
+    (b'\x00\x00\x07\x03' + struct.pack('>3i', 1, 2, 2), b'\x00' * 4, 'type byte 0x07'),
+    (b'\x00\x00\x08', b'', 'only 3 bytes'),
+], ids=['ndim255', 'ndim65', 'negative', 'wraps', 'larger_than_file', 'type_byte', 'short'])
+def test_read_idx_refuses_an_impossible_header_naming_the_file(tmp_path, header, payload, match):
+    bad = tmp_path / 'bad-idx3-ubyte'
+    bad.write_bytes(header + payload)
+    with pytest.raises(ValueError, match=f'^{bad}: .*{match}') as e:
+        read_idx(str(bad))
+    assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('labels', [[3, -1, 2], [3, 10, 2]])
+def test_idx_dataset_refuses_labels_outside_its_classes(tmp_path, labels):
+    write_idx(tmp_path / 't10k-images-idx3-ubyte', np.zeros((3, 28, 28), np.uint8))
+    write_raw_idx(tmp_path / 't10k-labels-idx1-ubyte', 0x09, [3], np.array(labels, np.int8).tobytes())
+    with pytest.raises(ValueError, match=rf'^{tmp_path}/t10k-labels-idx1-ubyte: .*label {labels[1]}.* 10 classes'):
+        IdxFashionMNIST(str(tmp_path), train=False)
+
+
+def test_idx_dataset_refuses_float_images_before_any_is_read(tmp_path):
+    write_raw_idx(tmp_path / 't10k-images-idx3-ubyte', 0x0D, [2, 28, 28], np.zeros((2, 28, 28), '>f4').tobytes())
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte', np.array([1, 2], np.uint8))
+    with pytest.raises(ValueError, match=rf'^{tmp_path}/t10k-images-idx3-ubyte: .*float32.*uint8'):
+        IdxFashionMNIST(str(tmp_path), train=False)
+
+
+def test_a_data_dir_that_is_a_file_is_not_called_missing(tmp_path):
+    (tmp_path / 'f').write_text('x')
+    with pytest.raises(NotADirectoryError, match=f'data folder {tmp_path}/f is a file, not a folder'):
+        IdxFashionMNIST(str(tmp_path / 'f'))
+
+
+def deny_reading(monkeypatch, folder):
+    """What chmod 000 on `folder` does for a user who is not root (root reads anything): its entries cannot be
+    listed or looked up."""
+    folder = os.path.abspath(folder)
+    real_access, real_scandir, real_stat = os.access, os.scandir, os.stat
+
+    def inside(path):
+        return os.path.abspath(os.fspath(path)).startswith(folder + os.sep)
+
+    def access(path, mode, **kwargs):
+        return False if os.path.abspath(os.fspath(path)) == folder and mode & (os.R_OK | os.X_OK) else \
+            real_access(path, mode, **kwargs)
+
+    def scandir(path='.'):
+        if os.path.abspath(os.fspath(path)) == folder:
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real_scandir(path)
+
+    def stat(path, *args, **kwargs):
+        if isinstance(path, (str, bytes, os.PathLike)) and inside(path):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, 'access', access)
+    monkeypatch.setattr(os, 'scandir', scandir)
+    monkeypatch.setattr(os, 'stat', stat)
+
+
+def test_an_unreadable_data_folder_is_not_called_empty(tmp_path, monkeypatch):
+    make_fashion_mnist(str(tmp_path))
+    deny_reading(monkeypatch, tmp_path)
+    with pytest.raises(PermissionError, match=f'cannot read the data folder {tmp_path}'):
+        IdxFashionMNIST(str(tmp_path))
+
+
+@pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() == 0, reason='root reads a folder chmod 000')
+def test_an_unreadable_data_folder_is_not_called_empty_for_real(tmp_path):
+    make_fashion_mnist(str(tmp_path / 'd'))
+    os.chmod(tmp_path / 'd', 0)
+    try:
+        with pytest.raises(PermissionError, match=f'cannot read the data folder {tmp_path}/d'):
+            IdxFashionMNIST(str(tmp_path / 'd'))
+    finally:
+        os.chmod(tmp_path / 'd', 0o755)
+
+
+@pytest.mark.parametrize('content', [b'not gzip at all', 'cut'], ids=['not_gzip', 'truncated_gzip'])
+def test_read_idx_names_a_gzip_file_it_cannot_decompress(tmp_path, content):
+    import gzip
+    bad = tmp_path / 't10k-images-idx3-ubyte.gz'
+    whole = gzip.compress(b'\x00\x00\x08\x03' + struct.pack('>3i', 2, 28, 28) + bytes(2 * 28 * 28))
+    bad.write_bytes(whole[:-10] if content == 'cut' else content)
+    with pytest.raises(ValueError, match=f'^{bad}: not a readable gzip file') as e:
+        read_idx(str(bad))
+    assert '\n' not in str(e.value)

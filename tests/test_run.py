@@ -319,3 +319,117 @@ def test_timm_train_py_run_records_moe_loss_and_expert_load_per_epoch(tmp_path):
             shares = [float(r['share']) for r in loads if r['epoch'] == epoch and r['layer'] == layer]
             assert len(shares) == n and sum(shares) == pytest.approx(1, abs=1e-5)
     assert len(loads) == 2 * sum(experts.values())
+
+
+# --- checks made before the script starts: the device it would run on, the image folder it would read ---
+
+# A stand-in for train.py's options that the launcher reads: -c/--config (YAML values are defaults), --device
+# (default cuda), --dataset, --data-dir. It writes what it was given, so a test sees whether it ran.
+DEVICE_SCRIPT = '''
+import argparse, json, os
+import yaml
+parser = argparse.ArgumentParser()
+parser.add_argument('-c', '--config', default='', type=str, metavar='FILE')
+parser.add_argument('--device', default='cuda', type=str)
+parser.add_argument('--device-modules', default=None, type=str, nargs='+')
+parser.add_argument('--dataset', default='')
+parser.add_argument('--data-dir', default=None)
+args, _ = parser.parse_known_args()
+if args.config:
+    with open(args.config) as f:
+        parser.set_defaults(**yaml.safe_load(f))
+with open(os.environ['SEEN'], 'w') as f:
+    json.dump(vars(parser.parse_known_args()[0]), f)
+'''
+
+
+@pytest.fixture
+def device_script(tmp_path, monkeypatch):
+    """train.py (the stand-in) in tmp_path, the working folder, beside cuda.yaml and cpu.yaml, on a machine without
+    CUDA; SEEN is where the script writes what it was given, if it runs."""
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('SEEN', str(tmp_path / 'seen.json'))
+    (tmp_path / 'cuda.yaml').write_text('device: cuda\n')
+    (tmp_path / 'cpu.yaml').write_text('device: cpu\n')
+    (tmp_path / 'train.py').write_text(DEVICE_SCRIPT)
+    return tmp_path / 'train.py'
+
+
+@pytest.mark.parametrize('args, said', [
+    ([], "--device cuda (train.py's default)"),
+    (['--device', 'cuda'], '--device cuda'),
+    (['--device=cuda:0'], '--device cuda:0'),
+    (['-c', 'cuda.yaml'], '--device cuda (device: cuda in the config)'),
+    (['-c', 'cpu.yaml', '--device', 'cuda'], '--device cuda'),
+    (['--device', 'cpu', '--device=cuda'], '--device cuda'),  # argparse keeps the last
+])
+def test_cuda_without_cuda_is_one_line_before_the_script_starts(device_script, args, said):
+    with pytest.raises(SystemExit) as e:
+        main([str(device_script), *args])
+    assert str(e.value) == f'timm-mlit-run: error: {said} but CUDA is not available here; add --device cpu'
+    assert not (device_script.parent / 'seen.json').exists()
+
+
+@pytest.mark.parametrize('args', [['--device', 'cpu'], ['--device=cpu'], ['-c', 'cpu.yaml'],
+                                  ['-c', 'cuda.yaml', '--device', 'cpu'],
+                                  ['--device-modules', 'timm_mlit', '--device', 'cpu'],
+                                  ['--device', 'cuda', '--device', 'cpu']])
+def test_a_cpu_device_from_the_arguments_or_the_config_runs(device_script, args):
+    assert main([str(device_script), *args]) == 0
+    assert json.loads((device_script.parent / 'seen.json').read_text())['device'] == 'cpu'
+
+
+def test_a_script_without_a_device_option_is_not_asked_for_one(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert _seen(tmp_path, monkeypatch, ARGV_SCRIPT, 'show.py', '--device', 'cuda') == ['--device', 'cuda']
+
+
+def test_validate_py_default_device_is_checked_in_a_process_without_a_gpu(tmp_path):
+    (tmp_path / 'validate.py').write_text(DEVICE_SCRIPT)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', SEEN=str(tmp_path / 'seen.json'))
+    r = subprocess.run([sys.executable, '-m', 'timm_mlit.run', str(tmp_path / 'validate.py'), '--model', 'mlit_xxs'],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and not (tmp_path / 'seen.json').exists()
+    assert r.stderr == ("timm-mlit-run: error: --device cuda (validate.py's default) but CUDA is not available here; "
+                        "add --device cpu\n")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SCRIPTS_DIR, 'train.py')),
+                    reason='TIMM_SCRIPTS_DIR is not set (or has no train.py)')
+def test_the_readme_training_command_without_a_gpu_says_add_device_cpu(tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'timm_mlit.run', 'train.py', '-c',
+                        'train_configs/scratch/mlit_xxs_fashion_mnist.yaml', '--output', str(tmp_path / 'out')],
+                       env=dict(os.environ, TIMM_SCRIPTS_DIR=SCRIPTS_DIR, CUDA_VISIBLE_DEVICES=''),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "timm-mlit-run: error: --device cuda (train.py's default) but CUDA is not available here; add --device cpu")
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('form', ['args', 'config'])
+def test_an_image_folder_with_an_unreadable_class_folder_is_refused_naming_it(device_script, monkeypatch, form):
+    from test_data import deny_reading
+    images = device_script.parent / 'images'
+    for name in ('cat', 'dog', 'emu'):
+        (images / 'train' / name).mkdir(parents=True)
+        (images / 'train' / name / '0.png').write_bytes(b'')
+    (device_script.parent / 'images.yaml').write_text(f'data_dir: {images}\n')
+    args = [str(device_script), '--device', 'cpu'] + (
+        ['--data-dir', str(images)] if form == 'args' else ['-c', 'images.yaml'])
+    deny_reading(monkeypatch, images / 'train' / 'dog')
+    with pytest.raises(SystemExit, match=f'^timm-mlit-run: error: cannot read the folder {images}/train/dog '):
+        main(args)
+    assert not (device_script.parent / 'seen.json').exists()
+    assert main(args + ['--dataset', 'torch/fashion_mnist']) == 0  # not an image folder: not walked
+
+
+def test_a_config_that_is_not_yaml_is_one_line_naming_it(device_script):
+    device_script.write_text(DEVICE_SCRIPT + "parser.add_argument('--amp-dtype')\n")  # as train.py: precision read too
+    (device_script.parent / 'bad.yaml').write_text('device: [cpu\n')
+    with pytest.raises(SystemExit, match=r'^timm-mlit-run: error: config bad.yaml is not YAML: .*line 2') as e:
+        main([str(device_script), '-c', 'bad.yaml', '--device', 'cpu'])
+    assert '\n' not in str(e.value)

@@ -18,12 +18,17 @@
    sample, both drawn from a generator seeded by (seed, epoch, sample index). Nothing about a sample then depends
    on which process or worker loads it or on what ran before, which is what makes a resumed run equal an
    uninterrupted one and a multi-process run equal a single-process one.
+
+3. `check_image_folder`: what timm's image-folder reader leaves unsaid, a folder under the root that cannot be listed
+   (its walk skips it: the class would vanish). The launcher (`timm-mlit-run`) checks a script's --data-dir with it.
 """
 import gzip
+import math
 import os
 import random
 import struct
 import warnings
+import zlib
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -36,13 +41,14 @@ from .files import atomic_write
 
 __all__ = [
     'DEBIAN_FASHION_MNIST', 'read_idx', 'write_idx', 'IdxMNIST', 'IdxKMNIST', 'IdxFashionMNIST', 'TrainTestSVHN',
-    'TrainTestFlowers102', 'TIMM_TORCH_DATASETS', 'register_timm_datasets', 'MAEPretrainDataset',
+    'TrainTestFlowers102', 'TIMM_TORCH_DATASETS', 'register_timm_datasets', 'check_image_folder', 'MAEPretrainDataset',
 ]
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'  # apt-get install dataset-fashion-mnist
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
                0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+_IDX_MAX_DIMS = 64  # numpy's limit
 
 
 def write_idx(path: Union[str, os.PathLike], arr) -> str:
@@ -62,19 +68,37 @@ def write_idx(path: Union[str, os.PathLike], arr) -> str:
 
 
 def read_idx(path: str) -> torch.Tensor:
-    """Read an idx file (http://yann.lecun.com/exdb/mnist/), plain or gzipped, into a tensor."""
+    """Read an idx file (http://yann.lecun.com/exdb/mnist/), plain or gzipped, into a tensor. A header that does not
+    describe the file (magic number, type byte, dimensions and their product against its length) is a ValueError
+    naming the file."""
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f'{path} is not an idx file (bad magic number {data[:4]!r})')
-    ndim = data[3]
-    shape = struct.unpack(f'>{ndim}i', data[4:4 + 4 * ndim])
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f'{path}: not a readable gzip file ({type(e).__name__}: {e})') from e
+    if len(data) < 4:
+        raise ValueError(f'{path}: not an idx file (only {len(data)} bytes, shorter than the 4-byte magic number)')
+    if data[0] != 0 or data[1] != 0:
+        raise ValueError(f'{path}: not an idx file (bad magic number {data[:4]!r})')
+    if data[2] not in _IDX_DTYPES:
+        raise ValueError(f'{path}: not an idx file (unknown type byte 0x{data[2]:02X}; idx has '
+                         f'{", ".join(f"0x{t:02X}" for t in _IDX_DTYPES)})')
+    ndim, offset = data[3], 4 + 4 * data[3]
+    if ndim > _IDX_MAX_DIMS:
+        raise ValueError(f'{path}: impossible header: {ndim} dimensions, more than the {_IDX_MAX_DIMS} an array can '
+                         f'have')
+    if len(data) < offset:
+        raise ValueError(f'{path}: truncated: the header says {ndim} dimensions, the file holds {len(data)} bytes')
+    shape = struct.unpack(f'>{ndim}i', data[4:offset])
+    if min(shape, default=0) < 0:
+        raise ValueError(f'{path}: impossible header: negative dimension in {shape}')
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    count = int(np.prod(shape))
-    offset = 4 + 4 * ndim
+    count = math.prod(shape)  # (exact: numpy's int64 product can wrap around to the file's length)
     if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f'{path} is truncated: header says {shape}, file holds {len(data) - offset} bytes of data')
+        what = 'truncated' if len(data) - offset < count * dtype.itemsize else 'longer than its header says'
+        raise ValueError(f'{path}: {what}: the header says {shape} ({count:,d} values of {dtype.itemsize} bytes), '
+                         f'the file holds {len(data) - offset:,d} bytes of data')
     arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
     return torch.from_numpy(arr.astype(dtype.newbyteorder('='), copy=True))
 
@@ -95,17 +119,23 @@ class _IdxMixin:
         if img_mode not in ('RGB', 'L'):
             raise ValueError(f"img_mode must be 'RGB' or 'L', got {img_mode!r}")
         self.img_mode = img_mode
+        name = type(self).__name__
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise NotADirectoryError(f'{name}: data folder {root} is a file, not a folder')
         if not os.path.isdir(root) and not download:
-            raise FileNotFoundError(f'{type(self).__name__}: data folder {root} does not exist')
+            raise FileNotFoundError(f'{name}: data folder {root} does not exist')
         try:
             super().__init__(root, train=train, transform=transform, target_transform=target_transform,
                              download=download)
         except RuntimeError as e:
             if self._check_exists():
                 raise
+            for folder in (self.raw_folder, root):  # (what cannot be listed looks empty)
+                if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
+                    raise PermissionError(f'{name}: cannot read the data folder {folder} (permission denied)') from e
             images = self._files()[0]
             raise FileNotFoundError(
-                f'{type(self).__name__}: no idx files in {root}; looked for {", ".join(self._candidates(images))}'
+                f'{name}: no idx files in {root}; looked for {", ".join(self._candidates(images))}'
                 f'{self._install_hint}') from e
 
     def _candidates(self, name: str):
@@ -124,14 +154,26 @@ class _IdxMixin:
         return all(self._find(n) is not None for n in self._files())
 
     def _load_data(self):
+        name = type(self).__name__
         found = [self._find(n) for n in self._files()]
         if None in found:
             looked = ', '.join(self._candidates(self._files()[found.index(None)]))
-            raise RuntimeError(f'{type(self).__name__}: idx file not found; looked for {looked}')
+            raise RuntimeError(f'{name}: idx file not found; looked for {looked}')
         images, labels = (read_idx(p) for p in found)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise RuntimeError(f'{found}: expected images [N, H, W] and labels [N], got {tuple(images.shape)} '
-                               f'and {tuple(labels.shape)}')
+        if images.ndim != 3 or images.dtype != torch.uint8:
+            raise ValueError(f'{found[0]}: {str(images.dtype)[6:]} images of shape {tuple(images.shape)}; {name} '
+                             f'images are uint8 (idx type 0x08) [N, H, W]')
+        if labels.ndim != 1 or labels.is_floating_point():
+            raise ValueError(f'{found[1]}: {str(labels.dtype)[6:]} labels of shape {tuple(labels.shape)}; {name} '
+                             f'labels are integers [N]')
+        if len(images) != len(labels):
+            raise ValueError(f'{found[0]} holds {len(images)} images, {found[1]} {len(labels)} labels')
+        classes = len(self.classes)
+        outside = labels[(labels < 0) | (labels >= classes)]
+        if len(outside):
+            more = f' ({len(outside) - 1} more like it)' if len(outside) > 1 else ''
+            raise ValueError(f'{found[1]}: label {int(outside[0])}{more} is outside the {classes} classes of {name} '
+                             f'(0 to {classes - 1})')
         return images, labels.long()
 
     def __getitem__(self, index: int):
@@ -223,6 +265,25 @@ def register_timm_datasets() -> Dict[str, type]:
 
 
 register_timm_datasets()
+
+
+# create_dataset's names that read no image folder: those before a '/' that timm knows (any other name, '' included,
+# reads the folder, or a .tar file, at root)
+_NOT_IMAGE_FOLDERS = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
+
+
+def check_image_folder(root: Optional[str], dataset: str = '') -> None:
+    """Raise PermissionError (or another OSError) naming the first folder under `root` that cannot be listed, where
+    timm's `create_dataset(dataset, root=root)` reads `root` as an image folder. timm's walk (os.walk) skips such a
+    folder without a word: its class would be missing and the classes after it renumbered."""
+    if not root or not os.path.isdir(root) or (dataset or '').lower().startswith(_NOT_IMAGE_FOLDERS):
+        return
+
+    def refuse(e: OSError):
+        raise type(e)(f'cannot read the folder {e.filename} of the image folder {root} ({e.strerror}): its images '
+                      f'would be left out') from e
+    for _ in os.walk(root, onerror=refuse, followlinks=True):
+        pass
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -45,11 +45,8 @@ SCRIPTS_DIR_ENV = 'TIMM_SCRIPTS_DIR'
 EXPERT_LOAD_CSV = 'expert_load.csv'
 _CONFIG_OPTION = re.compile(r"""['"]--config['"]""")
 _AMP_DTYPE_OPTION = re.compile(r"""['"]--amp-dtype['"]""")
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__
+_DEVICE_OPTION = re.compile(r"""['"]--device['"](?:[^)]*?\bdefault\s*=\s*['"]([^'"]*)['"])?""")  # and its default
+_TRAINING_TASK = re.compile(r'\bClassificationTask\b')  # what --superclasses replaces (train.py builds one)
 
 
 def _usage() -> str:
@@ -154,22 +151,22 @@ def _config_slots(args: Sequence[str]) -> List[Tuple[int, str]]:
     return slots
 
 
-def _declares(path: str, option: 're.Pattern[str]') -> bool:
+def _declares(path: str, option: 're.Pattern[str]') -> Optional['re.Match[str]']:
     try:
         with open(path, encoding='utf-8', errors='replace') as f:
-            return option.search(f.read()) is not None
+            return option.search(f.read())
     except OSError:
-        return False
+        return None
 
 
 def _takes_config(path: str) -> bool:
     """Whether the script declares a `--config` option (timm's train.py does: `-c/--config FILE`)."""
-    return _declares(path, _CONFIG_OPTION)
+    return _declares(path, _CONFIG_OPTION) is not None
 
 
 def _trains_with_amp(path: str) -> bool:
     """Whether the script is a training script with a config and timm's `--amp`/`--amp-dtype` options (train.py)."""
-    return _takes_config(path) and _declares(path, _AMP_DTYPE_OPTION)
+    return _takes_config(path) and _declares(path, _AMP_DTYPE_OPTION) is not None
 
 
 class MoERecorder:
@@ -397,15 +394,17 @@ def _resolve(argv: Sequence[str]) -> List[str]:
 
 
 def _option(args: Sequence[str], name: str) -> Tuple[bool, Optional[str]]:
-    """(whether `name` is among `args` before any `--`, its value in `name V` or `name=V` form)."""
+    """(whether `name` is among `args` before any `--`, its value in `name V` or `name=V` form: the last one given,
+    which is the one argparse keeps)."""
+    found = False, None
     for i, arg in enumerate(args):
         if arg == '--':
             break
         if arg == name:
-            return True, args[i + 1] if i + 1 < len(args) else None
-        if arg.startswith(name + '='):
-            return True, arg[len(name) + 1:]
-    return False, None
+            found = True, args[i + 1] if i + 1 < len(args) else None
+        elif arg.startswith(name + '='):
+            found = True, arg[len(name) + 1:]
+    return found
 
 
 def _config_values(args: Sequence[str]) -> dict:
@@ -416,8 +415,29 @@ def _config_values(args: Sequence[str]) -> dict:
         return {}
     i, prefix = slots[-1]
     with open(args[i][len(prefix):]) as f:
-        cfg = yaml.safe_load(f)
+        try:
+            cfg = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f'config {f.name} is not YAML: {" ".join(str(e).split())}') from None
     return cfg if isinstance(cfg, dict) else {}
+
+
+def _check_inputs(path: str, args: Sequence[str]):
+    """Raise where the script would stop at once or read part of its data: a CUDA --device (from its arguments, else
+    its config, else its default: cuda for timm's train.py and validate.py) on a machine without CUDA, where timm
+    stops in a bare AssertionError; an image folder --data-dir with a folder it cannot list (`check_image_folder`)."""
+    import torch
+
+    from .data import check_image_folder
+    cfg = _config_values(args) if _takes_config(path) else {}
+    given, data_dir, dataset = (_option(args, f'--{k}')[1] for k in ('device', 'data-dir', 'dataset'))
+    check_image_folder(data_dir or cfg.get('data_dir'), dataset or cfg.get('dataset') or '')
+    declared = _declares(path, _DEVICE_OPTION)
+    device = str(given or cfg.get('device') or (declared and declared[1]) or '')
+    if declared and device.startswith('cuda') and not torch.cuda.is_available():
+        origin = '' if given else f' (device: {device} in the config)' if cfg.get('device') else \
+            f" ({os.path.basename(path)}'s default)"
+        raise ValueError(f'--device {device}{origin} but CUDA is not available here; add --device cpu')
 
 
 def auto_precision_args(args: Sequence[str]) -> List[str]:
@@ -461,19 +481,24 @@ def main(argv: Optional[Sequence[str]] = None):
         print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == '--version':
-        print(f'{PROG} {_version()}')
+        from . import __version__
+        print(f'{PROG} {__version__}')
         return 0
     if argv[0] == '--list-recipes':
         from .recipes import list_recipes
         print('\n'.join(list_recipes()))
         return 0
-    with exit_on_error(PROG, (FileNotFoundError, ValueError)):  # the launcher's own errors: the script's pass through
+    with exit_on_error(PROG, (OSError, ValueError)):  # the launcher's own errors: the script's pass through
         rest, superclasses, weight = _take_superclass_args(argv[1:])
         script_argv = _resolve([argv[0]] + rest)
+        _check_inputs(script_argv[0], script_argv[1:])
         if _trains_with_amp(script_argv[0]):  # train.py: the precision for this machine, where nothing sets one
             script_argv = script_argv[:1] + auto_precision_args(script_argv[1:])
         if superclasses is not None:
             from .superclasses import load_superclasses
+            if not _declares(script_argv[0], _TRAINING_TASK):  # refused before the script runs, not after
+                raise ValueError(f'--superclasses is for train.py: {os.path.basename(script_argv[0])} would have '
+                                 f'built no classification task to add the super-class router loss to')
             load_superclasses(superclasses)  # checked before the script starts
 
     import timm_mlit  # noqa: F401  (registers mlit_s, mlit_xs, mlit_xxs)
