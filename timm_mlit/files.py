@@ -9,13 +9,23 @@ temporaries of live writers alone; `atomic_write` does so for its own target bef
 A run's folder is its own (`hold_folder`): `new_folder` never returns one that exists (timm's
 `get_outdir(inc=True)`: NAME-1, NAME-2, ...) and `lock_folder` holds one for the process (POSIX `flock`, dropped by
 the kernel when the process ends however it ends, so a killed run never keeps it).
+
+A folder made whole or not at all (`replace_folder(build_fn, output_dir)`): it is built in a temporary folder beside
+the target, `.<name>.<host>.<pid>.<random>.tmp`, then renamed into place; an existing target is first moved aside into
+`.<name>.<host>.<pid>.<random>.old` and removed once the new one is in. `recover_interrupted(output_dir)` clears what a
+killed replacement left: the temporary folders of processes of this machine that are gone, and an old copy put back
+where the target is missing.
 """
 import errno
 import logging
 import os
 import re
+import shutil
+import socket
+import tempfile
 from contextlib import suppress
-from typing import BinaryIO, Callable, List, Optional, TextIO, Tuple
+from pathlib import Path
+from typing import BinaryIO, Callable, List, Optional, TextIO, Tuple, Union
 
 from timm.utils import get_outdir
 
@@ -25,12 +35,15 @@ except ImportError:  # Windows: folders are not locked
     fcntl = None
 
 __all__ = ['atomic_write', 'temporary_name', 'process_alive', 'remove_stale_temporaries', 'check_writable_path',
-           'WriteError', 'new_folder', 'lock_folder', 'hold_folder', 'FolderInUseError', 'LOCK_NAME']
+           'WriteError', 'new_folder', 'lock_folder', 'hold_folder', 'FolderInUseError', 'LOCK_NAME', 'replace_folder',
+           'recover_interrupted']
 
 LOCK_NAME = '.lock'
 _logger = logging.getLogger(__name__)
 
 _TMP_RE = re.compile(r'^(?P<target>.+)\.tmp\.(?P<pid>\d+)$')
+_HOST = re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname()) or 'localhost'
+PathLike = Union[str, os.PathLike]
 
 
 class WriteError(OSError):
@@ -165,3 +178,130 @@ def hold_folder(path: str, resuming: str = '') -> Tuple[str, TextIO]:
         if path != asked:
             _logger.warning(f'{asked} exists (another run\'s?): this run writes {path}')
     return path, lock_folder(path)
+
+
+# ------------------------------------------------------------------------------------ a folder, whole or not at all
+
+def _work_prefix(output_dir: Path) -> str:
+    """Prefix of this process's temporary folders beside `output_dir`: `.<name>.<host>.<pid>.`"""
+    return f'.{output_dir.name}.{_HOST}.{os.getpid()}.'
+
+
+def recover_interrupted(output_dir: PathLike):
+    """Clear what interrupted `replace_folder`s of `output_dir` left beside it.
+
+    Folders of this machine's processes that are gone: an unfinished `.tmp` is removed; an `.old` copy (a process
+    killed between the two renames of a replacement) is put back if `output_dir` is missing, else removed. Folders of
+    a live process or of another machine are left alone. Folders named without host and process id
+    (`.<name>.<random>.tmp`/`.old`, tempfile's names alone) cannot be told from those of a running replacement: an old
+    copy is put back only where `output_dir` is missing, the rest is named in a warning.
+    """
+    output_dir = Path(output_dir).absolute()
+    parent, name = output_dir.parent, output_dir.name
+    if not parent.is_dir():
+        return
+    ours = re.compile(rf'\.{re.escape(name)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.(?P<kind>tmp|old)')
+    no_pid = re.compile(rf'\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(?P<kind>tmp|old)')
+    stale, unknown = [], []
+    for p in parent.iterdir():
+        if p.is_symlink() or not p.is_dir():
+            continue
+        m = ours.fullmatch(p.name)
+        if m:
+            if m['host'] == _HOST and not process_alive(int(m['pid'])):
+                stale.append((m['kind'], p))
+            continue
+        m = no_pid.fullmatch(p.name)
+        if m:
+            unknown.append((m['kind'], p))
+
+    old_copies = sorted((p for kind, p in stale + unknown if kind == 'old' and (p / name).is_dir()),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in old_copies:
+        if not os.path.lexists(output_dir):
+            os.replace(old / name, output_dir)
+            _logger.warning(f'restored {output_dir} from {old}: a process was interrupted while replacing it')
+    for kind, p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+        if kind == 'tmp':
+            _logger.info(f'removed {p}: the unfinished folder of an interrupted replacement of {output_dir}')
+    for kind, p in unknown:
+        if kind == 'old' and not (p / name).exists():
+            shutil.rmtree(p, ignore_errors=True)  # emptied: its copy was put back above
+        elif kind == 'old':
+            _logger.warning(f'{p}/{name} is a previous copy of {output_dir} that an interrupted replacement moved '
+                            f'aside; remove {p} if nothing is writing {output_dir}')
+        else:
+            _logger.warning(f'{p} is the unfinished folder of a replacement of {output_dir}; remove it if nothing is '
+                            f'writing {output_dir}')
+
+
+def _check_replaceable(output_dir: Path, overwrite: bool, check_existing: Optional[Callable[[Path], None]]):
+    if not os.path.lexists(output_dir):
+        return
+    if check_existing is not None:
+        check_existing(output_dir)
+    if not overwrite:
+        raise FileExistsError(f'{output_dir} exists; pass overwrite=True to replace it')
+
+
+def _swap_in(folder: Path, output_dir: Path):
+    """Rename the finished `folder` to `output_dir`; an existing one is moved aside first, then removed."""
+    if not os.path.lexists(output_dir):
+        os.replace(folder, output_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=_work_prefix(output_dir), suffix='.old', dir=output_dir.parent))
+    try:
+        os.replace(output_dir, old / output_dir.name)
+        try:
+            os.replace(folder, output_dir)
+        except BaseException:
+            os.replace(old / output_dir.name, output_dir)  # put the old folder back
+            raise
+    finally:
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _not_written(output_dir: Path, existed: bool, e: OSError) -> OSError:
+    return OSError(f'cannot write {output_dir}: {e.strerror or e}; '
+                   + ('it is as it was' if existed else 'nothing was written'))
+
+
+def replace_folder(build_fn: Callable[[Path], None], output_dir: PathLike, overwrite: bool = False,
+                   check_existing: Optional[Callable[[Path], None]] = None) -> Path:
+    """Make the folder `output_dir` with `build_fn(folder)`, whole or not at all (a full disk, a killed process).
+
+    `build_fn` fills an empty temporary folder beside `output_dir`, which is then renamed into place; what interrupted
+    replacements of `output_dir` left is cleared first (`recover_interrupted`). An existing `output_dir` is kept
+    (FileExistsError) unless `overwrite`; then it is moved aside, the new folder renamed in and the old one removed.
+    `check_existing(output_dir)`, where given, runs on an existing `output_dir` before the build and again right
+    before the swap (another process may have written it meanwhile), and raises the caller's own error to keep it.
+
+    Returns:
+        `output_dir`, absolute.
+
+    Raises:
+        OSError: building or renaming failed; its message names `output_dir` and says that it is as it was, or that
+            nothing was written. The temporary folder is removed whatever happens.
+    """
+    output_dir = Path(output_dir).absolute()
+    recover_interrupted(output_dir)
+    _check_replaceable(output_dir, overwrite, check_existing)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    existed = os.path.lexists(output_dir)
+    work = Path(tempfile.mkdtemp(prefix=_work_prefix(output_dir), suffix='.tmp', dir=output_dir.parent))
+    try:
+        try:
+            build_fn(work)
+        except OSError as e:
+            raise _not_written(output_dir, existed, e) from e
+        _check_replaceable(output_dir, overwrite, check_existing)
+        try:
+            _swap_in(work, output_dir)
+        except OSError as e:
+            raise _not_written(output_dir, existed, e) from e
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return output_dir

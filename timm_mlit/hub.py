@@ -23,11 +23,11 @@ DIR receives what the Hub and timm read: `model.safetensors` (no pickle), `confi
 architecture, num_classes, label_names, model_args = the creation kwargs, pretrained_cfg), a `README.md` model card
 (timm_mlit/model_card.py) and, when the checkpoint records its training arguments, `training_args.yaml`. The folder
 is built in a temporary folder beside DIR, loaded back with timm.create_model('local-dir:...') and checked to give
-the same outputs, then renamed into place: DIR is whole or absent, a full disk included. An existing DIR is an error
-unless --overwrite, which replaces only a folder this tool wrote (these files and nothing else) or an empty one,
-never one that is or holds CHECKPOINT. The temporary folders are named `.<DIR name>.<host>.<pid>.<random>.tmp`
-(`.old` for the previous DIR while it is swapped out); a later publish to DIR removes those of processes that are
-gone and, if DIR is missing, puts a swapped-out previous DIR back.
+the same outputs, then renamed into place (files.replace_folder): DIR is whole or absent, a full disk included. An
+existing DIR is an error unless --overwrite, which replaces only a folder this tool wrote (these files and nothing
+else) or an empty one, never one that is or holds CHECKPOINT. A later publish to DIR clears what a killed one left
+beside it (files.recover_interrupted): its unfinished folder, and a previous DIR it had swapped out, put back if DIR
+is missing.
 
 `--repo-id` then uploads DIR as it is (HfApi.create_repo + upload_folder). timm's push_to_hf_hub is not used: it
 re-serialises the model into a folder of its own (pickle as well as safetensors by default) and keeps a Hub
@@ -51,9 +51,7 @@ import json
 import logging
 import os
 import re
-import shutil
-import socket
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -62,17 +60,15 @@ import torch
 from safetensors import SafetensorError
 from timm.models import save_for_hf
 
-from . import __version__, model_card
+from . import __version__, files, model_card
 from ._weights import HF_HUB_ORG
 from .checkpoint import CheckpointError, build_model, from_pretraining, package_model, read_checkpoint, recorded_args
 from .cli import HelpFormatter, exit_on_error, log_to_stderr
-from .files import process_alive
-from .model_card import PublishError, model_stats, write_model_card  # (hub's names before the card had its module)
+from .model_card import PublishError, write_model_card
+from .model_stats import model_stats
 
 __all__ = ['PublishError', 'PushError', 'load_checkpoint_state_dict', 'model_from_checkpoint', 'model_stats',
            'write_model_card', 'publish', 'push_folder', 'main']
-
-_logger = logging.getLogger(__name__)
 
 PROG = 'timm-mlit-publish'
 MODEL_FILES = ('model.safetensors', 'config.json', 'README.md')  # every published folder has these
@@ -117,62 +113,6 @@ def model_from_checkpoint(path: Path, model_name: str, use_ema: bool = False) ->
 
 
 # ---------------------------------------------------------------------------------------------- the output folder
-
-_HOST = re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname()) or 'localhost'
-
-
-def _work_prefix(output_dir: Path) -> str:
-    """Prefix of this process's temporary folders beside `output_dir`: `.<name>.<host>.<pid>.`"""
-    return f'.{output_dir.name}.{_HOST}.{os.getpid()}.'
-
-
-def _recover_interrupted(output_dir: Path):
-    """Clear what interrupted publishes to `output_dir` left beside it.
-
-    Folders of this machine's processes that are gone: an unfinished `.tmp` is removed; an `.old` copy (a publish
-    killed between its two renames) is put back if `output_dir` is missing, else removed. Folders of a live
-    process or of another machine are left alone. Those of an older timm-mlit-publish (`.<name>.<random>.tmp`/`.old`,
-    no process id) cannot be told from a running publish: an old copy is put back only where `output_dir` is
-    missing, the rest is named in a warning.
-    """
-    parent, name = output_dir.parent, output_dir.name
-    if not parent.is_dir():
-        return
-    ours = re.compile(rf'\.{re.escape(name)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.(?P<kind>tmp|old)')
-    legacy = re.compile(rf'\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(?P<kind>tmp|old)')
-    stale, older = [], []
-    for p in parent.iterdir():
-        if p.is_symlink() or not p.is_dir():
-            continue
-        m = ours.fullmatch(p.name)
-        if m:
-            if m['host'] == _HOST and not process_alive(int(m['pid'])):
-                stale.append((m['kind'], p))
-            continue
-        m = legacy.fullmatch(p.name)
-        if m:
-            older.append((m['kind'], p))
-
-    old_copies = sorted((p for kind, p in stale + older if kind == 'old' and (p / name).is_dir()),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in old_copies:
-        if not os.path.lexists(output_dir):
-            os.replace(old / name, output_dir)
-            _logger.warning(f'restored {output_dir} from {old}: a publish was interrupted while replacing it')
-    for kind, p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-        if kind == 'tmp':
-            _logger.info(f'removed {p}: the unfinished folder of an interrupted publish')
-    for kind, p in older:
-        if kind == 'old' and not (p / name).exists():
-            shutil.rmtree(p, ignore_errors=True)  # emptied: its copy was put back above
-        elif kind == 'old':
-            _logger.warning(f'{p}/{name} is a previous copy of {output_dir} that an interrupted publish of an older '
-                            f'timm-mlit-publish moved aside; remove {p} if no timm-mlit-publish is running')
-        else:
-            _logger.warning(f'{p} is the unfinished folder of a publish to {output_dir} by an older '
-                            'timm-mlit-publish; remove it if no timm-mlit-publish is running')
-
 
 def _not_published_because(folder: Path) -> str:
     """Why `folder` is not one this tool wrote (or an empty one); '' if it is."""
@@ -229,6 +169,18 @@ def _check_arguments(tag: str, dataset: str, metrics: Optional[Dict[str, float]]
     return model_card.hub_repo_id(base_model, '--base-model') if base_model else ''
 
 
+@contextmanager
+def _safetensors_os_errors():
+    """A SafetensorError that names an OS error (a full disk) in its text, raised as that OSError."""
+    try:
+        yield
+    except SafetensorError as e:
+        os_error = re.search(r'os error (\d+)', str(e))
+        if not os_error:
+            raise
+        raise OSError(int(os_error[1]), os.strerror(int(os_error[1]))) from e
+
+
 def _write_folder(folder: Path, model: torch.nn.Module, model_config: Dict[str, Any], args: Dict[str, Any],
                   card: Dict[str, Any]):
     """Fill the empty `folder` with what the Hub and timm read, readable by all, and check it loads back."""
@@ -252,25 +204,6 @@ def _write_folder(folder: Path, model: torch.nn.Module, model_config: Dict[str, 
         os.chmod(p, 0o666 & ~umask)
     if not _outputs_match(model, folder):
         raise PublishError(f'{folder} does not load back to the same outputs; nothing was written')
-
-
-def _move_into_place(folder: Path, output_dir: Path, checkpoint: Path, overwrite: bool):
-    """Rename the finished `folder` to `output_dir`; with --overwrite the old one is moved aside, then swapped."""
-    if not os.path.lexists(output_dir):
-        os.replace(folder, output_dir)
-        return
-    _check_output(output_dir, checkpoint, overwrite)  # still one this tool wrote?
-    old = Path(tempfile.mkdtemp(prefix=_work_prefix(output_dir), suffix='.old', dir=output_dir.parent))
-    try:
-        os.replace(output_dir, old / output_dir.name)
-        try:
-            os.replace(folder, output_dir)
-        except BaseException:
-            os.replace(old / output_dir.name, output_dir)  # put the old folder back
-            raise
-    finally:
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def publish(
@@ -303,8 +236,8 @@ def publish(
     """
     output_dir = Path(output_dir).absolute()
     base_model = _check_arguments(tag, dataset, metrics, base_model)
-    _recover_interrupted(output_dir)
-    _check_output(output_dir, checkpoint, overwrite)
+    files.recover_interrupted(output_dir)  # first, so that the check sees a folder a killed publish had moved aside
+    _check_output(output_dir, checkpoint, overwrite)  # before the model is loaded: a wrong folder fails at once
     model, meta = _load_model(checkpoint, model_name, use_ema=use_ema)
     config = model_card.model_config(model, tag, dataset, label_names)
     arch = model.pretrained_cfg['architecture']
@@ -317,23 +250,12 @@ def publish(
         training_args_file=TRAINING_ARGS_FILE if args else '', has_label_names='label_names' in config,
         commands=list(commands))
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    existed = os.path.lexists(output_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=_work_prefix(output_dir), suffix='.tmp', dir=output_dir.parent))
-    try:
-        _write_folder(tmp, model, config, args, card)
-        _move_into_place(tmp, output_dir, checkpoint, overwrite)
-    except (OSError, SafetensorError) as e:  # a full disk; safetensors names the OS error in its own error's text
-        os_error = re.search(r'os error (\d+)', str(e))
-        if not (isinstance(e, OSError) or os_error):
-            raise
-        reason = os.strerror(int(os_error[1])) if os_error else e.strerror or str(e)
-        raise OSError(f'cannot write {output_dir}: {reason}; '
-                      + ('it is as it was' if existed else 'nothing was written')) from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir
+    def build(folder: Path):
+        with _safetensors_os_errors():
+            _write_folder(folder, model, config, args, card)
+
+    return files.replace_folder(build, output_dir, overwrite,
+                                check_existing=lambda folder: _check_output(folder, checkpoint, overwrite))
 
 
 # ------------------------------------------------------------------------------------------------------- the Hub
@@ -441,7 +363,7 @@ def _publish_and_push(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`timm-mlit-publish`: 0 once done; an error ends it as `timm-mlit-publish: error: ...`, status 1."""
     args = _parser().parse_args(argv)
-    log_to_stderr(PROG, _logger)  # the library's notes (leftovers restored or removed) as warning lines
+    log_to_stderr(PROG, logging.getLogger(files.__name__))  # leftovers of a killed publish restored or removed
     with exit_on_error(PROG, (ValueError, OSError, PushError)):
         _publish_and_push(args)
     return 0

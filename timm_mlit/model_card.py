@@ -1,8 +1,8 @@
 """What a published folder says about its model: the card, config.json's additions and the training arguments.
 
 The model card is README.md in the layout of timm's own: the Hub's metadata (library_name timm, license, tags,
-datasets, base_model, the measured metrics as model-index), Model Details with the measured params / GMACs /
-activations (`model_stats`), usage snippets that run as written, and the citations: the paper of the model's family
+datasets, base_model, the measured metrics as model-index), Model Details with the params / GMACs / activations
+that `model_stats` counts, usage snippets that run as written, and the citations: the paper of the model's family
 (mLiT, arXiv 2407.17783; Mobile V-MoE, arXiv 2309.04354) and, for masked-autoencoder weights, MAE (arXiv 2111.06377).
 
 The creation kwargs (config.json's model_args) are what the checkpoint records (checkpoint.recorded_model_kwargs);
@@ -17,13 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 from timm.models import model_entrypoint, split_model_name_tag
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._weights import LABEL_NAMES
 from .checkpoint import checkpoint_args  # noqa: F401  (run.py and the benchmarks import it from here)
-from .layers import MoE, named_moe_layers
+from .model_stats import model_stats
 
 __all__ = ['model_stats', 'input_size', 'write_model_card', 'write_training_args', 'read_label_names', 'model_config',
            'cfg_entry', 'hub_repo_id', 'PublishError']
@@ -60,56 +57,7 @@ class PublishError(ValueError):
     hub.py (which re-exports it), so that both raise the one class."""
 
 
-# ---------------------------------------------------------------------------------------------------- the stats
-
-class _MatmulOutputCount(TorchDispatchMode):
-    """Activations as fvcore counts them (timm's benchmark): the elements output by convolutions and matrix
-    multiplies. Linear layers reach aten as mm / addmm, attention's q·kᵀ and scores·v as bmm; norms, activation
-    functions, softmax and other elementwise ops are not counted."""
-
-    _OPS = (torch.ops.aten.convolution, torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
-            torch.ops.aten.baddbmm)
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in self._OPS:
-            self.count += out.numel()
-        return out
-
-
-def model_stats(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[str, int]:
-    """Parameters, MACs and activations of one eval forward at batch 1 and `input_size` (C, H, W), the figures of a
-    timm model card. MACs are FlopCounterMode's flops / 2. While measuring, attention runs on the math kernel, so
-    that its two matmuls count (as matmuls) whatever kernel the model would use, and the MoE layers on their
-    'sparse' path: the compute of the experts each token is routed to, not the dense path's all-expert matmul (with
-    a private W2, Table 9's third row, the layers have no sparse path and every expert's W2 counts)."""
-    device = next(model.parameters()).device
-    x = torch.rand(1, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = model.training
-    moes = [m for _, m in named_moe_layers(model) if isinstance(m, MoE)]  # (a Mobile V-MoE router has no impl)
-    impls = [m.impl for m in moes]
-    model.eval()
-    try:
-        for m in moes:
-            m.impl = 'sparse'
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            flops = FlopCounterMode(display=False)
-            with flops:
-                model(x)
-            activations = _MatmulOutputCount()
-            with activations:
-                model(x)
-    finally:
-        model.train(was_training)
-        for m, impl in zip(moes, impls):
-            m.impl = impl
-    return dict(params=sum(p.numel() for p in model.parameters()), macs=flops.get_total_flops() // 2,
-                activations=activations.count)
-
+# ------------------------------------------------------------------------------------------------ the input size
 
 def input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
     """(C, H, W) of the images the model was built for (timm's PatchEmbed records the size)."""
