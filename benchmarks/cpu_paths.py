@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, write_results  # noqa: E402
+from common import at_least, checked, machine, results_folder, time_interleaved, write_results  # noqa: E402
 from models import build, train_step_fn  # noqa: E402
 
 import timm_mlit.layers.ops.cpu_attention as cpu_attention  # noqa: E402
@@ -93,9 +93,9 @@ def padding_fns(batch: int):
 @exit_on_error('cpu_paths.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--repeats', type=int, default=9)
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--batch', type=at_least(1), default=128)
+    parser.add_argument('--repeats', type=at_least(1), default=9)
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     args = parser.parse_args(argv)
     rows = []
     saved = cpu_attention.CHUNK_BYTES, sorted_mix.ROW_GRANULE

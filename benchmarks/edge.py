@@ -24,7 +24,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import at_least, checked, machine, results_folder, write_results  # noqa: E402
 from models import build  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
@@ -33,10 +33,9 @@ from timm_mlit.cli import exit_on_error  # noqa: E402
 from timm_mlit.edge import export_onnx, onnx_session, quantize_int8  # noqa: E402
 
 
-def test_images(model, data_dir, limit):
-    """The test set through timm's eval transform for `model`, as one tensor, with its labels."""
+def test_images(model, dataset, limit):
+    """The test set (`open_test_set`'s) through timm's eval transform for `model`, as one tensor, with its labels."""
     from timm.data import create_loader, resolve_data_config
-    dataset, _ = open_test_set(data_dir)
     if limit:
         dataset.data, dataset.targets = dataset.data[:limit], dataset.targets[:limit]
     loader = create_loader(dataset, batch_size=500, is_training=False, num_workers=0, use_prefetcher=False,
@@ -84,13 +83,15 @@ def median_seconds(fns, x, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-dir', default=None, help='Fashion-MNIST idx files (default: as python -m timm_mlit)')
-    parser.add_argument('--limit', type=int, default=0, help='the first N test images only')
-    parser.add_argument('--repeats', type=int, default=50, help='batch-1 calls per route (batch 256: a fifth)')
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--limit', type=at_least(0), default=0, help='the first N test images only (0: all)')
+    parser.add_argument('--repeats', type=at_least(1), default=50,
+                        help='batch-1 calls per route (batch 256: a fifth)')
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     args = parser.parse_args(argv)
+    dataset, _ = open_test_set(args.data_dir)  # (before any model is built: a folder without the files ends here)
     mlit = timm.create_model('mlit_xxs', pretrained=True).eval()
     vit = build('vit_twin@mlit_xxs', num_classes=10).eval()
-    x, y = test_images(mlit, args.data_dir, args.limit)
+    x, y = test_images(mlit, dataset, args.limit)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, model in (('mlit_xxs', mlit), ('vit_twin@mlit_xxs', vit)):

@@ -27,7 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm  # noqa: E402
-from common import machine, write_results  # noqa: E402
+from common import checked, machine, results_folder, write_results  # noqa: E402
 from timm.data import create_dataset, create_loader, resolve_data_config  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 
@@ -73,7 +73,7 @@ def main(argv=None):
     parser.add_argument('--epoch-images', type=int, default=55000, help='the epoch the step times are scaled to')
     parser.add_argument('--val-images', type=int, default=5000)
     parser.add_argument('--augment-images', type=int, default=512, help='images for augment_core_s')
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     args = parser.parse_args(argv)
     for rate in args.patch_drop_rates:
         if not 0 <= rate < 1:
@@ -81,7 +81,13 @@ def main(argv=None):
     if min(args.steps, args.repeats, args.workers + 1, args.epoch_images, args.augment_images) < 1:
         parser.error('--steps, --repeats, --epoch-images and --augment-images must be positive, --workers >= 0')
     with open(resolve_recipe(args.recipe)) as f:
-        cfg = yaml.safe_load(f)
+        try:
+            cfg = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            parser.error(f'--recipe {args.recipe} is not YAML: {" ".join(str(e).split())}')
+    unset = [k for k in ('model', 'num_classes', 'dataset', 'batch_size') if not isinstance(cfg, dict) or k not in cfg]
+    if unset:
+        parser.error(f'--recipe {args.recipe} is not a train.py recipe: it sets no {", ".join(unset)}')
     data_dir = args.data_dir or cfg.get('data_dir')
     if not data_dir:
         parser.error('the recipe names no data_dir: give --data-dir')

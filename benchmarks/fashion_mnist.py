@@ -50,8 +50,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from timm_mlit.cli import exit_on_error
-from timm_mlit.precision import cpu_name
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import at_least, checked, device_name, results_folder  # noqa: E402
+
+from timm_mlit.cli import exit_on_error  # noqa: E402
+from timm_mlit.precision import cpu_name  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'train_configs')
@@ -710,14 +713,17 @@ def _parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--budget', choices=('cpu', 'full'), default='cpu')
     p.add_argument('--smoke', action='store_true', help=argparse.SUPPRESS)
-    p.add_argument('--out', default='', help='stage folders (default: output/fashion_mnist_<budget>)')
-    p.add_argument('--results-dir', default='',
+    p.add_argument('--out', type=checked(results_folder), default='',
+                   help='stage folders (default: output/fashion_mnist_<budget>)')
+    p.add_argument('--results-dir', type=checked(results_folder), default='',
                    help='where fashion_mnist_<budget>.md/.json go (default: benchmarks/results; --out for --smoke)')
     p.add_argument('--data-dir', default=DEFAULT_DATA, help='Fashion-MNIST idx files (60k train, 10k test)')
     p.add_argument('--timm-scripts', default=os.environ.get('TIMM_SCRIPTS_DIR', ''),
                    help='folder with timm\'s train.py and validate.py (default: $TIMM_SCRIPTS_DIR)')
-    p.add_argument('--device', default='', help='cpu or cuda (default: cuda when available)')
-    p.add_argument('-j', '--workers', type=int, default=min(8, os.cpu_count() or 2), help='data loading processes')
+    p.add_argument('--device', type=checked(device_name), default=None,
+                   help='cpu or cuda (default: cuda when available)')
+    p.add_argument('-j', '--workers', type=at_least(0), default=min(8, os.cpu_count() or 2),
+                   help='data loading processes')
     p.add_argument('--dry-run', action='store_true', help='print the plan and the commands, run nothing')
     return p.parse_args(argv)
 
@@ -750,7 +756,11 @@ def main(argv: Optional[Sequence[str]] = None, runner=subprocess_runner) -> int:
             raise BenchmarkError(f'timm\'s {", ".join(missing or ["train.py", "validate.py"])} not found: pass '
                                  '--timm-scripts or set TIMM_SCRIPTS_DIR to a pytorch-image-models checkout')
     if not os.path.isdir(args.data_dir):
-        raise BenchmarkError(f'{args.data_dir} does not exist (apt-get install dataset-fashion-mnist)')
+        what = 'is a file, not a folder' if os.path.exists(args.data_dir) else 'does not exist'
+        raise BenchmarkError(f'{args.data_dir} {what} (apt-get install dataset-fashion-mnist)')
+    for split in ('train', 't10k'):  # (before anything is made)
+        for kind in ('images-idx3', 'labels-idx1'):
+            find_idx(args.data_dir, f'{split}-{kind}-ubyte')
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, '.lock'), 'w')
     try:

@@ -53,10 +53,13 @@ import sys
 from datetime import datetime
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from timm_mlit._weights import WEIGHTS_DIR
-from timm_mlit.cli import exit_on_error
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import at_least, checked, device_name, results_folder  # noqa: E402
+
+from timm_mlit._weights import WEIGHTS_DIR  # noqa: E402
+from timm_mlit.cli import exit_on_error  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location('fashion_mnist_benchmark', os.path.join(HERE, 'fashion_mnist.py'))
 fm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fm)
@@ -199,7 +202,7 @@ def chosen_pilots(results_dir: str, pilots: Sequence[Pilot] = PILOTS) -> Dict[st
 
 
 def tune_table(data: dict, pilots: Sequence[Pilot] = PILOTS) -> str:
-    """fashion_mnist_tune.json's pilots as a markdown table (its .md file's and the README's), the pilot `choose`
+    """fashion_mnist_tune.json's pilots as a markdown table (its .md file's and docs/results.md's), the pilot `choose`
     takes of each kind marked once every pilot has run."""
     rows, meta = data['rows'], data['meta']
     chosen = {p.key for p in choose(rows, pilots).values()} if meta.get('complete') else set()
@@ -689,16 +692,19 @@ def _parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('phase', choices=('tune', 'zoo', 'curves', 'publish'))
-    p.add_argument('--out', required=True, help='stage folders (keep them outside the repository)')
-    p.add_argument('--results-dir', default=os.path.join(HERE, 'results'), help='where the tables and plots go')
+    p.add_argument('--out', type=checked(results_folder), required=True,
+                   help='stage folders (keep them outside the repository)')
+    p.add_argument('--results-dir', type=checked(results_folder), default=os.path.join(HERE, 'results'),
+                   help='where the tables and plots go')
     p.add_argument('--data-dir', default=fm.DEFAULT_DATA, help='Fashion-MNIST idx files (60k train, 10k test)')
     p.add_argument('--timm-scripts', default=os.environ.get('TIMM_SCRIPTS_DIR', ''),
                    help='folder with timm\'s train.py and validate.py (default: $TIMM_SCRIPTS_DIR)')
     p.add_argument('--sizes', nargs='+', choices=tuple(SCHEDULE), default=list(SCHEDULE), help='zoo: the sizes')
-    p.add_argument('--holdout', type=int, default=HOLDOUT, help='the last N training images: the validation split')
-    p.add_argument('--device', default='cpu', help='cpu or cuda')
-    p.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
-    p.add_argument('--weights-dir', default=str(WEIGHTS_DIR),
+    p.add_argument('--holdout', type=at_least(1), default=HOLDOUT,
+                   help='the last N training images: the validation split')
+    p.add_argument('--device', type=checked(device_name), default='cpu', help='cpu or cuda')
+    p.add_argument('-j', '--workers', type=at_least(0), default=2, help='data loading processes')
+    p.add_argument('--weights-dir', type=checked(results_folder), default=str(WEIGHTS_DIR),
                    help='publish: where the Hub folders go (default: the package\'s embedded weights)')
     p.add_argument('--dry-run', action='store_true', help='print the plan and the commands, run nothing')
     return p.parse_args(argv)
@@ -753,8 +759,8 @@ def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> i
         written = publish_zoo(plans['zoo'], args.results_dir, args.weights_dir)
         print('\n'.join(['published:'] + written + [
             'left to do: each new tag\'s pretrained cfg entry (printed above) into timm_mlit/mlit.py; '
-            f'{args.results_dir}/fashion_mnist_zoo.* into benchmarks/results/; the README\'s figures for these '
-            'weights (tests/test_shipped_weights.py re-evaluates them)']) if written
+            f'{args.results_dir}/fashion_mnist_zoo.* into benchmarks/results/; python benchmarks/readme_tables.py '
+            'for these weights (tests/test_shipped_weights.py re-evaluates them)']) if written
               else 'nothing to publish yet: no mmLiT was tested')
         return 0
     plan, write = plans[args.phase], writers[args.phase]
@@ -768,6 +774,8 @@ def main(argv: Optional[Sequence[str]] = None, runner=fm.subprocess_runner) -> i
     if runner is fm.subprocess_runner and not all(os.path.isfile(os.path.join(scripts, f)) for f in needed):
         raise fm.BenchmarkError(f'timm\'s {" / ".join(needed)} not found: pass --timm-scripts or set '
                                 'TIMM_SCRIPTS_DIR to a pytorch-image-models checkout')
+    for kind in ('images-idx3', 'labels-idx1'):  # what prepare_holdout reads, looked for before anything is made
+        fm.find_idx(os.path.abspath(args.data_dir), f'train-{kind}-ubyte')
     os.makedirs(plan.out, exist_ok=True)
     lock = open(os.path.join(plan.out, '.lock'), 'w')
     try:

@@ -8,7 +8,7 @@ step's forward and backward (train mode: mLiT's noisy gating, the MoE dropout). 
 backend of scaled_dot_product_attention here so that the counter sees its two products (the fused CPU kernels do the
 same products but are not counted); the counts do not depend on the machine.
 
-    python benchmarks/flops.py --out benchmarks/results      # README's table (a few seconds)
+    python benchmarks/flops.py --out benchmarks/results      # docs/performance.md's table (a few seconds)
 
 Specs as in benchmarks/models.py: `mlit_xxs`, `mlit_xxs@sparse` (each MoE implementation forced), `vit_twin@mlit_xxs`.
 """
@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
-from models import build  # noqa: E402
+from common import at_least, checked, machine, results_folder, write_results  # noqa: E402
+from models import build, check_spec  # noqa: E402
 
+from timm_mlit import model_stats  # noqa: E402
 from timm_mlit.cli import exit_on_error  # noqa: E402
 
 DEFAULT_SPECS = ['mlit_xxs', 'mlit_xxs@sparse', 'vit_twin@mlit_xxs', 'mlit_xs', 'mlit_xs@sparse', 'vit_twin@mlit_xs',
@@ -32,16 +31,8 @@ DEFAULT_SPECS = ['mlit_xxs', 'mlit_xxs@sparse', 'vit_twin@mlit_xxs', 'mlit_xs', 
 
 def count_flops(model: torch.nn.Module, batch: int = 4, train: bool = False, input_size=(3, 36, 36)) -> float:
     """FLOPs per image of one forward (eval mode, no autograd) or, with `train`, one forward and backward; a
-    multiply-add counts as two."""
-    x = torch.randn(batch, *input_size)
-    model.train(train)
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        if train:
-            model(x).float().sum().backward()
-        else:
-            with torch.no_grad():
-                model(x)
-    return counter.get_total_flops() / batch
+    multiply-add counts as two (the package's counter, timm_mlit.model_stats, on `batch` random images)."""
+    return model_stats.count_flops(model, torch.randn(batch, *input_size), train=train)
 
 
 def measure(specs, batch: int = 4):
@@ -61,12 +52,13 @@ def measure(specs, batch: int = 4):
     return rows
 
 
-@exit_on_error('flops.py', (ValueError, KeyError))
+@exit_on_error('flops.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--specs', nargs='+', default=DEFAULT_SPECS)
-    parser.add_argument('--batch', type=int, default=4, help='images per counted pass (the counts are per image)')
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--specs', nargs='+', type=checked(check_spec), default=DEFAULT_SPECS)
+    parser.add_argument('--batch', type=at_least(1), default=4,
+                        help='images per counted pass (the counts are per image)')
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = measure(args.specs, args.batch)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, write_results  # noqa: E402
+from common import at_least, checked, device_here, machine, results_folder, time_interleaved, write_results  # noqa: E402
 
 from timm_mlit.cli import exit_on_error  # noqa: E402
 
@@ -22,13 +22,15 @@ from timm_mlit.cli import exit_on_error  # noqa: E402
 @exit_on_error('matmul_widths.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--rows', type=int, default=18560)
-    parser.add_argument('--dim', type=int, default=108, help='input width m (mlit_xxs: 108)')
-    parser.add_argument('--widths', type=int, nargs=2, default=[24, 100], metavar=('FIRST', 'LAST'))
-    parser.add_argument('--repeats', type=int, default=15)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--rows', type=at_least(1), default=18560)
+    parser.add_argument('--dim', type=at_least(1), default=108, help='input width m (mlit_xxs: 108)')
+    parser.add_argument('--widths', type=at_least(1), nargs=2, default=[24, 100], metavar=('FIRST', 'LAST'))
+    parser.add_argument('--repeats', type=at_least(1), default=15)
+    parser.add_argument('--device', type=checked(device_here), default='cpu')
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     args = parser.parse_args(argv)
+    if args.widths[0] > args.widths[1]:
+        parser.error(f'--widths {args.widths[0]} {args.widths[1]}: FIRST must not be larger than LAST')
     x = torch.randn(args.rows, args.dim, device=args.device)
     widths = range(args.widths[0], args.widths[1] + 1)
     padded = {w + (-w % 16) for w in widths}

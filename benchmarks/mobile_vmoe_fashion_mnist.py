@@ -40,15 +40,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, time_interleaved  # noqa: E402
+from common import at_least, checked, markdown_table, results_folder, time_interleaved  # noqa: E402
 from fashion_mnist import hardware  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
-from timm_mlit.data import DEBIAN_FASHION_MNIST, read_idx, write_idx  # noqa: E402
+from timm_mlit.cli import fail  # noqa: E402
+from timm_mlit.data import DEBIAN_FASHION_MNIST, IdxFashionMNIST, read_idx, write_idx  # noqa: E402
 
 REPO = str(Path(__file__).resolve().parents[1])
 RESULTS = os.path.join(REPO, 'benchmarks', 'results')
 STEM = 'mobile_vmoe_fashion_mnist'
+PROG = f'{STEM}.py'
 DENSE_KWARGS = dict(img_size=36, patch_size=3, embed_dim=108, depth=9, num_heads=6, mlp_ratio=2)
 EVAL_CFG = ['--input-size', '3', '36', '36', '--crop-pct', '1.0', '--mean', '0.5', '0.5', '0.5', '--std', '0.5', '0.5',
             '0.5', '--interpolation', 'bicubic']
@@ -278,17 +280,31 @@ def write(args, results: List[dict]):
     print(table)
 
 
+def check_data(args):
+    """End the command in one line unless --data-dir holds what `prepare_holdout` and `test_loader` read (checked
+    before anything is made)."""
+    for name in ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'):
+        if not os.path.isfile(os.path.join(args.data_dir, name)):
+            fail(PROG, f'{os.path.join(args.data_dir, name)} not found: --data-dir must hold the Fashion-MNIST idx '
+                       f'files (apt-get install dataset-fashion-mnist)')
+    try:
+        IdxFashionMNIST(args.data_dir, train=False)
+    except (OSError, ValueError) as e:
+        fail(PROG, e)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--out', required=True, help='run folder (keep it outside the repository)')
+    p.add_argument('--out', type=checked(results_folder), required=True,
+                   help='run folder (keep it outside the repository)')
     p.add_argument('--data-dir', default=DEBIAN_FASHION_MNIST, help='Fashion-MNIST idx files')
-    p.add_argument('--results', default=RESULTS, help='where the table goes')
-    p.add_argument('--epochs', type=int, default=2)
-    p.add_argument('--holdout', type=int, default=5000, help='the last this many training images validate')
-    p.add_argument('--num-superclasses', '-E', type=int, default=4, help='E: super-classes = experts')
-    p.add_argument('--jobs', type=int, default=2, help='training runs side by side (they share --threads)')
-    p.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument('--repeats', type=int, default=15, help='timing repeats (medians)')
+    p.add_argument('--results', type=checked(results_folder), default=RESULTS, help='where the table goes')
+    p.add_argument('--epochs', type=at_least(1), default=2)
+    p.add_argument('--holdout', type=at_least(1), default=5000, help='the last this many training images validate')
+    p.add_argument('--num-superclasses', '-E', type=at_least(2), default=4, help='E: super-classes = experts')
+    p.add_argument('--jobs', type=at_least(1), default=2, help='training runs side by side (they share --threads)')
+    p.add_argument('--threads', type=at_least(1), default=len(os.sched_getaffinity(0)))
+    p.add_argument('--repeats', type=at_least(1), default=15, help='timing repeats (medians)')
     p.add_argument('--dry-run', action='store_true', help='print the training commands and stop')
     return p.parse_args(argv)
 
@@ -300,6 +316,7 @@ def main(argv: Optional[List[str]] = None):
         for r in all_rows:
             print(' '.join(a or "''" for a in train_argv(args, r)))
         return 0
+    check_data(args)
     os.makedirs(os.path.join(args.out, 'runs'), exist_ok=True)
     prepare_holdout(args)
     train_rows(args, all_rows[:2])

@@ -4,7 +4,7 @@
 
 For every `mobile_vmoe_*` model timm lists, at its default input size, with 1000 classes (the paper's ImageNet
 setting): parameters; parameters an image touches (all but the (E - k) experts it does not choose, in each MoE
-layer); FLOPs of one inference forward per image, counted by PyTorch's `FlopCounterMode` (benchmarks/flops.py's
+layer); FLOPs of one inference forward per image, counted by PyTorch's `FlopCounterMode` (timm_mlit.model_stats'
 counter: matmuls and the attention products, a multiply-add counting two) and the same in multiply-adds (MMAC, the
 unit in which ViT-S/16's usual "4.6 G" and the paper's "54M FLOPs" are given); and the same for its dense twin
 (`moe_layers=0`). The counts do not depend on the machine.
@@ -18,18 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import checked, machine, results_folder, write_results  # noqa: E402
-from flops import count_flops  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
+from timm_mlit.model_stats import count_flops, touched_params  # noqa: E402
 
 COLUMNS = ['model', 'input', 'E', 'k', 'params_m', 'touched_m', 'mflop', 'mmac', 'dense_params_m', 'dense_mmac']
-
-
-def touched_params(model) -> int:
-    """Parameters one image uses: every parameter but those of the experts it does not choose."""
-    expert = sum(p.numel() for blk in model.blocks if blk.is_moe for p in blk.mlp.parameters()) // model.num_experts
-    return sum(p.numel() for p in model.parameters()) - expert * (model.num_experts - model.top_k)
 
 
 def measure(names, num_classes: int = 1000):
@@ -39,13 +33,13 @@ def measure(names, num_classes: int = 1000):
         model = timm.create_model(name, num_classes=num_classes)
         dense = timm.create_model(name, num_classes=num_classes, moe_layers=0)
         size = model.pretrained_cfg['input_size']
-        mflop = count_flops(model, batch=1, input_size=size) / 1e6
+        mflop = count_flops(model, torch.randn(1, *size)) / 1e6
         rows.append(dict(
             model=name, input=f'{size[1]}x{size[2]}', E=model.num_experts, k=model.top_k,
             params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             touched_m=round(touched_params(model) / 1e6, 2), mflop=round(mflop, 1), mmac=round(mflop / 2, 1),
             dense_params_m=round(sum(p.numel() for p in dense.parameters()) / 1e6, 2),
-            dense_mmac=round(count_flops(dense, batch=1, input_size=size) / 2e6, 1)))
+            dense_mmac=round(count_flops(dense, torch.randn(1, *size)) / 2e6, 1)))
         print(rows[-1], flush=True)
     return rows
 

@@ -14,7 +14,7 @@ RSS during three training steps over the RSS before the first one (Linux /proc),
 
     python benchmarks/models.py --out benchmarks/results
     python benchmarks/models.py --specs mlit_xxs mlit_xxs@dense mlit_xxs@sparse mlit_xxs@loop mlit_xxs@one_expert \
-        vit_twin@mlit_xxs resnet10t mobilenetv3_small_050 --repeats 7 --out benchmarks/results     # README's table
+        vit_twin@mlit_xxs resnet10t mobilenetv3_small_050 --repeats 7 --out benchmarks/results     # docs' table
     python benchmarks/models.py --specs mlit_xxs mlit_xxs@torch_dropout vit_twin@mlit_xxs \
         --amp-dtype float32 bfloat16 --no-memory --repeats 7 --out benchmarks/results     # each in its best precision
     python benchmarks/models.py --device cuda --amp-dtype bfloat16 --out benchmarks/results
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, write_results  # noqa: E402
+from common import at_least, checked, device_here, machine, results_folder, time_interleaved, write_results  # noqa: E402,E501
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
@@ -40,25 +40,35 @@ from timm_mlit.layers.dropout import torch_dropout  # noqa: E402
 VIT_TWINS = dict(mlit_xxs=(108, 9, 6), mlit_xs=(128, 12, 8), mlit_s=(144, 15, 8))
 
 
-def build(spec: str, num_classes: int = 100):
+def check_spec(text: str):
+    """Raise ValueError unless `text` is a model spec that `build` builds, from timm's registry alone."""
+    name, _, variant = text.partition('@')
+    if name == 'vit_twin':
+        if variant not in VIT_TWINS:
+            raise ValueError(f'{text!r}: a vit_twin@ spec names one of {", ".join(VIT_TWINS)}')
+    elif not timm.is_model(name):
+        raise ValueError(f'unknown model {name!r} in the spec {text!r}')
+    elif variant and variant not in ('one_expert', 'torch_dropout') + tuple(MOE_IMPLS):
+        raise ValueError(f'unknown model variant {text!r}: use name@one_expert, name@torch_dropout or '
+                         f'name@<moe_impl>, moe_impl one of {", ".join(MOE_IMPLS)}')
+    elif variant and name not in timm.list_models('mlit_*'):
+        raise ValueError(f'{text!r}: the @{variant} variants are of mLiT models ({", ".join(VIT_TWINS)})')
+
+
+def build(text: str, num_classes: int = 100):
     """`name`, `name@one_expert` (one expert per layer), `name@<moe_impl>`, `name@torch_dropout` (PyTorch's dropout
     in the MoE layers: the float32 path before the cheaper CPU mask) or `vit_twin@name`."""
-    if spec.startswith('vit_twin@'):
-        dim, depth, heads = VIT_TWINS[spec.split('@')[1]]
+    check_spec(text)
+    name, _, variant = text.partition('@')
+    if name == 'vit_twin':
+        dim, depth, heads = VIT_TWINS[variant]
         return timm.create_model(
             'vit_tiny_patch16_224', img_size=36, patch_size=3, embed_dim=dim, depth=depth, num_heads=heads,
             mlp_ratio=2.0, num_classes=num_classes)
-    name, _, variant = spec.partition('@')
-    kwargs = {}
     if variant == 'torch_dropout':
         return torch_dropout(timm.create_model(name, num_classes=num_classes))
-    if variant == 'one_expert':
-        kwargs = dict(num_experts=(1, 1, 1), top_k=1)
-    elif variant in MOE_IMPLS:
-        kwargs = dict(moe_impl=variant)
-    elif variant:
-        raise ValueError(f'unknown model variant {spec!r}: use name@one_expert, name@torch_dropout or '
-                         f'name@<moe_impl>, moe_impl one of {", ".join(MOE_IMPLS)}')
+    kwargs = dict(num_experts=(1, 1, 1), top_k=1) if variant == 'one_expert' else \
+        dict(moe_impl=variant) if variant else {}
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
@@ -153,20 +163,21 @@ def add_best_precision(rows, dtypes):
 @exit_on_error('models.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
-    parser.add_argument('--specs', nargs='+', default=None, help='override the model list entirely')
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--amp-dtype', nargs='+', default=['float32'],
+    parser.add_argument('--models', nargs='+', choices=list(VIT_TWINS), default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
+    parser.add_argument('--specs', nargs='+', type=checked(check_spec), default=None,
+                        help='override the model list entirely')
+    parser.add_argument('--device', type=checked(device_here), default='cpu')
+    parser.add_argument('--amp-dtype', nargs='+', choices=['float32', 'bfloat16', 'float16'], default=['float32'],
                         help='float32 (no autocast), bfloat16 or float16 autocast; several: every model in each, '
                              'interleaved, and each model\'s best')
-    parser.add_argument('--batch', type=int, default=256)
-    parser.add_argument('--train-batch', type=int, default=128)
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--batch', type=at_least(1), default=256)
+    parser.add_argument('--train-batch', type=at_least(1), default=128)
+    parser.add_argument('--repeats', type=at_least(1), default=5)
     parser.add_argument('--no-memory', action='store_true')
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     parser.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    dtypes = ['float32' if d == '' else d for d in args.amp_dtype]
+    dtypes = args.amp_dtype
     if args._worker:
         return worker_peak_memory(args._worker, args.train_batch, _dtype(dtypes[0]) and dtypes[0])
 

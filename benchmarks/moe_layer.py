@@ -18,10 +18,11 @@ import torch
 from timm.layers import SwiGLU
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, write_results  # noqa: E402
+from common import at_least, checked, device_here, machine, results_folder, time_interleaved, write_results  # noqa: E402,E501
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
+from timm_mlit.layers import MOE_IMPLS  # noqa: E402
 from timm_mlit.layers.moe import MoE  # noqa: E402
 
 
@@ -38,27 +39,30 @@ def layer_shapes(name: str):
 @exit_on_error('moe_layer.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
-    parser.add_argument('--impls', nargs='+', default=['dense', 'sparse', 'auto', 'loop'])
-    parser.add_argument('--batch', type=int, default=64, help='images; tokens = batch x 145')
-    parser.add_argument('--repeats', type=int, default=7)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--dtype', default='float32')
-    parser.add_argument('--layer-stride', type=int, default=1, help='time every n-th layer shape (1: all)')
-    parser.add_argument('--extra-experts', type=int, nargs='*', default=[8, 12],
+    parser.add_argument('--models', nargs='+', choices=timm.list_models('mlit_*'),
+                        default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
+    parser.add_argument('--impls', nargs='+', choices=MOE_IMPLS, default=['dense', 'sparse', 'auto', 'loop'])
+    parser.add_argument('--batch', type=at_least(1), default=64, help='images; tokens = batch x 145')
+    parser.add_argument('--repeats', type=at_least(1), default=7)
+    parser.add_argument('--device', type=checked(device_here), default='cpu')
+    parser.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default='float32')
+    parser.add_argument('--layer-stride', type=at_least(1), default=1, help='time every n-th layer shape (1: all)')
+    parser.add_argument('--extra-experts', type=at_least(1), nargs='*', default=[8, 12],
                         help="also time mlit_xxs's first layer shape with these expert counts (where 'auto' switches)")
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     tokens = args.batch * 145
+    shapes = {name: layer_shapes(name)[::args.layer_stride] for name in args.models}
+    first = shapes[args.models[0]][0]
+    for t in args.extra_experts:
+        if t < first[3]:
+            parser.error(f'--extra-experts {t}: fewer experts than the {first[3]} each token goes to')
+    shapes[args.models[0]] += [(first[0], first[1], t, first[3]) for t in args.extra_experts]
     rows = []
     for name in args.models:
-        shapes = layer_shapes(name)
-        shapes = shapes[::args.layer_stride]
-        if name == args.models[0]:
-            shapes += [(shapes[0][0], shapes[0][1], t, shapes[0][3]) for t in args.extra_experts]
-        for dim, hidden, experts, k in shapes:
+        for dim, hidden, experts, k in shapes[name]:
             x = torch.randn(tokens, dim, device=device, dtype=dtype)
             layers = {impl: MoE(dim, hidden, experts, k, impl=impl) for impl in args.impls}
             ref_state = next(iter(layers.values())).state_dict()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, write_results  # noqa: E402
+from common import at_least, checked, machine, results_folder, time_interleaved, write_results  # noqa: E402
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
@@ -39,10 +39,11 @@ def train_step(model, x, target, opt, dispatch: str):
 @exit_on_error('moe_paths.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
-    parser.add_argument('--train-batch', type=int, default=128)
-    parser.add_argument('--repeats', type=int, default=7)
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--models', nargs='+', choices=timm.list_models('mlit_*'),
+                        default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
+    parser.add_argument('--train-batch', type=at_least(1), default=128)
+    parser.add_argument('--repeats', type=at_least(1), default=7)
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

@@ -17,11 +17,12 @@ import math
 import sys
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, time_interleaved, write_results  # noqa: E402
+from common import at_least, checked, device_here, machine, results_folder, time_interleaved, write_results  # noqa: E402,E501
 
 import timm_mlit  # noqa: E402,F401
 from timm_mlit.cli import exit_on_error  # noqa: E402
@@ -60,18 +61,21 @@ def random_resized_crop_flip(images: torch.Tensor, size: int, scale=(0.6, 1.0), 
 @exit_on_error('pretrain_throughput.py')
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--amp-dtype', nargs='+', default=['float32'],
+    parser.add_argument('--models', nargs='+', choices=timm.list_models('mlit_*'),
+                        default=['mlit_xxs', 'mlit_xs', 'mlit_s'])
+    parser.add_argument('--device', type=checked(device_here), default='cpu')
+    parser.add_argument('--amp-dtype', nargs='+', choices=['float32', 'bfloat16', 'float16', 'auto', 'previous'],
+                        default=['float32'],
                         help='float32 (no autocast), bfloat16 or float16 autocast, auto (timm-mlit-pretrain\'s '
                              'choice for the device: timm_mlit.precision), previous (float32 with PyTorch\'s '
                              'dropout: the float32 path before the cheaper CPU mask); several: each, in turns')
-    parser.add_argument('--batch', type=int, default=256)
-    parser.add_argument('--dataset-size', type=int, default=50000, help='uint8 images held on the device')
-    parser.add_argument('--steps', type=int, default=10, help='timed steps (after 3 warm-up steps)')
-    parser.add_argument('--repeats', type=int, default=1, help='timed rounds of --steps, interleaved; the median')
+    parser.add_argument('--batch', type=at_least(1), default=256)
+    parser.add_argument('--dataset-size', type=at_least(1), default=50000, help='uint8 images held on the device')
+    parser.add_argument('--steps', type=at_least(1), default=10, help='timed steps (after 3 warm-up steps)')
+    parser.add_argument('--repeats', type=at_least(1), default=1,
+                        help='timed rounds of --steps, interleaved; the median')
     parser.add_argument('--compile', action='store_true', help='torch.compile the MAE')
-    parser.add_argument('--out', default='benchmarks/results')
+    parser.add_argument('--out', type=checked(results_folder), default='benchmarks/results')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     # synthetic 32x32 images (CIFAR's size); the content does not change the speed

@@ -156,3 +156,119 @@ def test_flops_benchmark_counts_the_attention_products_and_the_ceiling_against_t
     assert mlit['eval_mflop'] < twin['eval_mflop'] and mlit['train_mflop'] < twin['train_mflop']
     assert mlit['eval_ceiling_vs_vit'] == pytest.approx(twin['eval_mflop'] / mlit['eval_mflop'], rel=1e-3)
     assert 'eval_ceiling_vs_vit' not in twin
+
+
+# --- every script refuses bad arguments in one line, before it builds a model or writes a file ---
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+UNDER_A_FILE = '{file}/out'  # a folder that cannot be made: its parent is a regular file
+IS_A_FILE = 'is a file, not a folder'
+BAD_ARGUMENTS = {  # script: [(arguments, what its error says), ...]
+    'cpu_paths': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--batch', '0'], 'argument --batch: must be >= 1, got 0'),
+                  (['--repeats', 'x'], "argument --repeats: 'x' is not an integer")],
+    'edge': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--data-dir', '{empty}'], 'no idx files in {empty}'),
+             (['--data-dir', '{file}'], '{file} is a file, not a folder'),
+             (['--limit', '-1'], 'argument --limit: must be >= 0'), (['--repeats', '0'], 'argument --repeats')],
+    'epoch_profile': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--data-dir', '{empty}'], 'no idx files in {empty}'),
+                      (['--recipe', 'no/such_recipe'], "'no/such_recipe' is neither a file nor a recipe name"),
+                      (['--recipe', '{file}'], 'is not a train.py recipe: it sets no model, num_classes')],
+    'flops': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--specs', 'bogus'], "argument --specs: unknown model 'bogus'"),
+              (['--specs', 'mlit_xxs@fast'], "unknown model variant 'mlit_xxs@fast'"),
+              (['--specs', 'vit_twin@resnet18'], 'vit_twin@resnet18'), (['--batch', '0'], 'argument --batch')],
+    'matmul_widths': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--widths', '100', '24'], 'FIRST must not be larger'),
+                      (['--device', 'bogus'], "argument --device: 'bogus' is not a device"),
+                      (['--rows', '0'], 'argument --rows: must be >= 1')],
+    'models': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--specs', 'bogus'], "unknown model 'bogus'"),
+               (['--specs', 'resnet18@sparse'], 'resnet18@sparse'),
+               (['--models', 'bogus'], "argument --models: invalid choice: 'bogus'"),
+               (['--device', 'bogus'], "'bogus' is not a device"),
+               (['--amp-dtype', 'bogus'], "argument --amp-dtype: invalid choice: 'bogus'"),
+               (['--train-batch', '0'], 'argument --train-batch')],
+    'moe_layer': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--dtype', 'bogus'], "argument --dtype: invalid choice"),
+                  (['--models', 'bogus'], "argument --models: invalid choice: 'bogus'"),
+                  (['--impls', 'bogus'], "argument --impls: invalid choice: 'bogus'"),
+                  (['--device', 'bogus'], "'bogus' is not a device"), (['--layer-stride', '0'], '--layer-stride'),
+                  (['--extra-experts', '1'], '--extra-experts 1: fewer experts than the 2 each token goes to')],
+    'moe_paths': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--models', 'bogus'], "invalid choice: 'bogus'"),
+                  (['--train-batch', '0'], 'argument --train-batch')],
+    'pretrain_throughput': [(['--out', UNDER_A_FILE], IS_A_FILE), (['--models', 'bogus'], "invalid choice: 'bogus'"),
+                            (['--device', 'bogus'], "'bogus' is not a device"),
+                            (['--amp-dtype', 'bogus'], "argument --amp-dtype: invalid choice: 'bogus'"),
+                            (['--dataset-size', '0'], 'argument --dataset-size')],
+    'mobile_vmoe_sizes': [(['--out', UNDER_A_FILE], IS_A_FILE),
+                          (['--models', 'mlit_xxs'], 'not a registered Mobile V-MoE model: mlit_xxs')],
+    'readme_tables': [(['--results', '{file}'], IS_A_FILE), (['--results', '{empty}/missing'], 'does not exist')],
+    'mobile_vmoe_fashion_mnist': [
+        (['--out', UNDER_A_FILE], IS_A_FILE), (['--out', 'o', '--results', UNDER_A_FILE], IS_A_FILE),
+        (['--out', 'o', '--data-dir', '{empty}'], '{empty}/train-images-idx3-ubyte.gz'),
+        (['--out', 'o', '--data-dir', '{empty}/missing'], '{empty}/missing'),
+        (['--out', 'o', '--jobs', '0'], 'argument --jobs'), (['--out', 'o', '-E', '1'], 'argument --num-superclasses'),
+        (['--out', 'o', '--holdout', '0'], 'argument --holdout')],
+    'fashion_mnist': [
+        (['--out', UNDER_A_FILE], IS_A_FILE), (['--out', 'o', '--results-dir', UNDER_A_FILE], IS_A_FILE),
+        (['--out', 'o', '--data-dir', '{empty}', '--timm-scripts', '{scripts}'], 'train-images-idx3-ubyte[.gz] not '
+                                                                                 'found in {empty}'),
+        (['--out', 'o', '--data-dir', '{file}', '--timm-scripts', '{scripts}'], '{file} is a file, not a folder'),
+        (['--out', 'o', '--device', 'bogus'], "'bogus' is not a device"), (['--out', 'o', '-j', '-1'], '--workers')],
+    'fashion_mnist_zoo': [
+        (['tune', '--out', UNDER_A_FILE], IS_A_FILE), (['zoo', '--out', 'o', '--results-dir', UNDER_A_FILE], IS_A_FILE),
+        (['publish', '--out', 'o', '--weights-dir', UNDER_A_FILE], IS_A_FILE),
+        (['tune', '--out', 'o', '--data-dir', '{empty}', '--timm-scripts', '{scripts}'],
+         'train-images-idx3-ubyte[.gz] not found in {empty}'),
+        (['tune', '--out', 'o', '--device', 'bogus'], "'bogus' is not a device"),
+        (['tune', '--out', 'o', '-j', '-1'], '--workers'), (['tune', '--out', 'o', '--holdout', '0'], '--holdout')],
+}
+CASES = [(script, args, said) for script, cases in BAD_ARGUMENTS.items() for args, said in cases]
+
+
+@pytest.fixture
+def bad_places(tmp_path, monkeypatch):
+    """The working folder, holding a regular file, an empty folder and a folder with (empty) train.py and
+    validate.py; returns the names the cases' '{...}' fields take and what the folder holds."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'afile').write_text('x')
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'scripts').mkdir()
+    for name in ('train.py', 'validate.py'):
+        (tmp_path / 'scripts' / name).write_text('')
+    places = dict(file=str(tmp_path / 'afile'), empty=str(tmp_path / 'empty'), scripts=str(tmp_path / 'scripts'))
+    return places, sorted(str(p) for p in tmp_path.rglob('*'))
+
+
+def test_every_benchmark_script_has_bad_argument_cases():
+    scripts = {p.stem for p in BENCHMARKS.glob('*.py')} - {'common'}
+    assert scripts == set(BAD_ARGUMENTS)
+
+
+@pytest.mark.parametrize('script, args, said', CASES, ids=[f'{s}:{" ".join(a)}' for s, a, _ in CASES])
+def test_bad_arguments_end_a_benchmark_in_one_line_before_it_makes_anything(bad_places, capsys, monkeypatch, script,
+                                                                            args, said):
+    import importlib
+    places, before = bad_places
+    main = importlib.import_module(script).main
+    monkeypatch.setattr(sys, 'argv', [str(BENCHMARKS / f'{script}.py')])  # (argparse's prog)
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**places) for a in args])
+    assert e.value.code not in (0, None)
+    # parser.error prints the usage and `<prog>: error: ...` (status 2); cli.fail raises with the line (status 1)
+    last = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f'{script}.py: error: ') and said.format(**places) in last, last
+    assert sorted(str(p) for p in Path(places['file']).parent.rglob('*')) == before  # nothing made
+
+
+@pytest.mark.parametrize('script, args, said', [
+    ('mobile_vmoe_fashion_mnist', ['--out', 'o', '--data-dir', '{empty}'], 'train-images-idx3-ubyte.gz'),
+    ('matmul_widths', ['--widths', '100', '24'], 'FIRST must not be larger than LAST'),
+    ('moe_layer', ['--dtype', 'bogus'], "invalid choice: 'bogus'"),
+    ('models', ['--specs', 'bogus'], "unknown model 'bogus'"),
+    ('cpu_paths', ['--out', UNDER_A_FILE], IS_A_FILE),
+])
+def test_a_benchmark_run_with_bad_arguments_exits_with_one_line_and_leaves_nothing(bad_places, script, args, said):
+    import subprocess
+    places, before = bad_places
+    r = subprocess.run([sys.executable, str(BENCHMARKS / f'{script}.py'), *(a.format(**places) for a in args)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'{script}.py: error: ') and said in last, r.stderr
+    assert sorted(str(p) for p in Path(places['file']).parent.rglob('*')) == before

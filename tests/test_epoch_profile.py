@@ -17,6 +17,7 @@ def _run(*args, cwd):
                           timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args, message', [
     (['--patch-drop-rates', '0', '1.0'], 'not in [0, 1)'),
     (['--steps', '0'], 'must be positive'),
