@@ -1,9 +1,10 @@
-"""The README's performance tables, written from the committed benchmark results (benchmarks/results/*.json).
+"""The tables of README.md and docs/*.md, written from the committed benchmark results (benchmarks/results/*.json),
+the shipped model cards and the registered models.
 
-Each table sits between `<!-- begin table: NAME -->` and `<!-- end table: NAME -->` in README.md and is replaced
-whole; the prose around them quotes no figure. After re-running a benchmark:
+Each table sits between `<!-- begin table: NAME -->` and `<!-- end table: NAME -->` in exactly one of those pages
+and is replaced whole; the prose around them quotes no figure. After re-running a benchmark:
 
-    python benchmarks/readme_tables.py            # rewrite the tables of README.md in place
+    python benchmarks/readme_tables.py            # rewrite the tables of README.md and docs/*.md in place
     python benchmarks/readme_tables.py --check    # status 1 if a table is not what the results give
 
 tests/test_readme_performance.py runs the check, so a table that was not regenerated fails.
@@ -13,9 +14,10 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import checked, existing_folder  # noqa: E402
 from common import markdown_table as _md  # noqa: E402
 
 from timm_mlit.cli import exit_on_error, fail  # noqa: E402
@@ -24,6 +26,7 @@ from timm_mlit.files import atomic_write  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
 README = REPO / 'README.md'
+DOCS = REPO / 'docs'
 IMPLS = ('auto', 'dense', 'sparse', 'loop')
 # the models table's rows: 'auto' (the default), every other moe_impl, one expert, the ViT twin, two timm CNNs
 MODEL_ROWS = ['mlit_xxs', 'mlit_xxs@dense', 'mlit_xxs@sparse', 'mlit_xxs@loop', 'mlit_xxs@one_expert',
@@ -33,7 +36,16 @@ MAX_LAYER_RATIO = 1.3  # the MoE layer's target: fwd+bwd at most this times its 
 
 
 class ReadmeTableError(ValueError):
-    """A result file, a row of it or a README marker that a table needs is missing."""
+    """A result file, a row of it or a page's marker that a table needs is missing."""
+
+
+def pages() -> List[Path]:
+    """The pages that hold tables: README.md, then docs/*.md."""
+    return [README] + sorted(DOCS.glob('*.md'))
+
+
+def _page_name(page: Path) -> str:
+    return page.relative_to(REPO).as_posix() if page.is_relative_to(REPO) else str(page)
 
 
 def _load(results: Path, stem: str) -> dict:
@@ -161,7 +173,7 @@ def widths_table(results: Path) -> str:
     by_width = {r['width']: r for r in data['rows']}
     shown = [w for w in (27, 33, 40, 47, 54, 61) if w in by_width]
     if not shown:
-        raise ReadmeTableError('matmul_widths_cpu.json has none of the widths 27..61 the README shows')
+        raise ReadmeTableError('matmul_widths_cpu.json has none of the widths 27..61 docs/performance.md shows')
     rows = [[str(w), f"{by_width[w]['ms']:.2f}", str(by_width[w]['padded_width']), f"{by_width[w]['padded_ms']:.2f}",
              f"{by_width[w]['pad/plain']:.2f}"] for w in shown]
     meta = data['meta']
@@ -337,7 +349,7 @@ def card_top1(name: str):
 
 
 def checked_card_top1(name: str, top1: float, measured: str, rerun: str, also: bool = True) -> None:
-    """Refuse a results file whose `top1` (what was `measured`) is not, to the 2 decimals the README prints, the test
+    """Refuse a results file whose `top1` (what was `measured`) is not, to the 2 decimals the tables print, the test
     top-1 that shipped weights `name`'s model card states, or where `also` (the caller's other checks) fails: the file
     predates the weights now shipped (or measured something else), and the error names the command to `rerun`."""
     from timm_mlit._weights import WEIGHTS_DIR
@@ -381,6 +393,32 @@ def shipped_weights_table(results: Path) -> str:
     return _md(['tag', 'what', 'classes', 'Fashion-MNIST test top-1'], rows) + note
 
 
+def _model_params(arch: str) -> int:
+    import timm
+    return sum(p.numel() for p in timm.create_model(arch).parameters())
+
+
+def model_zoo_table(results: Path) -> str:
+    """Every registered family's models with their input size, parameters with the default head, the weights
+    `pretrained=True` loads with their model card's test top-1, and the MAE encoder shipped beside them. (Read from
+    timm's registry and the package, not from `results`.)"""
+    import timm
+    rows = []
+    params = {arch: _model_params(arch) for arch in MLIT_SIZES + timm.list_models('mobile_vmoe_*')}
+    for arch in MLIT_SIZES + sorted(timm.list_models('mobile_vmoe_*'), key=params.get):
+        cfg = timm.models.get_pretrained_cfg(arch)
+        weights = f'{arch}.{cfg.tag}'
+        shipped = weights in timm.list_pretrained(f'{arch}.*')
+        encoder = f'{arch}.mae_in_fashion_mnist'
+        top1 = card_top1(weights) if shipped and cfg.num_classes else None
+        _, height, width = cfg.input_size
+        rows.append([f'`{arch}`', f'{height}x{width}', f'{params[arch]:,} ({cfg.num_classes} classes)',
+                     f'`{weights}`' if shipped else 'none', '-' if top1 is None else f'{top1:.2f}%',
+                     f'`{encoder}`' if encoder in timm.list_pretrained(f'{arch}.*') else '-'])
+    return _md(['model', 'input', 'params', '`pretrained=True` loads', 'Fashion-MNIST test top-1',
+                'MAE encoder (head-less)'], rows)
+
+
 def main_job_table(results: Path) -> str:
     """`python -m timm_mlit` on every classifier shipped in the package, from the main job's own results files
     (results/main_job_<arch>.json, written by `--results-file`): each is required, and must have measured those
@@ -413,7 +451,7 @@ def main_job_table(results: Path) -> str:
 
 
 TABLES: Dict[str, Callable[[Path], str]] = {
-    'shipped-weights': shipped_weights_table, 'main-job': main_job_table,
+    'model-zoo': model_zoo_table, 'shipped-weights': shipped_weights_table, 'main-job': main_job_table,
     'fashion-mnist-tune': fashion_mnist_tune_table, 'fashion-mnist-zoo': fashion_mnist_zoo_table,
     'cpu-paths': cpu_paths_table, 'cpu-precision': precision_table, 'pretrain-precision': pretrain_table,
     'edge': edge_table, 'cpu-targets': cpu_targets_table,
@@ -422,33 +460,55 @@ TABLES: Dict[str, Callable[[Path], str]] = {
 }
 
 
-def render(text: str, results: Path = RESULTS) -> str:
-    """`text` (the README) with every table between its markers rewritten from `results`."""
-    for name, table in TABLES.items():
-        key = re.escape(name)
-        pattern = re.compile(rf'(<!-- begin table: {key} -->\n)(?:.*?\n)?(<!-- end table: {key} -->)', re.S)
+def _block(name: str) -> re.Pattern:
+    key = re.escape(name)
+    return re.compile(rf'(<!-- begin table: {key} -->\n)(?:.*?\n)?(<!-- end table: {key} -->)', re.S)
+
+
+def render(text: str, results: Path = RESULTS, names: Optional[Iterable[str]] = None, page: str = 'README.md') -> str:
+    """`text` (the page `page`) with the tables `names` (default: all) between their markers rewritten from
+    `results`."""
+    for name in TABLES if names is None else names:
+        pattern = _block(name)
         if not pattern.search(text):
-            raise ReadmeTableError(f'README.md has no <!-- begin table: {name} --> ... <!-- end table: {name} --> '
-                                   'block')
-        body = table(results)
+            raise ReadmeTableError(f'{page} has no <!-- begin table: {name} --> ... <!-- end table: {name} --> block')
+        body = TABLES[name](results)
         text = pattern.sub(lambda m: m.group(1) + body + '\n' + m.group(2), text)
     return text
+
+
+def render_pages(results: Path = RESULTS) -> Dict[Path, Tuple[str, str]]:
+    """{page: (its text, its text with its tables rewritten from `results`)} for README.md and docs/*.md; every table
+    of TABLES must sit in exactly one page."""
+    texts = {page: page.read_text() for page in pages()}
+    holders = {name: [page for page, text in texts.items() if _block(name).search(text)] for name in TABLES}
+    for name, found in holders.items():
+        if len(found) != 1:
+            where = ', '.join(_page_name(p) for p in found) or 'none of README.md and docs/*.md'
+            raise ReadmeTableError(f'<!-- begin table: {name} --> ... <!-- end table: {name} --> must be in one page: '
+                                   f'found in {where}')
+    return {page: (text, render(text, results, [n for n, found in holders.items() if found == [page]],
+                                _page_name(page)))
+            for page, text in texts.items()}
 
 
 @exit_on_error('readme_tables.py', (ReadmeTableError,))
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--check', action='store_true', help='only check that README.md is up to date')
-    parser.add_argument('--results', default=str(RESULTS), help='folder of the benchmark JSON files')
+    parser.add_argument('--check', action='store_true', help='only check that the tables are up to date')
+    parser.add_argument('--results', type=checked(existing_folder), default=str(RESULTS),
+                        help='folder of the benchmark JSON files')
     args = parser.parse_args(argv)
-    text = README.read_text()
-    new = render(text, Path(args.results))
+    rendered = render_pages(Path(args.results))
+    stale = [_page_name(page) for page, (old, new) in rendered.items() if new != old]
     if args.check:
-        if new != text:
-            fail('readme_tables.py', 'the tables of README.md are not what the results give; run '
+        if stale:
+            fail('readme_tables.py', f'the tables of {", ".join(stale)} are not what the results give; run '
                                      'python benchmarks/readme_tables.py')
         return 0
-    atomic_write(str(README), lambda f: f.write(new.encode()))
+    for page, (old, new) in rendered.items():
+        if new != old:
+            atomic_write(str(page), lambda f, new=new: f.write(new.encode()))
     return 0
 
 

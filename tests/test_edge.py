@@ -55,6 +55,7 @@ def test_bad_paths_are_refused_before_anything_is_written(exported, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_writes_an_int8_file_and_names_bad_input(tmp_path, capsys):
     out = tmp_path / 'm.onnx'
     assert edge.main(['mlit_xxs', str(out), '--num-classes', '10', '--int8']) == 0
@@ -66,6 +67,7 @@ def test_cli_writes_an_int8_file_and_names_bad_input(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['m.onnx']
 
 
+@pytest.mark.slow
 def test_edge_benchmark_scores_every_route_on_fashion_mnist_idx_files(tmp_path):
     import json
     import sys
@@ -85,6 +87,7 @@ def test_edge_benchmark_scores_every_route_on_fashion_mnist_idx_files(tmp_path):
     assert all(0 <= r['test_top1'] <= 100 and r['latency_b1_ms'] > 0 for r in scored.values())
 
 
+@pytest.mark.slow
 def test_readme_export_command_writes_the_shipped_classifier_as_int8(tmp_path):
     import subprocess
     import sys

@@ -354,6 +354,7 @@ def test_a_run_cut_short_keeps_its_validation_curve_in_the_results_until_it_is_t
     assert '## Not tested yet' not in (res / 'fashion_mnist_zoo.md').read_text()
 
 
+@pytest.mark.slow
 def test_each_row_keeps_the_code_that_trained_it_when_the_results_are_written_again(tmp_path, source,
                                                                                    monkeypatch):
     res, out = tmp_path / 'res', tmp_path / 'out'
@@ -385,6 +386,7 @@ def test_each_row_keeps_the_code_that_trained_it_when_the_results_are_written_ag
                                                'mlit_xs': 'bbb'}
 
 
+@pytest.mark.slow
 def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_commands(tmp_path, source):
     import timm
     from safetensors.torch import load_file
@@ -409,7 +411,7 @@ def test_publish_ships_each_tested_mmlit_as_encoder_and_classifier_with_its_comm
     export_encoder(mae, str(out / 'pretrain_mlit_xxs' / 'encoder.safetensors'), arch='mlit_xxs')
     done = out / 'pretrain_mlit_xxs' / 'done.json'  # as a stage run outside the orchestrator records itself
     done.write_text(json.dumps(dict(json.loads(done.read_text()), argv=[])))
-    # the README's command, published with other flags than the zoo ran with: the cards hold what ran (done.json)
+    # docs/results.md's command, published with other flags than the zoo ran with: the cards hold what ran (done.json)
     readme = shlex.split(snippet('shipped-weights').strip().replace('/var/tmp/zoo/out', str(out)))
     assert readme[:5] == ['python', 'benchmarks/fashion_mnist_zoo.py', 'publish', '--out', str(out)]
     other = [a if a != str(tmp_path / 'timm') else str(tmp_path / 'elsewhere') for a in common[2:]]

@@ -545,7 +545,7 @@ def test_readme_snippet_torch_hub(embedded, published, offline_hf, monkeypatch):
 
 
 def _readme_hf_hub_repo() -> str:
-    """The Hub repository the README's hf-hub snippet loads."""
+    """The Hub repository docs/publishing.md's hf-hub snippet loads."""
     model_id, = set(re.findall(r"'hf-hub:([^']+)'", SNIPPET_HF_HUB))
     return model_id
 

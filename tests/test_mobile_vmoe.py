@@ -347,13 +347,14 @@ def test_per_token_spreads_an_image_routing_over_its_tokens():
     assert torch.equal(tokens.load, routing.load)
 
 
-def test_readme_model_table_holds_the_measured_parameter_counts():
-    from readme import README
-    rows = [line for line in README.splitlines() if line.startswith('| `mobile_vmoe_vit_')]
-    assert len(rows) == 2
+def test_docs_model_table_holds_the_measured_parameter_counts():
+    from readme import page
+    rows = [line for line in page('docs/mobile_vmoe.md').splitlines()
+            if line.startswith('| `mobile_vmoe_vit_') and line.count('|') == 7]
+    assert sorted(line.split('`')[1] for line in rows) == sorted(timm.list_models('mobile_vmoe_*'))
     for line in rows:
         cells = [c.strip() for c in line.strip('|').split('|')]
-        model = timm.create_model(cells[0].split('`')[1], num_classes=1000 if 'tiny' in cells[0] else 100)
+        model = timm.create_model(cells[0].split('`')[1], num_classes=1000 if '224' in cells[0] else 100)
         total = sum(p.numel() for p in model.parameters())
         per_expert = sum(p.numel() for p in model.blocks[-1].mlp.parameters()) // model.num_experts
         touched = total - model.moe_layers * (model.num_experts - model.top_k) * per_expert
@@ -361,22 +362,23 @@ def test_readme_model_table_holds_the_measured_parameter_counts():
         assert cells[3] == f'{model.moe_layers}, {model.num_experts}, {model.top_k}'
 
 
-def test_readme_fashion_mnist_table_and_groups_are_the_benchmarks():
-    """The README's Mobile V-MoE results are the files benchmarks/mobile_vmoe_fashion_mnist.py wrote."""
+def test_docs_fashion_mnist_table_and_groups_are_the_benchmarks():
+    """docs/mobile_vmoe.md's Fashion-MNIST results are the files benchmarks/mobile_vmoe_fashion_mnist.py wrote."""
     from pathlib import Path
 
-    from readme import README
+    from readme import page
+    text = page('docs/mobile_vmoe.md')
     results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
     table = [line for line in (results / 'mobile_vmoe_fashion_mnist.md').read_text().splitlines()
              if line.startswith('|')]
     assert len(table) == 6
     for line in table:
-        assert line in README.splitlines(), line
+        assert line in text.splitlines(), line
     sc = load_superclasses(str(results / 'mobile_vmoe_fashion_mnist_superclasses.json'), num_classes=10)
     for line in sc.describe().splitlines():
-        assert f'- {line}' in README.splitlines(), line
+        assert f'- {line}' in text.splitlines(), line
     meta = json.loads((results / 'mobile_vmoe_fashion_mnist.json').read_text())['meta']
-    assert f"--epochs {meta['epochs']}" in README and (results / 'mobile_vmoe_fashion_mnist_confusion.png').is_file()
+    assert f"--epochs {meta['epochs']}" in text and (results / 'mobile_vmoe_fashion_mnist_confusion.png').is_file()
 
 
 @pytest.mark.parametrize('name, kwargs', [
@@ -431,3 +433,27 @@ def test_size_sweep_table_is_the_counters_and_lists_every_registered_size():
     tiny = recorded['mobile_vmoe_vit_tiny_patch16_224']
     assert (tiny['params_m'], tiny['touched_m']) == (11.05, 6.31)
     assert abs(recorded['mobile_vmoe_vit_6x96_patch32_224']['dense_mmac'] - 54) < 0.1 * 54
+
+
+def test_docs_compute_table_is_the_size_benchmarks():
+    import json
+    from pathlib import Path
+
+    from readme import page
+    results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results' / 'mobile_vmoe_sizes.json'
+    by_model = {r['model']: r for r in json.loads(results.read_text())['rows']}
+    rows = [line for line in page('docs/mobile_vmoe.md').splitlines()
+            if line.startswith('| `mobile_vmoe_vit_') and line.count('|') == 5]
+    assert sorted(line.split('`')[1] for line in rows) == sorted(by_model)
+    for line in rows:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        r = by_model[cells[0].strip('`')]
+        assert cells[1:] == [f"{r['mmac']:g}", f"{r['dense_mmac']:g}", f"{r['dense_params_m']:g}"], cells[0]
+
+
+@pytest.mark.parametrize('kwargs', [{}, dict(moe_routing='image')])
+def test_superclass_loss_refuses_mlit_and_says_why(kwargs):
+    from timm_mlit.superclasses import RouterTaskError
+    from timm_mlit.task import the_router
+    with pytest.raises(RouterTaskError, match='expert counts differ'):
+        the_router(timm.create_model('mlit_xxs', num_classes=10, **kwargs))

@@ -35,7 +35,7 @@ TRAIN = snippet('vmoe-train').strip()
 
 
 def readme_argv(command: str, **replace) -> list:
-    """A README command as argv for `python -m`, with its words replaced (timm-mlit-X -> timm_mlit.X)."""
+    """A command of docs/mobile_vmoe.md as argv for `python -m`, its words replaced (timm-mlit-X -> timm_mlit.X)."""
     for old, new in replace.items():
         assert old in command, old
         command = command.replace(old, str(new))
@@ -74,6 +74,7 @@ def _summary(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_superclasses_cli_clusters_a_dense_checkpoints_confusions(image_folder, tmp_path):
     torch.manual_seed(0)
     dense = timm.create_model('mobile_vmoe_vit_xxs_patch3_36', moe_layers=0, depth=2, num_classes=CLASSES)
@@ -163,7 +164,7 @@ def test_train_py_names_a_superclass_file_that_does_not_fit_the_model(image_fold
 @pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST),
                     reason='Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)')
 def test_fashion_mnist_benchmark_command_runs_every_stage(tmp_path):
-    """The README's benchmark command on the first 700 training and 300 test images of the real Fashion-MNIST
+    """docs/mobile_vmoe.md's benchmark command on the first 700 training and 300 test images of the real Fashion-MNIST
     (200 held out), one epoch: every stage runs and the table has its four rows."""
     data = tmp_path / 'fmnist'
     data.mkdir()

@@ -1,6 +1,6 @@
-"""The README's shell commands for pre-training and publishing, run as written (paths pointed at test data, with
-small-run flags appended). The train.py / validate.py commands of
-the timm-scripts section are run by test_timm_scripts_e2e.py; those that made the shipped weights (on their model
+"""The shell commands of README.md and docs/ for pre-training, publishing and the Fashion-MNIST pipelines, run as
+written (paths pointed at test data, with small-run flags appended). The train.py / validate.py commands (README.md,
+docs/training.md) are run by test_timm_scripts_e2e.py; those that made the shipped weights (on their model
 cards) by test_shipped_weights.py; the zoo's publish command by test_fashion_mnist_zoo.py."""
 import json
 import os
@@ -25,10 +25,11 @@ BIN = Path(sys.executable).parent
 
 
 def command(name: str, env: Optional[dict] = None, **replace) -> list:
-    """The README command `name` as argv, with `replace` applied; leading VAR=value words go into `env`."""
+    """The command block `name` (README.md or docs/) as argv, with `replace` applied; leading VAR=value words go
+    into `env`."""
     text = snippet(name).strip()
     for old, new in replace.items():
-        assert old in text, f'README command {name!r} no longer contains {old!r}'
+        assert old in text, f'the command {name!r} no longer contains {old!r}'
         text = text.replace(old, str(new))
     return command_from(text, env)
 
@@ -78,6 +79,7 @@ def test_readme_publish_command_writes_a_hub_folder(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.slow
 def test_readme_fashion_mnist_benchmark_command_plans_the_comparison(tmp_path):
     """The command as written, with --dry-run: the plan and every stage's command, nothing run."""
     scripts = tmp_path / 'pytorch-image-models'
@@ -94,6 +96,7 @@ def test_readme_fashion_mnist_benchmark_command_plans_the_comparison(tmp_path):
         assert stage in proc.stdout
 
 
+@pytest.mark.slow
 def test_readme_fashion_mnist_zoo_commands_plan_the_pilots_and_the_zoo(tmp_path):
     """The two commands as written, with --dry-run: `tune` plans the MAE and the pilots on the held-out split, `zoo`
     every size with the pilots the committed fashion_mnist_tune.json chose, each scored once on the test set."""

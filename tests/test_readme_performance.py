@@ -1,19 +1,24 @@
-"""The README's performance tables are what benchmarks/readme_tables.py writes from the committed results
-(benchmarks/results/*.json): a table not regenerated after a benchmark re-run fails here."""
+"""The tables of README.md and docs/*.md are what benchmarks/readme_tables.py writes from the committed results
+(benchmarks/results/*.json), the shipped model cards and the registered models: a table not regenerated after a
+benchmark re-run fails here."""
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import timm
-from readme import README
+from readme import PAGES, page
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import readme_tables  # noqa: E402
 
 
-def test_readme_tables_are_what_the_committed_results_give():
-    assert readme_tables.render(README) == README, 'run: python benchmarks/readme_tables.py'
+def test_the_tables_of_every_page_are_what_the_committed_results_give():
+    rendered = readme_tables.render_pages()
+    assert {p.relative_to(readme_tables.REPO).as_posix() for p in rendered} >= {'README.md', 'docs/results.md',
+                                                                                  'docs/performance.md'}
+    for path, (text, new) in rendered.items():
+        assert new == text, f'{path}: run python benchmarks/readme_tables.py'
 
 
 def test_a_results_file_missing_a_model_row_is_rejected_naming_it(tmp_path):
@@ -29,18 +34,39 @@ def test_a_results_file_missing_a_model_row_is_rejected_naming_it(tmp_path):
     assert "mlit_xxs, `moe_impl='dense'`" in readme_tables.models_table(tmp_path)
 
 
-def test_a_readme_without_a_tables_markers_is_rejected():
+def _pages_in(tmp_path, monkeypatch, edit=lambda text: text):
+    """README.md and docs/*.md copied into tmp_path, `edit` applied to docs/performance.md (where the models table
+    lives), and readme_tables pointed at the copies."""
+    (tmp_path / 'docs').mkdir(exist_ok=True)
+    for name, text in PAGES.items():
+        (tmp_path / name).write_text(edit(text) if name == 'docs/performance.md' else text)
+    monkeypatch.setattr(readme_tables, 'README', tmp_path / 'README.md')
+    monkeypatch.setattr(readme_tables, 'DOCS', tmp_path / 'docs')
+
+
+def test_a_table_in_no_page_or_in_two_is_rejected(tmp_path, monkeypatch):
     with pytest.raises(readme_tables.ReadmeTableError, match='no <!-- begin table: models -->'):
-        readme_tables.render(README.replace('<!-- begin table: models -->', ''))
+        readme_tables.render(page('docs/performance.md').replace('<!-- begin table: models -->', ''),
+                             names=['models'])
+    _pages_in(tmp_path, monkeypatch, lambda text: text.replace('<!-- begin table: models -->', ''))
+    with pytest.raises(readme_tables.ReadmeTableError, match='table: models --> must be in one page: found in none'):
+        readme_tables.render_pages()
+    _pages_in(tmp_path, monkeypatch)
+    (tmp_path / 'docs' / 'twice.md').write_text('<!-- begin table: flops -->\n<!-- end table: flops -->\n')
+    with pytest.raises(readme_tables.ReadmeTableError, match='flops --> must be in one page: found in .*performance'):
+        readme_tables.render_pages()
 
 
-def test_check_exits_with_one_error_line_when_a_table_is_stale(tmp_path, monkeypatch, capsys):
-    stale = tmp_path / 'README.md'
-    stale.write_text(README.replace('<!-- end table: models -->', '| stale |\n<!-- end table: models -->'))
-    monkeypatch.setattr(readme_tables, 'README', stale)
+@pytest.mark.slow
+def test_check_exits_with_one_error_line_naming_the_page_whose_table_is_stale(tmp_path, monkeypatch):
+    _pages_in(tmp_path, monkeypatch,
+              lambda text: text.replace('<!-- end table: models -->', '| stale |\n<!-- end table: models -->'))
     with pytest.raises(SystemExit) as exit_:
         readme_tables.main(['--check'])
-    assert str(exit_.value).startswith('readme_tables.py: error: ')
+    assert str(exit_.value).startswith('readme_tables.py: error: the tables of ')
+    assert 'performance.md' in str(exit_.value) and 'README' not in str(exit_.value)
+    assert readme_tables.main([]) == 0  # rewritten in place: the check passes
+    assert readme_tables.main(['--check']) == 0
 
 
 def _cpu_results(tmp_path, mlit_train, vit_train, old_train=100., int8_top1=84.0):
@@ -119,6 +145,19 @@ def test_zoo_table_marks_each_sizes_accuracy_target_met_missed_or_open(tmp_path)
     (tmp_path / 'fashion_mnist_zoo.json').write_text(json.dumps(dict(meta=meta, rows=rows)))
     assert '| mmLiT-XXS test top-1 ≥ 91% | 91.00 after 20 fine-tuning epochs | met |' in \
         readme_tables.fashion_mnist_zoo_table(tmp_path)
+
+
+def test_model_zoo_lists_every_registered_family_with_its_input_and_its_shipped_weights():
+    table = readme_tables.model_zoo_table(Path('unused'))
+    for arch in timm.list_models('mlit_*') + timm.list_models('mobile_vmoe_*'):
+        cfg = timm.models.get_pretrained_cfg(arch)
+        row = next(line for line in table.splitlines() if line.startswith(f'| `{arch}` |'))
+        assert f"| {cfg.input_size[1]}x{cfg.input_size[2]} |" in row
+        if cfg.file:
+            top1 = readme_tables.card_top1(f'{arch}.{cfg.tag}')
+            assert f'| `{arch}.{cfg.tag}` | {top1:.2f}% | `{arch}.mae_in_fashion_mnist` |' in row
+        else:
+            assert row.endswith('| none | - | - |')
 
 
 def test_shipped_weights_table_reads_the_cards_and_refuses_a_folder_without_a_cfg_entry(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """End-to-end: timm's own, unmodified train.py / validate.py / benchmark.py run mLiT with our recipes.
 
 Needs the scripts (not in timm's wheel): TIMM_SCRIPTS_DIR=/path/to/pytorch-image-models. A few epochs on a tiny
-image folder written by the test, CPU, batch 8. The commands are the README's, with small-run overrides appended.
+image folder written by the test, CPU, batch 8. The commands are those of README.md and docs/training.md, with
+small-run overrides appended.
 """
 import csv
 import json
@@ -30,11 +31,11 @@ pytestmark = [
                                                'checkout (train.py, validate.py, benchmark.py)'),
 ]
 CLASSES = 3
-SMALL_RUN = '-b 8 -j 1 --device cpu'  # appended to every README command (-j 0 fails with timm 1.0.28's loader)
+SMALL_RUN = '-b 8 -j 1 --device cpu'  # appended to every documented command (-j 0 fails with timm 1.0.28's loader)
 
 
 def timm_mlit_run(command: str, *extra: str) -> subprocess.CompletedProcess:
-    """Run a README command line (`timm-mlit-run SCRIPT ...`) with this interpreter, from the repository root."""
+    """Run a documented command line (`timm-mlit-run SCRIPT ...`) with this interpreter, from the repository root."""
     argv = shlex.split(command)
     assert argv[0] == 'timm-mlit-run'
     env = dict(os.environ, TIMM_SCRIPTS_DIR=SCRIPTS_DIR)
@@ -78,7 +79,7 @@ def _own_top1(checkpoint, data_dir) -> float:
     return 100. * correct / len(ds)
 
 
-# --- the README commands (README: "Fine-tuning and evaluating with timm's train.py and validate.py") ---
+# --- the commands of docs/training.md ---
 TRAIN_SCRATCH = snippet('train-scratch').strip()
 FINETUNE = snippet('train-finetune').strip()
 VALIDATE = snippet('validate').strip()
@@ -199,6 +200,80 @@ def test_fashion_mnist_recipe_trains_through_train_py(tmp_path):
     assert len(rows) == 1 and 0 <= float(rows[0]['eval_top1']) <= 100
     assert torch.load(out / 'fm' / 'last.pth.tar', map_location='cpu', weights_only=False)[
         'state_dict']['head.weight'].shape == (10, 108)
+
+
+def test_distillation_recipe_trains_with_a_local_dir_teacher_through_train_py(tmp_path):
+    """scratch/mlit_xxs_fashion_mnist_kd: timm's LogitDistillationTask with a teacher that timm's save_for_hf wrote
+    (a folder train.py loads through `--kd-model-name local-dir:FOLDER`), on 64 real Fashion-MNIST images."""
+    from timm.models import save_for_hf
+    subset = tmp_path / 'fashion-mnist'
+    subset.mkdir()
+    for split, n in (('train', 64), ('t10k', 32)):
+        for kind in ('images-idx3', 'labels-idx1'):
+            a = read_idx(os.path.join(DEBIAN_FASHION_MNIST, f'{split}-{kind}-ubyte.gz'))[:n]
+            write_idx(str(subset / f'{split}-{kind}-ubyte.gz'), a.numpy())
+    teacher = tmp_path / 'teacher'
+    save_for_hf(timm.create_model('resnet10t', num_classes=10), str(teacher), safe_serialization=True,
+                data_config=dict(input_size=(3, 36, 36), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0))
+    out = tmp_path / 'train'
+    r = timm_mlit_run('timm-mlit-run train.py -c scratch/mlit_xxs_fashion_mnist_kd',
+                      '--kd-model-name', f'local-dir:{teacher}', '--data-dir', str(subset), '--epochs', '1',
+                      '--warmup-epochs', '0', *SMALL_RUN.split(), '--output', str(out), '--experiment', 'kd')
+    log = r.stdout + r.stderr
+    assert 'LogitDistillationTask' in log or 'KD teacher' in log, log[-3000:]
+    rows = _summary(out / 'kd' / 'summary.csv')
+    assert len(rows) == 1 and 0 <= float(rows[0]['eval_top1']) <= 100
+    state = torch.load(out / 'kd' / 'last.pth.tar', map_location='cpu', weights_only=False)['state_dict']
+    assert state['head.weight'].shape == (10, 108) and not any(k.startswith('teacher') for k in state)
+
+
+# --- the README's "Fine-tune on your own images": its folder layout and its two commands ---
+IMAGE_FOLDER = snippet('image-folder')
+TRAIN_IMAGE_FOLDER, VALIDATE_IMAGE_FOLDER = snippet('finetune-image-folder').strip().splitlines()
+
+
+def _write_image_folder(layout: str, root, per_class: int = 4) -> list:
+    """The README's layout (lines `my_images/<split>/<class>/*.png ...`) under `root`: `per_class` noisy 36x36 PNGs
+    a folder, a colour per class. Returns the class names."""
+    rng = np.random.default_rng(0)
+    colours = {}
+    for line in layout.strip().splitlines():
+        top, split, name, files = line.split()[0].split('/')
+        assert top == 'my_images' and files == '*.png', line
+        colour = colours.setdefault(name, np.array([(200, 60, 60), (60, 60, 200), (60, 200, 60)][len(colours) % 3]))
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.clip(colour + rng.normal(0, 60, (36, 36, 3)), 0, 255).astype(np.uint8)).save(
+                folder / f'{i}.png')
+    return sorted(colours)
+
+
+def test_readme_image_folder_recipe_fine_tunes_the_shipped_encoder_and_validate_py_scores_the_test_split(tmp_path):
+    root, out = tmp_path / 'my_images', tmp_path / 'train'
+    classes = _write_image_folder(IMAGE_FOLDER, root)
+    assert sorted(p.name for p in root.iterdir()) == ['test', 'train', 'validation']
+    num_classes = f'--num-classes {len(classes)}'
+    timm_mlit_run(_with(TRAIN_IMAGE_FOLDER, **{'--data-dir my_images': f'--data-dir {root}',
+                                               '--num-classes 2': num_classes}),
+                  '--epochs', '1', '--warmup-epochs', '0', *SMALL_RUN.split(), '--output', str(out))
+    run = out / 'my_images'
+    rows = _summary(run / 'summary.csv')
+    assert len(rows) == 1 and 0 <= float(rows[0]['eval_top1']) <= 100
+    args = yaml.safe_load((run / 'args.yaml').read_text())
+    assert (args['dataset'], args['train_split'], args['val_split']) == ('', 'train', 'validation')
+    # the shipped MAE encoder, a new head: one AdamW step at lr 4e-3 * 8 / 256 moves a weight by ~1e-4
+    encoder = load_file(timm.models.get_pretrained_cfg(args['model']).file)
+    state = torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=False)['state_dict']
+    assert set(state) - set(encoder) == {'head.weight', 'head.bias'} and state['head.weight'].shape[0] == len(classes)
+    assert max((state[k].float() - v.float()).abs().max().item() for k, v in encoder.items()) < 2e-3
+
+    results, best = tmp_path / 'test.json', run / 'model_best.pth.tar'
+    timm_mlit_run(_with(VALIDATE_IMAGE_FOLDER, **{'--data-dir my_images': f'--data-dir {root}',
+                                                  '--num-classes 2': num_classes,
+                                                  'output/train/my_images/model_best.pth.tar': best}),
+                  *SMALL_RUN.split(), '--results-file', str(results), '--results-format', 'json')
+    assert 0 <= json.loads(results.read_text())['top1'] <= 100
 
 
 def test_benchmark_py_runs_mlit(tmp_path):
