@@ -139,6 +139,7 @@ def test_two_process_torchrun_equals_one_process(tmp_path, image_folder):
     assert_same_weights(state(one / 'last.pth.tar'), state(tmp_path / 'two' / 'last.pth.tar'), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pretraining_picks_bfloat16_where_the_cpu_has_it_no_amp_keeps_float32_and_so_does_its_resume(
         tmp_path, image_folder, monkeypatch, caplog):
     import logging
@@ -202,6 +203,20 @@ def test_missing_data_dir(tmp_path):
     with pytest.raises(SystemExit, match='data dir .* does not exist'):
         main(['--data-dir', str(tmp_path / 'missing'), '--output', str(tmp_path)])
     assert not os.listdir(tmp_path)
+
+
+def test_a_data_dir_that_is_a_file_or_an_image_folder_with_an_unreadable_class_is_named(tmp_path, monkeypatch):
+    from test_data import deny_reading
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(SystemExit, match='data dir .*file is a file, not a folder'):
+        main(['--data-dir', str(tmp_path / 'file'), '--output', str(tmp_path / 'out')])
+    images = tmp_path / 'images'
+    for name in ('cat', 'dog'):
+        (images / 'train' / name).mkdir(parents=True)
+    deny_reading(monkeypatch, images / 'train' / 'dog')
+    with pytest.raises(SystemExit, match=f'cannot read the folder {images}/train/dog'):
+        main(['--data-dir', str(images), '--output', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
 
 
 def test_unknown_model(tmp_path, image_folder):

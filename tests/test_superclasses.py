@@ -371,6 +371,17 @@ def test_the_tool_names_a_split_it_cannot_evaluate(images, tmp_path, case):
     assert not (tmp_path / 'sc.json').exists()
 
 
+def test_the_tool_names_an_unreadable_class_folder_of_its_split(images, tmp_path, monkeypatch):
+    from test_data import deny_reading
+
+    from timm_mlit.superclasses import main
+    deny_reading(monkeypatch, images / 'data' / 'validation' / 'class1')
+    argv = [str(a) for a in dense_argv(images, '-E', '2', '-o', tmp_path / 'sc.json')]
+    with pytest.raises(SystemExit, match=f"cannot read the folder {images}/data/validation/class1 "):
+        main(argv)
+    assert not (tmp_path / 'sc.json').exists()
+
+
 # --- timm-mlit-run ---
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .cli import HelpFormatter, exit_on_error
-from .data import MAEPretrainDataset
+from .data import MAEPretrainDataset, check_image_folder
 from .engine import log_epoch, train_one_epoch
 from .files import WriteError, atomic_write, check_writable_path, hold_folder, remove_stale_temporaries
 from .mae import MaskedAutoencoderMLiT
@@ -298,7 +298,9 @@ def build_model(args) -> MaskedAutoencoderMLiT:
 
 def build_dataset(args, model: MaskedAutoencoderMLiT) -> MAEPretrainDataset:
     if args.data_dir and not os.path.isdir(args.data_dir):
-        raise PretrainError(f'data dir {args.data_dir} does not exist')
+        what = 'is a file, not a folder' if os.path.exists(args.data_dir) else 'does not exist'
+        raise PretrainError(f'data dir {args.data_dir} {what}')
+    check_image_folder(args.data_dir, args.dataset)  # timm's reader would skip an unreadable class folder
     if not args.data_dir and not args.dataset.lower().startswith(('torch/fashion_mnist', 'hfds/', 'hfids/', 'tfds/')):
         raise PretrainError('--data-dir is required for this dataset')
     try:

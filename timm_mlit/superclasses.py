@@ -307,6 +307,7 @@ def confusion_of_checkpoint(args) -> SuperClasses:
                  if getattr(args, k) is not None}
     transform = create_transform(**resolve_data_config(data_args, model=model))
     where = f'split {args.split!r} of {args.dataset or "the image folder"} in {args.data_dir}'
+    timm_mlit.data.check_image_folder(args.data_dir, args.dataset)  # timm's reader skips an unreadable class folder
     try:
         dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, transform=transform)
     except (AssertionError, RuntimeError, ValueError) as e:  # timm: an unknown dataset is an AssertionError
