@@ -330,7 +330,7 @@ def test_the_wheel_ships_the_weight_folders(tmp_path):
     for name in [n for arch in SHIPPED for n in (f'{arch}.mae_ft_fashion_mnist', f'{arch}.mae_in_fashion_mnist')]:
         for f in ('model.safetensors', 'config.json', 'README.md'):
             assert f'timm_mlit/weights/{name}/{f}' in names
-    assert 'timm_mlit/py.typed' in names
+    assert 'timm_mlit/py.typed' in names and 'timm_mlit/superclass_files/cifar100_coarse.json' in names
     assert any(n.endswith('.dist-info/licenses/LICENSE') or n.endswith('.dist-info/LICENSE') for n in names)
     recipes = sorted(p.relative_to(ROOT / 'train_configs').as_posix() for p in (ROOT / 'train_configs').rglob('*.yaml'))
     assert recipes and all(f'timm_mlit/train_configs/{r}' in names for r in recipes)

@@ -391,3 +391,15 @@ def test_timm_mlit_run_refuses_superclasses_for_a_script_that_trains_nothing_at_
     script.write_text('open(__file__ + ".ran", "w").close()\n')
     msg = one_line_error(run('timm_mlit.run', script, '--superclasses', sc, timeout=120), 'timm-mlit-run')
     assert 'train.py' in msg and not os.path.exists(f'{script}.ran')
+
+
+def test_cifar100_coarse_ships_with_the_package_as_its_20_groups_of_5():
+    sc = load_superclasses('cifar100_coarse', num_classes=100, num_superclasses=20)
+    groups = {sc.superclass_names[g]: sorted(sc.class_names[c] for c in members) for g, members in
+              enumerate(sc.groups())}
+    assert sorted(len(m) for m in groups.values()) == [5] * 20 and sc.class_names == sorted(sc.class_names)
+    assert groups['aquatic_mammals'] == ['beaver', 'dolphin', 'otter', 'seal', 'whale']
+    assert groups['vehicles_2'] == ['lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor']
+    assert groups['people'] == ['baby', 'boy', 'girl', 'man', 'woman']
+    with pytest.raises(FileNotFoundError, match='cifar10_coarse does not exist'):
+        load_superclasses('cifar10_coarse')

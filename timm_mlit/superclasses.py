@@ -146,9 +146,13 @@ def load_superclasses(path: str, num_classes: Optional[int] = None,
     """Read a super-class file written by `SuperClasses.save` (timm-mlit-superclasses), checked to cover exactly
     classes 0..C-1 once each and, where given, to match the model's `num_classes` and number of experts.
 
+    `path` may also name a division shipped in timm_mlit/superclass_files (`cifar100_coarse`: CIFAR-100's own 20).
+
     Raises:
         FileNotFoundError: no such file. ValueError: a file that is not one, or does not fit the model.
     """
+    shipped = os.path.join(os.path.dirname(__file__), 'superclass_files', f'{path}.json')
+    path = shipped if not os.path.exists(path) and path.isidentifier() and os.path.isfile(shipped) else path
     if not os.path.isfile(path):
         what = 'is not a file' if os.path.exists(path) else 'does not exist'
         raise FileNotFoundError(f'super-class file {path} {what} (write one with {PROG})')
