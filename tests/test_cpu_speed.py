@@ -14,7 +14,7 @@ from timm_mlit import precision
 from timm_mlit.layers import GroupedQueryAttention
 from timm_mlit.layers.dropout import Dropout
 from timm_mlit.layers.ops import ChunkedAttention, MaskDropout, chunked_attention, keep_mask
-from timm_mlit.run import auto_precision_args
+from timm_mlit.precision import auto_precision_args
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ def _qkv(b=10, m=29, n=15, d=18, dtype=torch.float64, seed=0):
             for rows in (m, n, n)]
 
 
+@pytest.mark.slow
 def test_chunked_attention_passes_gradcheck_across_blocks(small_chunks):
     q, k, v = _qkv()
     assert chunked.attention_chunk(q, k) == 3
@@ -235,12 +236,12 @@ def test_launcher_gives_an_amp_dtype_alone_the_amp_train_py_needs(monkeypatch, t
 
 
 def test_launcher_adds_precision_flags_only_to_scripts_that_have_them(tmp_path):
-    from timm_mlit.run import _trains_with_amp
+    from timm_mlit.script_args import read_script
     train = tmp_path / 'train.py'
     train.write_text("p.add_argument('-c', '--config')\np.add_argument('--amp-dtype')\n")
     other = tmp_path / 'mine.py'
     other.write_text("p.add_argument('-c', '--config')\n")
-    assert _trains_with_amp(str(train)) and not _trains_with_amp(str(other))
+    assert read_script(str(train)).trains_with_amp and not read_script(str(other)).trains_with_amp
 
 
 def test_dropout_rates_that_round_to_one_drop_everything():

@@ -1,14 +1,8 @@
-"""Publishing (timm_mlit/hub.py) and every way of loading mLiT weights, with no network.
-
-The Hugging Face Hub is never reached: Hub loads read a cache the tests build in the hub's own layout
-(models--org--name/{blobs,snapshots/<commit>,refs/main}) with HF_HUB_OFFLINE=1 and HF_HOME / HF_HUB_CACHE in tmp.
-"""
+"""Publishing (timm_mlit/hub.py): the folder timm-mlit-publish writes from every kind of checkpoint, --overwrite,
+pushing, interrupted publishes and the command line, with no network."""
 import argparse
-import contextlib
-import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,159 +17,14 @@ import safetensors.torch
 import timm
 import torch
 import yaml
+from hub_helpers import HUB_ID, _encoder_safetensors, _main, _model, _out, _publish, _same_weights, _x
+from hub_helpers import _card_python_blocks as _card_python_blocks  # (re-exported for tests/test_publish.py)
+from hub_helpers import offline_hf as offline_hf  # (re-exported for tests/test_publish.py)
+from hub_helpers import put_in_hf_cache as put_in_hf_cache  # (re-exported for tests/test_publish.py)
 from PIL import Image
-from readme import snippet
-from timm.layers import resample_abs_pos_embed
-from timm.models import _registry
-from timm.models._pretrained import PretrainedCfg
 
 import timm_mlit  # noqa: F401
 from timm_mlit import _weights, hub
-from timm_mlit.mlit import _cfg
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-HUB_ID = 'timm-mlit/mlit_xxs.mae_ft_cifar100'
-SHIPPED = _weights.WEIGHTS_DIR / 'mlit_xxs.mae_ft_fashion_mnist'
-
-# README snippets, read from README.md and executed verbatim below (test_readme_snippet_*).
-SNIPPET_PRETRAINED = snippet('hub-pretrained')
-SNIPPET_HF_HUB = snippet('hub-hf-hub')
-SNIPPET_TORCH_HUB = snippet('hub-torch-hub')
-
-
-# ---------------------------------------------------------------------------------------------------------- helpers
-
-def _model(num_classes: int = 100, seed: int = 0, name: str = 'mlit_xxs', **kwargs) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(name, num_classes=num_classes, **kwargs).eval()
-
-
-def _x(in_chans: int = 3, size: int = 36) -> torch.Tensor:
-    return torch.rand(2, in_chans, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def _out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _same_weights(model: torch.nn.Module, state_dict) -> bool:
-    sd = model.state_dict()
-    return sd.keys() == state_dict.keys() and all(torch.equal(sd[k], state_dict[k]) for k in sd)
-
-
-def _main(argv) -> int:
-    """hub.main as the console script runs it: its exit status, and an error's one line on stderr."""
-    try:
-        return hub.main(argv)
-    except SystemExit as e:
-        if not isinstance(e.code, str):  # argparse's usage errors, --help, --version: as they are
-            raise
-        print(e.code, file=sys.stderr)
-        return 1
-
-
-def _publish(tmp: Path, checkpoint: Path, out: Path, *extra: str) -> int:
-    return _main([str(checkpoint), '--model', 'mlit_xxs', '--output-dir', str(out), *extra])
-
-
-def _git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
-
-
-def put_in_hf_cache(folder: Path, cache: Path, repo_id: str) -> Path:
-    """Place `folder` in a Hugging Face cache as the hub's downloads do: blobs named by their etag (sha256 for LFS
-    files, git sha1 for others), snapshots/<commit>/<file> symlinks to them, refs/main naming the commit."""
-    repo = cache / f'models--{repo_id.replace("/", "--")}'
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    (repo / 'blobs').mkdir(parents=True)
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True)
-    for f in folder.iterdir():
-        data = f.read_bytes()
-        etag = hashlib.sha256(data).hexdigest() if f.suffix == '.safetensors' else _git_blob_sha1(data)
-        (repo / 'blobs' / etag).write_bytes(data)
-        (snapshot / f.name).symlink_to(Path('..') / '..' / 'blobs' / etag)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(commit)
-    return snapshot
-
-
-@contextlib.contextmanager
-def registered_cfg(model_name_tag: str, cfg: dict, default: bool = False):
-    """Register a pretrained cfg for an mLiT tag (optionally the arch's default) as mlit.py's default_cfgs would,
-    and take it out again afterwards."""
-    arch, tag = model_name_tag.split('.')
-    saved_cfgs = {k: _registry._model_pretrained_cfgs.get(k) for k in (arch, model_name_tag)}
-    saved_pretrained = set(_registry._model_has_pretrained)
-    saved_tags = list(_registry._model_with_tags[arch])
-    pretrained_cfg = PretrainedCfg(**dict(cfg, architecture=arch, tag=tag))
-    _registry._model_pretrained_cfgs[model_name_tag] = pretrained_cfg
-    _registry._model_with_tags[arch].append(model_name_tag)
-    if pretrained_cfg.has_weights:
-        _registry._model_has_pretrained.add(model_name_tag)
-    if default:
-        _registry._model_pretrained_cfgs[arch] = pretrained_cfg
-        if pretrained_cfg.has_weights:
-            _registry._model_has_pretrained.add(arch)
-    try:
-        yield
-    finally:
-        for k, v in saved_cfgs.items():
-            if v is None:
-                _registry._model_pretrained_cfgs.pop(k, None)
-            else:
-                _registry._model_pretrained_cfgs[k] = v
-        _registry._model_has_pretrained.clear()
-        _registry._model_has_pretrained.update(saved_pretrained)
-        _registry._model_with_tags[arch] = saved_tags
-
-
-# --------------------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope='module')
-def published(tmp_path_factory):
-    """A trained-looking mlit_xxs classifier (CIFAR-100 head), its train.py checkpoint and its published folder."""
-    tmp = tmp_path_factory.mktemp('published')
-    model = _model(100, seed=0)
-    checkpoint = tmp / 'last.pth.tar'
-    torch.save({'state_dict': model.state_dict(), 'arch': 'mlit_xxs', 'epoch': 299,
-                'args': argparse.Namespace(model='mlit_xxs', lr=5e-3)}, checkpoint)
-    out = tmp / 'mlit_xxs.mae_ft_cifar100'
-    rc = _publish(tmp, checkpoint, out, '--tag', 'mae_ft_cifar100', '--dataset', 'cifar100',
-                  '--pretrain-dataset', 'cifar100', '--metric', 'top1=74.95', '--metric', 'top5=93.1')
-    assert rc == 0
-    return dict(model=model, folder=out, expected=_out(model, _x()))
-
-
-@pytest.fixture
-def offline_hf(tmp_path, monkeypatch):
-    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache in tmp (env for subprocesses, constants for this one)."""
-    home = tmp_path / 'hf_home'
-    cache = home / 'hub'
-    cache.mkdir(parents=True)
-    for k, v in (('HF_HUB_OFFLINE', '1'), ('HF_HOME', str(home)), ('HF_HUB_CACHE', str(cache)),
-                 ('TORCH_HOME', str(tmp_path / 'torch_home'))):
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HOME', str(home))
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
-    return cache
-
-
-@pytest.fixture
-def embedded(published, tmp_path, monkeypatch):
-    """The published folder embedded as timm_mlit/weights/mlit_xxs.embedtest/ (in a tmp weights folder),
-    registered the way mlit.py registers a weight, as mlit_xxs's default tag."""
-    weights_dir = tmp_path / 'weights'
-    weights_dir.mkdir()
-    monkeypatch.setattr(_weights, 'WEIGHTS_DIR', weights_dir)
-    shutil.copytree(published['folder'], weights_dir / 'mlit_xxs.embedtest')
-    cfg = _cfg(**_weights.weights_source('mlit_xxs.embedtest'), num_classes=100,
-               label_names=_weights.LABEL_NAMES['cifar100'])
-    with registered_cfg('mlit_xxs.embedtest', cfg, default=True):
-        yield cfg
-
 
 # ------------------------------------------------------------------------------------------------------- publishing
 
@@ -206,12 +55,6 @@ def test_local_dir_round_trip_gives_bit_identical_outputs(published):
     model = timm.create_model(f'local-dir:{published["folder"]}', pretrained=True)
     assert torch.equal(_out(model, _x()), published['expected'])
     assert model.pretrained_cfg['label_names'][:2] == ['apple', 'aquarium_fish']
-
-
-def _encoder_safetensors(tmp: Path, model) -> Path:
-    path = tmp / 'encoder.safetensors'
-    safetensors.torch.save_file({k: v for k, v in model.state_dict().items() if not k.startswith('head.')}, path)
-    return path
 
 
 @pytest.mark.parametrize('kind', ['encoder_safetensors', 'mae_state_dict', 'train_ema', 'train_no_ema', 'plain_pth'])
@@ -435,234 +278,6 @@ def test_push_offline_from_the_command_line_is_a_clear_error(published, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
 
 
-# -------------------------------------------------------------------------------------------------------- loading
-
-def test_hf_hub_cache_round_trip_offline(published, offline_hf):
-    put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
-    model = timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True)
-    assert torch.equal(_out(model, _x()), published['expected'])
-
-    # a registered tag whose cfg names the same Hub repo (as mlit.py's cfgs will, once the weights exist)
-    with registered_cfg('mlit_xxs.hubtest', _cfg(hf_hub_id=HUB_ID, num_classes=100)):
-        model = timm.create_model('mlit_xxs.hubtest', pretrained=True)
-    assert torch.equal(_out(model, _x()), published['expected'])
-
-    # and the loads above really came from that cache: offline, a repo that is not there fails
-    with pytest.raises(Exception, match='offline|cache|local'):
-        timm.create_model('hf-hub:timm-mlit/mlit_xxs.not_cached', pretrained=True)
-
-
-def test_embedded_default_weights_load_without_network_or_cache(embedded, published, offline_hf):
-    assert embedded['file'] == str(_weights.WEIGHTS_DIR / 'mlit_xxs.embedtest' / 'model.safetensors')
-    assert embedded['hf_hub_id'] == 'timm-mlit/mlit_xxs.embedtest'  # not in the (empty) cache: the file must win
-    model = timm.create_model('mlit_xxs', pretrained=True)
-    assert torch.equal(_out(model, _x()), published['expected'])
-    assert model.pretrained_cfg['tag'] == 'embedtest'
-    assert list(offline_hf.iterdir()) == []  # nothing was cached or downloaded
-
-
-def test_an_entry_with_weights_becomes_the_default_tag_ahead_of_untrained(embedded):
-    from timm.models import generate_default_cfgs
-    cfgs = generate_default_cfgs({'mlit_xxs.untrained': _cfg(), 'mlit_xxs.embedtest': embedded})
-    assert cfgs['mlit_xxs'].tags[0] == 'embedtest'
-
-
-def test_weights_source_gives_no_file_for_weights_that_are_not_there(tmp_path, monkeypatch):
-    monkeypatch.setattr(_weights, 'WEIGHTS_DIR', tmp_path)
-    assert _weights.weights_source('mlit_xxs.nothing') == dict(hf_hub_id='timm-mlit/mlit_xxs.nothing')
-
-
-def test_every_registered_tag_points_at_weights_that_exist():
-    files = {}
-    for arch in ('mlit_s', 'mlit_xs', 'mlit_xxs'):
-        for name, cfg in timm.models.get_arch_pretrained_cfgs(arch).items():
-            if name.endswith('.untrained'):
-                assert not cfg.has_weights, name
-                continue
-            assert cfg.hf_hub_id == f'{_weights.HF_HUB_ORG}/{name}', name
-            if cfg.file:
-                assert Path(cfg.file) == _weights.embedded_weights(name) and Path(cfg.file).is_file(), name
-                files[Path(cfg.file).parent.name] = name
-    on_disk = {p.parent.name for p in _weights.WEIGHTS_DIR.glob('*/model.safetensors')}
-    assert on_disk == set(files), f'embedded weights without a cfg entry: {on_disk - set(files)}'
-
-
-def test_a_tag_that_does_not_exist_is_a_clear_error():
-    with pytest.raises(RuntimeError, match=r'Invalid pretrained tag \(no_such_tag\) for mlit_xxs'):
-        timm.create_model('mlit_xxs.no_such_tag', pretrained=True)
-    with pytest.raises(RuntimeError, match='No pretrained weights exist for mlit_xxs'):
-        timm.create_model('mlit_xxs.untrained', pretrained=True)
-
-
-def test_pretrained_weights_adapt_to_another_image_size(embedded, published):
-    model = timm.create_model('mlit_xxs.embedtest', pretrained=True, img_size=48)
-    source = published['model'].state_dict()
-    expected = resample_abs_pos_embed(source['pos_embed'], new_size=(16, 16), num_prefix_tokens=1, verbose=False)
-    assert model.pos_embed.shape == (1, 1 + 16 * 16, 108)
-    assert torch.equal(model.pos_embed.data, expected)
-    loaded = model.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in source.items() if k.startswith(('blocks.', 'norm.', 'head.')))
-    assert _out(model, _x(3, 48)).shape == (2, 100)
-
-
-def test_pretrained_weights_adapt_to_one_input_channel(embedded, published):
-    model = timm.create_model('mlit_xxs.embedtest', pretrained=True, in_chans=1)
-    source = published['model'].state_dict()['patch_embed.proj.weight']
-    assert model.patch_embed.proj.weight.shape == (108, 1, 3, 3)
-    # timm's adapt_input_conv: a grey image gives the same patch embedding as the RGB image with that value in R=G=B
-    assert torch.allclose(model.patch_embed.proj.weight, source.sum(dim=1, keepdim=True))
-    grey = _x(1)
-    with torch.no_grad():
-        assert torch.allclose(model.eval()(grey), published['model'](grey.expand(-1, 3, -1, -1)), atol=1e-5)
-
-
-def test_torch_hub_local_loads_our_models_only_with_kwargs_passed_through(embedded, published, offline_hf):
-    hubconf = torch.hub._import_module('hubconf', str(REPO_ROOT / 'hubconf.py'))
-    assert sorted(f for f in dir(hubconf) if callable(getattr(hubconf, f)) and not f.startswith('_')) == [
-        'mlit_s', 'mlit_xs', 'mlit_xxs', 'mobile_vmoe_vit_tiny_patch16_224', 'mobile_vmoe_vit_xxs_patch3_36']
-    moe = torch.hub.load(str(REPO_ROOT), 'mobile_vmoe_vit_xxs_patch3_36', source='local', num_experts=4)
-    assert moe.num_experts == 4
-    model = torch.hub.load(str(REPO_ROOT), 'mlit_xxs', source='local', pretrained=True)
-    assert torch.equal(_out(model, _x()), published['expected'])
-    model = torch.hub.load(str(REPO_ROOT), 'mlit_xxs', source='local', pretrained=True, num_classes=7, img_size=48)
-    assert model.num_classes == 7 and _out(model, _x(3, 48)).shape == (2, 7)
-    assert torch.equal(model.blocks[0].norm1.weight, published['model'].blocks[0].norm1.weight)
-
-
-# ------------------------------------------------------------------------------------------- README snippets, verbatim
-
-def test_readme_snippet_pretrained(embedded, published, offline_hf):
-    namespace = {}
-    exec(SNIPPET_PRETRAINED, namespace)
-    assert torch.equal(_out(namespace['model'], _x()), published['expected'])
-
-
-def test_readme_snippet_torch_hub(embedded, published, offline_hf, monkeypatch):
-    monkeypatch.chdir(REPO_ROOT)
-    namespace = {}
-    exec(SNIPPET_TORCH_HUB, namespace)
-    assert torch.equal(_out(namespace['model'], _x()), published['expected'])
-
-
-def _readme_hf_hub_repo() -> str:
-    """The Hub repository docs/publishing.md's hf-hub snippet loads."""
-    model_id, = set(re.findall(r"'hf-hub:([^']+)'", SNIPPET_HF_HUB))
-    return model_id
-
-
-def test_readme_snippet_hf_hub_names_a_registered_tag():
-    hub_ids = {cfg.hf_hub_id: name for arch in ('mlit_s', 'mlit_xs', 'mlit_xxs')
-               for name, cfg in timm.models.get_arch_pretrained_cfgs(arch).items() if cfg.has_weights}
-    repo = _readme_hf_hub_repo()
-    assert repo in hub_ids, f'{repo} is no tag of timm_mlit/mlit.py'
-    assert (_weights.WEIGHTS_DIR / hub_ids[repo]).is_dir()  # the folder that will be uploaded there ships
-
-
-def test_readme_snippet_hf_hub(offline_hf, capsys):
-    put_in_hf_cache(SHIPPED, offline_hf, _readme_hf_hub_repo())  # the shipped folder, as it would be uploaded
-    namespace = {}
-    exec(SNIPPET_HF_HUB, namespace)
-    assert _same_weights(namespace['model'], safetensors.torch.load_file(SHIPPED / 'model.safetensors'))
-    names = eval(capsys.readouterr().out.strip())
-    assert names and all(name in _weights.LABEL_NAMES['fashion_mnist'] for name in names)
-
-
-@pytest.mark.slow
-def test_readme_snippet_hf_hub_in_a_fresh_offline_process(offline_hf, tmp_path):
-    put_in_hf_cache(SHIPPED, offline_hf, _readme_hf_hub_repo())
-    check = (
-        '\nimport safetensors.torch\n'
-        f'saved = safetensors.torch.load_file({str(SHIPPED / "model.safetensors")!r})\n'
-        'assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())\n'
-    )
-    proc = subprocess.run([sys.executable, '-c', SNIPPET_HF_HUB + check], cwd=tmp_path, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert all(name in _weights.LABEL_NAMES['fashion_mnist'] for name in eval(proc.stdout.strip().splitlines()[-1]))
-
-
-def test_hubconf_docstring_names_tags_that_exist(embedded, offline_hf):
-    hubconf = torch.hub._import_module('hubconf', str(REPO_ROOT / 'hubconf.py'))
-    tags = re.findall(r"pretrained_cfg='(\w+)'", hubconf.__doc__)
-    assert tags
-    for tag in tags:
-        assert f'mlit_xxs.{tag}' in timm.list_pretrained('mlit_xxs.*'), tag
-        model = torch.hub.load(str(REPO_ROOT), 'mlit_xxs', source='local', pretrained=True, pretrained_cfg=tag)
-        assert model.pretrained_cfg['tag'] == tag
-
-
-def _card_python_blocks(folder: Path):
-    return re.findall(r'```python\n(.*?)```', (folder / 'README.md').read_text(), re.S)
-
-
-def test_model_card_usage_snippets_run_as_written(published, offline_hf):
-    """Every python block of the card, verbatim, against the folder placed in a Hugging Face cache."""
-    put_in_hf_cache(published['folder'], offline_hf, HUB_ID)
-    blocks = _card_python_blocks(published['folder'])
-    assert len(blocks) == 3  # image classification, feature map extraction, image embeddings
-    for code in blocks:
-        namespace = {}
-        exec(compile(code, 'model card', 'exec'), namespace)
-        model = namespace['model']
-        assert isinstance(namespace['output'], (torch.Tensor, list))
-        assert model.pretrained_cfg.get('tag') == 'mae_ft_cifar100'
-    # the classification block gives the published model's outputs on its image
-    namespace = {}
-    exec(blocks[0], namespace)
-    x = namespace['transforms'](namespace['img']).unsqueeze(0)
-    assert torch.equal(namespace['output'], _out(published['model'], x))
-
-
-def test_encoder_card_usage_snippets_run_as_written(tmp_path, offline_hf):
-    expected = _model(0, seed=2)
-    out = hub.publish(_encoder_safetensors(tmp_path, expected), 'mlit_xxs', tmp_path / 'enc', tag='mae_in_cifar100',
-                      repo_id='me/mlit_xxs.mae_in_cifar100')
-    put_in_hf_cache(out, offline_hf, 'me/mlit_xxs.mae_in_cifar100')
-    blocks = _card_python_blocks(out)
-    assert blocks and 'Image Classification' not in (out / 'README.md').read_text()  # no head to classify with
-    for code in blocks:
-        namespace = {}
-        exec(compile(code, 'model card', 'exec'), namespace)
-        assert namespace['model'].pretrained_cfg.get('tag') == 'mae_in_cifar100'
-
-
-@pytest.mark.slow
-def test_embedded_weights_ship_in_the_wheel_and_load_offline_from_the_install(published, tmp_path):
-    """A fresh install of a wheel holding weights in timm_mlit/weights/ loads them with no network and no cache."""
-    src = tmp_path / 'src'
-    shutil.copytree(REPO_ROOT / 'timm_mlit', src / 'timm_mlit', ignore=shutil.ignore_patterns('__pycache__'))
-    for name in ('pyproject.toml', 'README.md', 'LICENSE'):  # what the build reads beside the package
-        if (REPO_ROOT / name).is_file():
-            shutil.copy(REPO_ROOT / name, src / name)
-    if (REPO_ROOT / 'train_configs').is_dir():  # the recipes, packaged from the top of the checkout
-        shutil.copytree(REPO_ROOT / 'train_configs', src / 'train_configs')
-    shutil.copytree(published['folder'], src / 'timm_mlit/weights/mlit_xxs.embedtest')
-    pip = [sys.executable, '-m', 'pip', '-q', '--disable-pip-version-check']
-    subprocess.run(pip + ['wheel', '--no-deps', '--no-build-isolation', '--no-index', '-w', str(tmp_path / 'dist'),
-                          str(src)], check=True, capture_output=True, timeout=300)
-    target = tmp_path / 'site'
-    subprocess.run(pip + ['install', '--no-deps', '--no-index', '--target', str(target),
-                          *map(str, (tmp_path / 'dist').glob('*.whl'))], check=True, capture_output=True, timeout=300)
-    script = f"""
-import safetensors.torch, timm, torch
-import timm_mlit
-from timm_mlit import _weights
-from timm_mlit.mlit import _cfg
-assert _weights.WEIGHTS_DIR.is_relative_to({str(target)!r}), _weights.WEIGHTS_DIR
-cfg = _cfg(**_weights.weights_source('mlit_xxs.embedtest'), num_classes=100)
-assert cfg['file'].startswith({str(target)!r}), cfg
-model = timm.create_model('mlit_xxs', pretrained=True, pretrained_cfg=cfg)
-saved = safetensors.torch.load_file({str(published['folder'] / 'model.safetensors')!r})
-assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-"""
-    env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'),
-               HF_HUB_CACHE=str(tmp_path / 'hf' / 'hub'))
-    proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert not (tmp_path / 'hf' / 'hub').exists() or not any((tmp_path / 'hf' / 'hub').iterdir())
-
-
 def test_publish_builds_the_model_with_the_train_py_model_kwargs(tmp_path):
     """Pooling and gating change no weight shape: they come from the checkpoint's train.py args, into config.json."""
     model = _model(10, seed=5, global_pool='avg', noisy_gating=False)
@@ -745,7 +360,6 @@ def test_encoder_metadata_with_broken_model_kwargs_is_a_clear_error(tmp_path, ca
     assert 'model_kwargs' in err and str(path) in err and 'Traceback' not in err
 
 
-
 def test_publish_raises_an_ordinary_error_that_only_main_turns_into_an_exit(tmp_path):
     checkpoint = _encoder_safetensors(tmp_path, _model(10))
     with pytest.raises(ValueError, match=r"^--tag 'Bad Tag': use lower-case") as e:
@@ -755,6 +369,7 @@ def test_publish_raises_an_ordinary_error_that_only_main_turns_into_an_exit(tmp_
         hub.main([str(checkpoint), '--model', 'mlit_xxs', '--output-dir', str(tmp_path / 'out'), '--tag', 'Bad Tag'])
     assert str(e.value.code).startswith("timm-mlit-publish: error: --tag 'Bad Tag'") and '\n' not in e.value.code
     assert issubclass(hub.PushError, RuntimeError) and not (tmp_path / 'out').exists()
+
 
 # ------------------------------------------------------------------------------- interrupted publishes
 
@@ -885,111 +500,3 @@ def test_version_and_help_with_defaults_for_every_option(capsys):
         assert action.help, action.option_strings or action.dest
         if action.nargs != 0 and action.default not in (None, '', [], argparse.SUPPRESS):  # flags: on or off
             assert f'default: {action.default}' in text, action.option_strings
-
-
-# ----------------------------------------------------------------------------------------------- the model card
-
-def test_model_stats_count_macs_and_the_outputs_of_conv_linear_and_attention():
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, kernel_size=2, stride=2)  # [1, 4, 4, 4]
-            self.norm = torch.nn.LayerNorm(4)  # not a matmul: its output is not counted
-            self.fc = torch.nn.Linear(4, 6)  # [1, 16, 6]
-
-        def forward(self, x):
-            x = self.norm(self.conv(x).flatten(2).transpose(1, 2))  # [1, 16, 4]
-            q = k = v = self.fc(x).reshape(1, 16, 2, 3).transpose(1, 2)  # [1, 2, 16, 3]
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v).relu()
-
-    stats = hub.model_stats(Tiny(), (3, 8, 8))
-    tokens, heads, head_dim = 16, 2, 3
-    conv_out, fc_out, scores = 4 * 4 * 4, tokens * 6, heads * tokens * tokens
-    assert stats['params'] == sum(p.numel() for p in Tiny().parameters())
-    assert stats['activations'] == conv_out + fc_out + scores + heads * tokens * head_dim
-    assert stats['macs'] == conv_out * 3 * 2 * 2 + fc_out * 4 + 2 * scores * head_dim
-
-
-def test_model_stats_do_not_depend_on_the_attention_kernel_or_the_moe_implementation():
-    model = _model(10)
-    stats = hub.model_stats(model, (3, 36, 36))
-    for block in model.blocks:
-        block.attn.fused_attn = not block.attn.fused_attn
-    assert hub.model_stats(model, (3, 36, 36)) == stats
-    for impl in ('dense', 'loop'):
-        for block in model.blocks:
-            block.mlp.impl = impl
-        assert hub.model_stats(model, (3, 36, 36)) == stats
-        assert all(block.mlp.impl == impl for block in model.blocks)  # the model is left as it was
-
-
-def _card_stats(text: str):
-    return {k: float(v) for k, v in re.findall(r'^ {2}- (Params \(M\)|GMACs|Activations \(M\)): ([0-9.]+)$', text,
-                                                re.M)}
-
-
-def test_model_card_has_timm_layout_and_measured_stats(published):
-    card = huggingface_hub.ModelCard.load(published['folder'] / 'README.md')
-    text = card.text
-    for heading in ('# Model card for mlit_xxs.mae_ft_cifar100', '## Model Details', '## Model Usage',
-                    '### Image Classification', '### Feature Map Extraction', '### Image Embeddings', '## Citation'):
-        assert re.search(rf'^{re.escape(heading)}$', text, re.M), heading
-    assert text.index('## Model Details') < text.index('## Model Usage') < text.index('## Citation')
-    for item in ('- **Model Type:** Image classification / feature backbone', '- **Model Stats:**',
-                 '  - Image size: 36 x 36', '- **Papers:**', '  - How Lightweight Can A Vision Transformer Be: ',
-                 '  - Masked Autoencoders Are Scalable Vision Learners: ', '- **Dataset:** cifar100',
-                 '- **Pretrain Dataset:** cifar100', '- **Original:** '):
-        assert item in text, item
-    stats = hub.model_stats(published['model'], (3, 36, 36))
-    assert _card_stats(text) == {'Params (M)': round(stats['params'] / 1e6, 3),
-                                 'GMACs': round(stats['macs'] / 1e9, 3),
-                                 'Activations (M)': round(stats['activations'] / 1e6, 3)}
-
-
-def test_fine_tuned_card_names_its_base_model_and_publishes_the_training_args(tmp_path):
-    model = _model(10, seed=7)
-    args = argparse.Namespace(model='mlit_xxs', lr=5e-3, epochs=30, input_size=(3, 36, 36), model_kwargs={},
-                              pretrained_path='output/pretrain/run/encoder.safetensors', gp=None)
-    checkpoint = tmp_path / 'model_best.pth.tar'
-    torch.save({'state_dict': model.state_dict(), 'arch': 'mlit_xxs', 'args': args}, checkpoint)
-    out = tmp_path / 'out'
-    assert _publish(tmp_path, checkpoint, out, '--tag', 'mae_ft_fashion_mnist', '--dataset', 'fashion_mnist',
-                    '--base-model', 'timm-mlit/mlit_xxs.mae_in_fashion_mnist') == 0
-    card = huggingface_hub.ModelCard.load(out / 'README.md')
-    assert card.data.base_model == 'timm-mlit/mlit_xxs.mae_in_fashion_mnist'
-    assert 'timm-mlit/mlit_xxs.mae_in_fashion_mnist' in card.text and 'training_args.yaml' in card.text
-    recorded = yaml.safe_load((out / 'training_args.yaml').read_text())
-    assert recorded == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
-    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)  # the extra file does not disturb timm
-    assert torch.equal(_out(loaded, _x()), _out(model, _x()))
-
-
-def test_the_card_shows_the_commands_that_made_the_weights(tmp_path, capsys):
-    checkpoint = _encoder_safetensors(tmp_path, _model(10))
-    commands = tmp_path / 'commands.sh'
-    lines = ["timm-mlit-pretrain -c train_configs/pretrain/mmlit_xxs_fashion_mnist.yaml --epochs 10",
-             "timm-mlit-run train.py -c train_configs/finetune/mmlit_xxs_fashion_mnist.yaml --aa '' -b 128"]
-    commands.write_text(f'# made on 2 CPU cores\n{lines[0]}\n\n{lines[1]}\n')
-    assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--commands', str(commands)) == 0
-    text = (tmp_path / 'out' / 'README.md').read_text()
-    assert '## Training\n' in text and '```bash\n# made on 2 CPU cores\n' + '\n'.join(lines) + '\n```' in text
-    commands.write_text('# nothing but a comment\n')
-    assert _publish(tmp_path, checkpoint, tmp_path / 'out2', '--commands', str(commands)) == 1
-    assert 'holds no command' in capsys.readouterr().err and not (tmp_path / 'out2').exists()
-    assert _publish(tmp_path, checkpoint, tmp_path / 'out2', '--commands', str(tmp_path / 'none.sh')) == 1
-    assert '--commands' in capsys.readouterr().err and not (tmp_path / 'out2').exists()
-
-
-def test_a_base_model_that_is_no_hub_repository_is_an_error(tmp_path, capsys):
-    checkpoint = _encoder_safetensors(tmp_path, _model(10))
-    assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--base-model', 'not a repo') == 1
-    assert '--base-model' in capsys.readouterr().err and not (tmp_path / 'out').exists()
-
-
-def test_no_training_args_leaves_them_out(tmp_path):
-    checkpoint = tmp_path / 'last.pth.tar'
-    torch.save({'state_dict': _model(10).state_dict(), 'arch': 'mlit_xxs',
-                'args': argparse.Namespace(model='mlit_xxs', data_dir='/home/me/data')}, checkpoint)
-    assert _publish(tmp_path, checkpoint, tmp_path / 'out', '--no-training-args') == 0
-    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
-    assert 'training_args' not in (tmp_path / 'out' / 'README.md').read_text()

@@ -457,3 +457,9 @@ def test_superclass_loss_refuses_mlit_and_says_why(kwargs):
     from timm_mlit.task import the_router
     with pytest.raises(RouterTaskError, match='expert counts differ'):
         the_router(timm.create_model('mlit_xxs', num_classes=10, **kwargs))
+
+
+def test_moe_loss_of_a_dense_model_without_a_class_token_is_zero():
+    model = small_model(moe_layers=0, class_token=False, global_pool='avg')
+    model.train()(torch.randn(2, 3, 36, 36))
+    assert float(model.moe_loss()) == 0.

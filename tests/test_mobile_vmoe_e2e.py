@@ -19,7 +19,7 @@ from readme import snippet
 
 import timm_mlit  # noqa: F401
 from timm_mlit.data import DEBIAN_FASHION_MNIST, read_idx, write_idx
-from timm_mlit.run import _take_superclass_args
+from timm_mlit.script_args import take_superclass_args as _take_superclass_args
 from timm_mlit.superclasses import SuperClasses, load_superclasses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,8 +2,6 @@
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / 'timm_mlit'
 
 

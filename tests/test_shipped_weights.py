@@ -71,6 +71,7 @@ def test_shipped_folders_are_hub_ready(arch):
         assert model.num_classes == num_classes and model.pretrained_cfg['tag'] == name.split('.')[1]
 
 
+@pytest.mark.slow
 def test_default_weights_load_offline_without_any_cache(tmp_path):
     code = ('import timm, timm_mlit; m = timm.create_model("mlit_xxs", pretrained=True); '
             'print(m.pretrained_cfg["tag"], m.num_classes)')
@@ -157,6 +158,7 @@ def test_shipped_cards_commands_run_as_written(tmp_path, arch):
     assert results['model'] == arch and 0 <= results['top1'] <= 100
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_main_job_prints_top1_images_per_second_and_classes():
     out = subprocess.run([sys.executable, '-m', 'timm_mlit', '--limit', '300'], capture_output=True, text=True,
@@ -298,6 +300,7 @@ def test_main_job_help_explains_every_option_and_shows_its_default(capsys):
             assert f'(default: {action.default})' in text, action.option_strings
 
 
+@pytest.mark.slow
 def test_main_job_logs_its_progress_to_stderr(tmp_path):
     rng = np.random.default_rng(0)
     write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', rng.integers(0, 256, (20, 28, 28), dtype=np.uint8))

@@ -22,6 +22,7 @@ def test_timm_test_models_passes_for_mlit():
     assert proc.returncode == 0, tail
     passed = int(re.search(r'(\d+) passed', proc.stdout).group(1))
     import timm
+
     import timm_mlit  # noqa: F401
     models = len(timm.list_models('mlit_*')) + len(timm.list_models('mobile_vmoe_*'))
     assert passed >= 7 * models, tail  # 7 tests a model in timm 1.0.31 (forward, backward, cfgs, jit, fx x3)

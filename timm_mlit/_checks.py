@@ -2,7 +2,7 @@
 input and what is wrong with it, so that a mistake fails at construction or at the first forward, not deep inside.
 """
 import numbers
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, cast
 
 import torch
 from timm.layers import register_notrace_function
@@ -36,9 +36,10 @@ def check_rate(name: str, value: Any, upper: float = 1.) -> float:
     """`value`, if it is a real number in [0, `upper`) (a probability that still keeps something)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f'{name} must be a number, got {value!r}')
-    if not 0. <= value < upper:
+    rate = cast(float, value)  # a Real: compares with floats as one
+    if not 0. <= rate < upper:
         raise ValueError(f'{name} must be in [0, {upper:g}), got {value!r}')
-    return value
+    return rate
 
 
 @torch.jit.unused  # (TorchScript can read no device's autocast state but CUDA's, and prints a dtype as a number)

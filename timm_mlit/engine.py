@@ -91,7 +91,7 @@ def train_one_epoch(
         amp_autocast=nullcontext,
 ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
     """One epoch of eq. 16. Returns the epoch's mean metrics and each expert's share of the routing per MoE layer."""
-    mae = model.module if hasattr(model, 'module') else model
+    mae = getattr(model, 'module', model)  # (unwrapped from DistributedDataParallel)
     model.train()
     accum = args.grad_accum_steps
     updates_per_epoch = len(loader) // accum
@@ -108,7 +108,7 @@ def train_one_epoch(
         need_update = (i + 1) % accum == 0
         imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
         sync = model.no_sync if args.distributed and not need_update else nullcontext
-        with sync():
+        with sync():  # type: ignore[operator]  # (no_sync: model is a DistributedDataParallel then)
             with amp_autocast():
                 out = model(imgs, noise)
             _backward(model, out.loss / accum, optimizer, args, loss_scaler, need_update)

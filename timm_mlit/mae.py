@@ -91,6 +91,7 @@ def random_masking(
 
 class MLiTDecoder(nn.Module):
     """The mmLiT decoder (Table 2): projection, mask token, fixed sin-cos positions, mLiT blocks, norm, pixel head."""
+    pos_embed: torch.Tensor  # a buffer
 
     def __init__(
             self,
@@ -144,7 +145,7 @@ class MaskedAutoencoderMLiT(nn.Module):
 
     def __init__(
             self,
-            encoder: Union[str, MLiT] = 'mlit_xxs',
+            encoder: Union[str, nn.Module] = 'mlit_xxs',
             mask_ratio: float = 0.75,
             alpha: float = 0.1,
             beta: float = 0.5,
@@ -283,7 +284,7 @@ class MaskedAutoencoderMLiT(nn.Module):
             if mask is not None:
                 pred = torch.where(mask[:, :, None].bool(), pred, target)
         out = unpatchify(pred, self.patch_size, self.grid_size, self.in_chans)
-        mean = torch.as_tensor(mean, dtype=out.dtype, device=out.device).reshape(1, -1, 1, 1)
-        std = torch.as_tensor(std, dtype=out.dtype, device=out.device).reshape(1, -1, 1, 1)
-        return (out * std + mean).clamp(0, 1)
+        shift = torch.as_tensor(mean, dtype=out.dtype, device=out.device).reshape(1, -1, 1, 1)
+        scale = torch.as_tensor(std, dtype=out.dtype, device=out.device).reshape(1, -1, 1, 1)
+        return (out * scale + shift).clamp(0, 1)
 

@@ -395,17 +395,17 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 # e.g. 'mlit_xxs.mae_ft_cifar100': _cfg(**weights_source('mlit_xxs.mae_ft_cifar100'), num_classes=100,
 #                                      label_names=LABEL_NAMES['cifar100']),
 default_cfgs = generate_default_cfgs({
-    # mmLiT-S on Fashion-MNIST, embedded in the package (README: Results), as for mlit_xxs below
+    # mmLiT-S on Fashion-MNIST, embedded in the package (docs/results.md), as for mlit_xxs below
     'mlit_s.mae_ft_fashion_mnist': _cfg(
         **weights_source('mlit_s.mae_ft_fashion_mnist'), num_classes=10, label_names=LABEL_NAMES['fashion_mnist']),
     'mlit_s.mae_in_fashion_mnist': _cfg(**weights_source('mlit_s.mae_in_fashion_mnist'), num_classes=0),
     'mlit_s.untrained': _cfg(),
-    # mmLiT-XS on Fashion-MNIST, embedded in the package (README: Results), as for mlit_xxs below
+    # mmLiT-XS on Fashion-MNIST, embedded in the package (docs/results.md), as for mlit_xxs below
     'mlit_xs.mae_ft_fashion_mnist': _cfg(
         **weights_source('mlit_xs.mae_ft_fashion_mnist'), num_classes=10, label_names=LABEL_NAMES['fashion_mnist']),
     'mlit_xs.mae_in_fashion_mnist': _cfg(**weights_source('mlit_xs.mae_in_fashion_mnist'), num_classes=0),
     'mlit_xs.untrained': _cfg(),
-    # mmLiT-XXS on Fashion-MNIST, embedded in the package (README: Results): the MAE-pre-trained encoder fine-tuned,
+    # mmLiT-XXS on Fashion-MNIST, embedded in the package (docs/results.md): the MAE-pre-trained encoder fine-tuned,
     # mlit_xxs's default tag, and the encoder itself (head-less)
     'mlit_xxs.mae_ft_fashion_mnist': _cfg(
         **weights_source('mlit_xxs.mae_ft_fashion_mnist'), num_classes=10, label_names=LABEL_NAMES['fashion_mnist']),

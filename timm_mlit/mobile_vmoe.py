@@ -5,7 +5,7 @@ arXiv 2309.04354 (https://arxiv.org/abs/2309.04354). No public code of the paper
 VisionTransformer with the MLP of its last `moe_layers` blocks replaced by `num_experts` MLP experts
 (`layers.MlpExperts`), and one router (`layers.ImageRouter`) that picks `top_k` experts per image.
 
-Decisions where the paper is silent (also in the README):
+Decisions where the paper is silent (also in docs/mobile_vmoe.md):
   * What the router reads: the class token at the input of the first MoE layer, i.e. after that block's attention
     and its pre-MLP norm (`norm2`), the one vector per image that has seen the 12 - L dense layers (the paper's
     ablation: the router "gets information from the 12 - L ViT layers"). Its choice holds for every token of the
@@ -148,7 +148,7 @@ class MobileVMoE(VisionTransformer):
         block_fn = partial(
             MobileVMoEBlock, first_moe_block=depth - moe_layers, num_experts=num_experts, top_k=top_k,
             moe_loss_coef=moe_loss_coef, moe_loss_weight=moe_loss_weight, router_combine=router_combine)
-        super().__init__(depth=depth, block_fn=block_fn, **kwargs)
+        super().__init__(depth=depth, block_fn=block_fn, **kwargs)  # type: ignore[arg-type]  # (timm calls it)
         # a ModuleList, not timm's Sequential: the blocks pass (x, routing) along, which a Sequential cannot call
         # (TorchScript compiles every submodule's forward); the names stay blocks.<i>
         self.blocks = nn.ModuleList(self.blocks)
@@ -161,7 +161,9 @@ class MobileVMoE(VisionTransformer):
         """The router's balance loss from the last training forward (unweighted; 0 before one, or when dense), for
         loops that add it themselves (with moe_loss_weight=0)."""
         stats = moe_stats(self)
-        return self.cls_token.new_zeros((), dtype=torch.float32) if stats is None else stats.loss
+        if stats is None:  # (on the model's device; a dense model may have no class token)
+            return self.patch_embed.proj.weight.new_zeros((), dtype=torch.float32)
+        return stats.loss
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -231,7 +233,7 @@ class MobileVMoE(VisionTransformer):
         return self.norm(x), intermediates
 
 
-def _checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MobileVMoE) -> Dict[str, torch.Tensor]:
+def _checkpoint_filter_fn(state_dict: Dict[str, Any], model: MobileVMoE) -> Dict[str, torch.Tensor]:
     """timm's ViT filter (resampling of the position embedding and patch projection, train.py wrappers), and a
     dense ViT's weights made a Mobile V-MoE's: each MoE layer's experts start as copies of the dense MLP (sparse
     upcycling, Komatsuzaki et al., arXiv 2212.05055) and the router keeps its fresh initialisation."""

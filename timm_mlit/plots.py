@@ -20,7 +20,7 @@ import io
 import math
 import os
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .files import atomic_write
 
@@ -116,7 +116,7 @@ def plot_metric(summaries: Dict[str, str], column: str, path: str, title: str = 
     return plot_series(series, path, title=title or column, ylabel=ylabel or column)
 
 
-def plot_series(series: Dict[str, Tuple[Sequence[int], Sequence[float]]], path: str, title: str = '',
+def plot_series(series: Mapping[str, Tuple[Sequence[int], Sequence[float]]], path: str, title: str = '',
                 ylabel: str = '') -> Optional[str]:
     """One line per run ({label: (epochs, values)}) against the epoch, runs without a value left out; None when no
     run has one."""

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import ClassificationTask
 
-from .layers import ImageRouter, image_routers
+from .layers import ImageRouter, image_routers, named_moe_layers
 from .superclasses import RouterTaskError, SuperClasses
 
 __all__ = ['SuperClassRouterTask', 'RouterAccuracy', 'RouterTaskError', 'superclass_targets', 'the_router']
@@ -38,6 +38,11 @@ def superclass_targets(target: torch.Tensor, class_to_super: torch.Tensor) -> to
 def the_router(model: nn.Module) -> ImageRouter:
     """The one per-image router of `model` (a Mobile V-MoE), whose logits the super-class loss reads."""
     routers = image_routers(model)
+    if not routers and named_moe_layers(model):
+        raise RouterTaskError(
+            f'the super-class router loss needs one per-image router whose experts are the super-classes; '
+            f'{type(model).__name__} routes in each of its MoE layers, whose expert counts differ (mLiT: 3, 4, 5), '
+            f'so one super-class division cannot be every router\'s target (docs/mobile_vmoe.md): use a Mobile V-MoE')
     if len(routers) != 1:
         raise RouterTaskError(
             f'the super-class router loss needs a model with exactly one per-image router (a Mobile V-MoE such as '
@@ -84,6 +89,7 @@ class SuperClassRouterTask(ClassificationTask):
 
     The returned dict adds 'router_loss' (L_g, detached) to 'loss' (L_C + λ·L_g) and 'output'.
     """
+    class_to_super: torch.Tensor  # a buffer
 
     def __init__(self, model: nn.Module, superclasses: SuperClasses, router_loss_weight: float = 0.3, **kwargs):
         router = the_router(model)
@@ -107,7 +113,9 @@ class SuperClassRouterTask(ClassificationTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         result = super().forward(input, target)
-        logits = self.router[0].last_logits.float()  # [B, E], from the forward just run
+        logits = self.router[0].last_logits  # [B, E], from the forward just run
+        assert logits is not None
+        logits = logits.float()
         super_target = superclass_targets(target, self.class_to_super)
         router_loss = F.cross_entropy(logits, super_target)
         result['loss'] = result['loss'] + self.router_loss_weight * router_loss

@@ -15,7 +15,7 @@ grouped by expert pair for top-2 among few experts, else sorted by expert). With
 the first form.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -74,7 +74,7 @@ class SwiGLUExperts(nn.Module):
         self.num_experts = num_experts
         self.private = ({'w', 'v', 'w2'} - set(expert_shared)).pop()  # the matrix each expert has its own copy of
 
-        def make(name: str, in_f: int, out_f: int) -> nn.Module:
+        def make(name: str, in_f: int, out_f: int) -> Union[ExpertLinear, nn.Linear]:
             return ExpertLinear(num_experts, in_f, out_f) if name == self.private else nn.Linear(in_f, out_f)
         self.w = make('w', dim, hidden_dim)
         self.v = make('v', dim, hidden_dim)
@@ -149,7 +149,7 @@ class SwiGLUExperts(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         p = routing.gates.gather(1, routing.top_idx).to(x.dtype)
-        mix = SortedExpertMix
+        mix: Type[torch.autograd.Function] = SortedExpertMix
         if routing.top_idx.shape[1] == 2 and self.num_experts <= MAX_EXPERTS_FOR_PAIRS:
             mix = PairedExpertMix
         return mix.apply(x, p, routing.top_idx, weight, bias, shared.to(x.dtype), self.private == 'w')

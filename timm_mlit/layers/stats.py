@@ -6,7 +6,7 @@ arXiv 2407.17783) and `last_load` (eq. 10). `moe_stats(model)` is the one reader
 `named_moe_layers(model)` the one way to find the modules; `AddAuxiliaryLoss` passes a layer's loss to the gradients
 without the training loop knowing of it. This module imports no layer, so that every layer can import it.
 """
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,11 @@ class RecordsBalanceLoss:
     """Mixin of the modules whose balance loss and load `moe_stats` reads: their training forwards set `last_loss`
     and `last_load` (plain attributes, not annotated here: TorchScript would type them from the annotation)."""
 
+    if TYPE_CHECKING:  # for type checkers only, so TorchScript never sees them
+        last_loss: Optional[torch.Tensor]
+        last_load: Optional[torch.Tensor]
+        loss_weight: float
+
 
 class MoEStats(NamedTuple):
     """What the MoE layers of a model recorded in their last training forward (`moe_stats`)."""
@@ -53,7 +58,7 @@ class MoEStats(NamedTuple):
     load: Dict[str, torch.Tensor]  # layer name -> its load (eq. 10; token counts without noise), detached, [t]
 
 
-def named_moe_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+def named_moe_layers(model: nn.Module) -> List[Tuple[str, RecordsBalanceLoss]]:
     """The modules of `model` that record an MoE balance loss and load (`MoE` layers, and the `ImageRouter` of a
     Mobile V-MoE, whose one routing serves all its MoE layers), with their module names, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, RecordsBalanceLoss)]
@@ -62,11 +67,12 @@ def named_moe_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 def moe_stats(model: nn.Module) -> Optional[MoEStats]:
     """The balance loss and each layer's load from the last training forward of `model`; None when it has no MoE
     layer or they recorded nothing (no training forward since `clear_moe_stats`, or an eval forward)."""
-    layers = [(name, m) for name, m in named_moe_layers(model) if m.last_loss is not None]
-    if not layers:
+    records = [(name, m.last_loss, m.last_load) for name, m in named_moe_layers(model)
+               if m.last_loss is not None and m.last_load is not None]  # (a training forward sets both)
+    if not records:
         return None
-    loss = torch.stack([m.last_loss.float() for _, m in layers]).sum()
-    return MoEStats(loss, {name: m.last_load for name, m in layers})
+    loss = torch.stack([loss.float() for _, loss, _ in records]).sum()
+    return MoEStats(loss, {name: load for name, _, load in records})
 
 
 def clear_moe_stats(model: nn.Module):
