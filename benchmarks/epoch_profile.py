@@ -161,8 +161,8 @@ def main(argv=None):
     command = 'python benchmarks/epoch_profile.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     meta = dict(machine=machine(), recipe=args.recipe, amp_dtype=str(amp_dtype).replace('torch.', ''),
                 batch=cfg['batch_size'], workers=args.workers, epoch_images=args.epoch_images,
-                steps_timed=args.steps * args.repeats, torch=torch.__version__, timm=timm.__version__,
-                command=command)
+                val_images=args.val_images, steps_timed=args.steps * args.repeats, torch=torch.__version__,
+                timm=timm.__version__, command=command)
     write_results(args.out, f'epoch_profile_{cfg["model"]}', meta, rows,
                   ['model', 'patch_drop_rate', 'data_wait_s', 'forward_s', 'backward_s', 'optimizer_s', 'train_s',
                    'img_s', 'validate_s', 'augment_core_s', 'vs_first'])

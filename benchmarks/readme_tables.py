@@ -309,6 +309,22 @@ def flops_table(results: Path) -> str:
     return f"Counted by `{data['meta']['command']}` (torch {data['meta']['torch']}).\n\n" + _md(header, rows)
 
 
+def epoch_profile_table(results: Path) -> str:
+    """One Fashion-MNIST training epoch of mLiT-XXS, phase by phase, per patch-drop rate (epoch_profile.py)."""
+    data = _load(results, 'epoch_profile_mlit_xxs')
+    meta = data['meta']
+    header = ['patch_drop_rate', 'loader wait (s)', 'forward (s)', 'backward (s)', 'optimizer (s)',
+              'training epoch (s)', 'img/s', 'speed-up', f"validation of {meta.get('val_images', 5000):,} images (s)"]
+    rows = [[f"{r['patch_drop_rate']:g}", f"{r['data_wait_s']:.1f}", f"{r['forward_s']:.0f}", f"{r['backward_s']:.0f}",
+             f"{r['optimizer_s']:.1f}", f"{r['train_s']:.0f}", _rate(r['img_s']), f"{r['vs_first']:.2f}×",
+             f"{r['validate_s']:.0f}"] for r in data['rows']]
+    first = data['rows'][0]
+    return (f"{_measured_by(meta)} {meta['amp_dtype']} autocast, batch {meta['batch']}, {meta['workers']} loader "
+            f"workers, {meta['steps_timed']} timed steps per rate (medians), scaled to {meta['epoch_images']:,} "
+            f"images. The augmentation costs {first['augment_core_s']:.0f} core-seconds an epoch.\n\n"
+            + _md(header, rows))
+
+
 def fashion_mnist_tune_table(results: Path) -> str:
     """The recipe pilots on the held-out validation split, as benchmarks/fashion_mnist_zoo.py tabulates them."""
     import fashion_mnist_zoo as zoo
@@ -456,7 +472,7 @@ TABLES: Dict[str, Callable[[Path], str]] = {
     'cpu-paths': cpu_paths_table, 'cpu-precision': precision_table, 'pretrain-precision': pretrain_table,
     'edge': edge_table, 'cpu-targets': cpu_targets_table,
     'moe-layer-ranges': layer_ranges, 'models': models_table, 'speed-targets': targets_table,
-    'moe-paths': paths_table, 'matmul-widths': widths_table, 'flops': flops_table,
+    'moe-paths': paths_table, 'matmul-widths': widths_table, 'flops': flops_table, 'epoch-profile': epoch_profile_table,
 }
 
 
