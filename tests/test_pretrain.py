@@ -235,7 +235,7 @@ def test_config_key_that_is_not_an_argument(tmp_path, capsys):
 
 
 def test_config_values_are_read_and_the_command_line_wins(tmp_path, image_folder):
-    from timm_mlit.pretrain import _parse_args
+    from timm_mlit.pretrain_args import parse_args as _parse_args
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('model: mlit_xs\nbatch_size: 33\nepochs: 7\n')
     args = _parse_args(['-c', str(cfg), '--epochs', '9'])
@@ -245,7 +245,7 @@ def test_config_values_are_read_and_the_command_line_wins(tmp_path, image_folder
 
 @pytest.mark.parametrize('name', ['mmlit_s_cifar100', 'mmlit_xs_cifar100', 'mmlit_xxs_cifar100'])
 def test_cifar100_configs_are_table_3(name):
-    from timm_mlit.pretrain import _parse_args
+    from timm_mlit.pretrain_args import parse_args as _parse_args
     cfg = os.path.join(os.path.dirname(__file__), '..', 'train_configs', 'pretrain', f'{name}.yaml')
     a = _parse_args(['-c', cfg])
     size = name.split('_')[1]
@@ -283,7 +283,8 @@ def test_fp16_on_cpu_is_refused(tmp_path, image_folder):
 
 
 def test_library_functions_raise_ordinary_errors_and_only_main_exits(tmp_path, image_folder):
-    from timm_mlit.pretrain import _parse_args, build_dataset, build_model
+    from timm_mlit.pretrain import build_dataset, build_model
+    from timm_mlit.pretrain_args import parse_args as _parse_args
     with pytest.raises(PretrainError, match="unknown model 'mlit_huge'") as e:
         build_model(_parse_args(['--model', 'mlit_huge']))
     assert isinstance(e.value, ValueError) and not isinstance(e.value, SystemExit)
@@ -409,7 +410,7 @@ def test_output_paths_are_checked_before_the_run(tmp_path, image_folder):
 
 
 def test_every_option_has_help_and_there_is_a_version(capsys):
-    from timm_mlit.pretrain import _parser
+    from timm_mlit.pretrain_args import build_parser as _parser
     parser = _parser()[1]
     assert [a.option_strings for a in parser._actions if not a.help] == []
     with pytest.raises(SystemExit) as e:
@@ -559,7 +560,7 @@ def test_plots_are_redrawn_every_epoch(tmp_path, image_folder):
 
 
 def test_config_by_recipe_name(capsys):
-    from timm_mlit.pretrain import _parse_args
+    from timm_mlit.pretrain_args import parse_args as _parse_args
     from timm_mlit.recipes import resolve_recipe
     args = _parse_args(['-c', 'pretrain/mmlit_xxs_cifar100'])
     assert args.config == resolve_recipe('pretrain/mmlit_xxs_cifar100') and args.epochs == 8000
