@@ -189,7 +189,7 @@ def test_config_values_are_left_alone_for_scripts_without_a_config_option_and_af
                                                                                                 monkeypatch):
     assert _seen(tmp_path, monkeypatch, ARGV_SCRIPT, 'show.py', '-c', 'scratch/mlit_xs_svhn') == [
         '-c', 'scratch/mlit_xs_svhn']
-    from timm_mlit.run import resolve_config_args
+    from timm_mlit.script_args import resolve_config_args
     assert resolve_config_args(['--', '-c', 'no/such']) == ['--', '-c', 'no/such']
     assert resolve_config_args(['-c', '']) == ['-c', '']
 
@@ -272,7 +272,7 @@ def test_training_records_the_moe_loss_in_the_summary_and_expert_shares_beside_i
 def test_a_model_without_moe_layers_changes_nothing():
     import torch
 
-    from timm_mlit.run import MoERecorder
+    from timm_mlit.moe_recorder import MoERecorder
     recorder = MoERecorder()
     model = recorder.watch(torch.nn.Linear(2, 2))
     model(torch.randn(1, 2))

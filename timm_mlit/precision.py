@@ -5,20 +5,25 @@ run several times faster in bfloat16 and the attention takes `layers.ops.chunked
 supports bfloat16; float32 everywhere else, where bfloat16 would be emulated and slower. `TIMM_MLIT_PRECISION`
 overrides the choice: `float32` (the path of a CPU without bfloat16 units) or `bfloat16`.
 
-Used by `timm-mlit-pretrain` and by `timm-mlit-run train.py` through `run_amp_dtype`, where neither the command line
-nor the recipe sets `amp` or `amp_dtype`. A resumed run keeps the precision its checkpoint records, so that a run
-started in float32 does not turn bfloat16 half-way (or back) because it was resumed on another machine or under
-another default. Measured by benchmarks/models.py and benchmarks/pretrain_throughput.py.
+Used by `timm-mlit-pretrain` through `run_amp_dtype`, and by `timm-mlit-run train.py` through `auto_precision_args`,
+which writes the choice into train.py's arguments where neither they nor the recipe set `amp` or `amp_dtype`. A
+resumed run keeps the precision its checkpoint records, so that a run started in float32 does not turn bfloat16
+half-way (or back) because it was resumed on another machine or under another default. Measured by
+benchmarks/models.py and benchmarks/pretrain_throughput.py.
 """
 import os
 import platform
 import re
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['PRECISION_ENV', 'auto_amp_dtype', 'cpu_has_bf16', 'cpu_name', 'run_amp_dtype']
+from .checkpoint import checkpoint_args
+from .script_args import config_values, find_option
+
+__all__ = ['PRECISION_ENV', 'auto_amp_dtype', 'auto_precision_args', 'cpu_has_bf16', 'cpu_name', 'run_amp_dtype']
 
 PRECISION_ENV = 'TIMM_MLIT_PRECISION'
 _CHOICES = ('auto', 'float32', 'bfloat16')
@@ -29,7 +34,7 @@ def cpu_has_bf16() -> bool:
     they exist, else the flags in /proc/cpuinfo."""
     probes = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
     if all(probe is not None for probe in probes):
-        return any(probe() for probe in probes)
+        return any(probe() for probe in probes if probe is not None)
     try:
         flags = Path('/proc/cpuinfo').read_text().split()
     except OSError:
@@ -98,3 +103,35 @@ def run_amp_dtype(device, amp: Optional[bool] = None, amp_dtype: Optional[str] =
     dtype = auto_amp_dtype(device)
     return dtype, (f'{torch.device(device).type} has bfloat16 units' if dtype is not None
                    else f'{torch.device(device).type} has no bfloat16 units')
+
+
+def auto_precision_args(args: Sequence[str], prog: str = 'timm-mlit-run') -> List[str]:
+    """`args` for train.py with the precision made explicit where neither they nor their recipe say anything of
+    `amp`: an `--amp-dtype` (or recipe `amp_dtype`) given alone gets the `--amp` train.py needs to use it; a
+    `--resume` keeps the precision its checkpoint records; a new run takes `--amp --amp-dtype bfloat16`
+    where its device has bfloat16 units (`run_amp_dtype`; `--device` from the arguments, else the recipe, else
+    train.py's default, cuda). What is added is said on stderr after `prog`."""
+    cfg = config_values(args)
+    args = list(args)
+    end = args.index('--') if '--' in args else len(args)  # (before a `--`: after it they would be positional)
+    if find_option(args, '--amp')[0] or 'amp' in cfg:
+        return args
+    dtype_given, name = find_option(args, '--amp-dtype')
+    if dtype_given or 'amp_dtype' in cfg:  # train.py reads the dtype only with --amp: alone it would run float32
+        name = name if dtype_given else cfg['amp_dtype']
+        print(f'{prog}: {name} autocast (--amp added to the amp_dtype given)', file=sys.stderr)
+        return args[:end] + ['--amp'] + args[end:]
+    device = find_option(args, '--device')[1] or cfg.get('device') or 'cuda'
+    resumed = checkpoint_args(find_option(args, '--resume')[1] or cfg.get('resume'))
+    try:
+        dtype, why = run_amp_dtype(device, resumed=resumed)
+    except RuntimeError:
+        raise ValueError(f'--device {device!r} is not a device: use cpu, cuda or cuda:N') from None
+    if dtype is None:
+        if resumed is not None:
+            print(f'{prog}: float32 ({why})', file=sys.stderr)
+        return args
+    name = str(dtype).split('.')[1]
+    print(f'{prog}: {name} autocast (--amp --amp-dtype {name}): {why}; {PRECISION_ENV}=float32 for float32',
+          file=sys.stderr)
+    return args[:end] + ['--amp', '--amp-dtype', name] + args[end:]

@@ -11,7 +11,7 @@ package is installed. Kinds: `finetune` (Table 4), `transfer` (Table 5), `scratc
 import difflib
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 __all__ = ['RECIPES_FOLDER', 'recipes_dir', 'list_recipes', 'resolve_recipe']
 
@@ -54,7 +54,7 @@ def _as_name(path_or_name: str) -> str:
 def _close_names(name: str, names: List[str]) -> List[str]:
     """Recipes of the same file name in other kinds' folders first, then those whose whole or file name is close."""
     base = name.rpartition('/')[2]
-    by_base = {}
+    by_base: Dict[str, List[str]] = {}
     for n in names:
         by_base.setdefault(n.rpartition('/')[2], []).append(n)
     close = list(by_base.get(base, []))
@@ -76,8 +76,9 @@ def resolve_recipe(path_or_name: str) -> str:
         return path_or_name
     names = list_recipes()
     name = _as_name(path_or_name)
-    if name in names:
-        return str(recipes_dir() / (name + '.yaml'))
+    folder = recipes_dir()
+    if folder is not None and name in names:
+        return str(folder / (name + '.yaml'))
     if not names:
         raise FileNotFoundError(f'{path_or_name!r} is not a file, and no recipes were found (the package has no '
                                 f'{RECIPES_FOLDER}/ folder)')
