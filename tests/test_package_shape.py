@@ -77,3 +77,9 @@ def test_no_import_cycle_between_the_package_modules():
     graph = {n: {d for d in deps if not (n.startswith(d + '.'))} for n, deps in graph.items()}
     cycle = _find_cycle(graph)
     assert cycle is None, ' -> '.join(cycle)
+
+
+def test_no_module_of_the_package_is_over_450_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob('*.py')
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, f'split these by job: {long}'
