@@ -427,6 +427,18 @@ def test_an_image_folder_with_an_unreadable_class_folder_is_refused_naming_it(de
     assert main(args + ['--dataset', 'torch/fashion_mnist']) == 0  # not an image folder: not walked
 
 
+@pytest.mark.parametrize('form', ['args', 'config'])
+def test_a_data_dir_that_is_a_file_is_refused_before_the_script_runs(device_script, form):
+    data = device_script.parent / 'data.idx'
+    data.write_bytes(b'')
+    (device_script.parent / 'data.yaml').write_text(f'data_dir: {data}\n')
+    args = [str(device_script), '--device', 'cpu'] + (
+        ['--data-dir', str(data)] if form == 'args' else ['-c', 'data.yaml'])
+    with pytest.raises(SystemExit, match=f'^timm-mlit-run: error: --data-dir {data} is a file, not a folder$'):
+        main(args)
+    assert not (device_script.parent / 'seen.json').exists()
+
+
 def test_a_config_that_is_not_yaml_is_one_line_naming_it(device_script):
     device_script.write_text(DEVICE_SCRIPT + "parser.add_argument('--amp-dtype')\n")  # as train.py: precision read too
     (device_script.parent / 'bad.yaml').write_text('device: [cpu\n')

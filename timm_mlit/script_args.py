@@ -177,11 +177,15 @@ def take_superclass_args(args: Sequence[str]) -> Tuple[List[str], Optional[str],
 def check_inputs(script: ScriptSource, args: Sequence[str]):
     """Raise where the script would stop at once or read part of its data: a CUDA --device (from its arguments, else
     its config, else its default: cuda for timm's train.py and validate.py) on a machine without CUDA, where timm
-    stops in a bare AssertionError; an image folder --data-dir with a folder it cannot list (`check_image_folder`).
+    stops in a bare AssertionError; a --data-dir that is a file; an image folder --data-dir with a folder it cannot
+    list (`check_image_folder`).
     `args` have their config already resolved to a path."""
     cfg = config_values(args) if script.takes_config else {}
     given, data_dir, dataset = (find_option(args, f'--{k}')[1] for k in ('device', 'data-dir', 'dataset'))
-    check_image_folder(data_dir or cfg.get('data_dir'), dataset or cfg.get('dataset') or '')
+    data_dir = data_dir or cfg.get('data_dir')
+    if data_dir and os.path.isfile(data_dir):  # timm would look for images in it and say it found none
+        raise ValueError(f'--data-dir {data_dir} is a file, not a folder')
+    check_image_folder(data_dir, dataset or cfg.get('dataset') or '')
     if '--device' not in script.options:
         return
     device = str(given or cfg.get('device') or script.options['--device'] or '')
