@@ -24,7 +24,7 @@ import shlex
 import socket
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import timm
 import torch
@@ -124,10 +124,10 @@ def check_model_name(model_name: str, shipped: List[str]):
     if not is_model(arch):
         raise ValueError(f'unknown model {model_name!r}; {also}')
     try:
-        cfg = get_pretrained_cfg(name)
+        pretrained_cfg = get_pretrained_cfg(name)
     except RuntimeError as e:  # a tag the arch does not have
         raise ValueError(f'cannot load {model_name} with pretrained=True ({e}); {also}') from e
-    cfg = cfg.to_dict() if cfg is not None else {}
+    cfg: Dict[str, Any] = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
     weights = f'{arch}.{cfg.get("tag")}'
     if arch not in timm.list_models('mlit_*'):
         raise ValueError(f'{model_name} is not an mLiT model (its pretrained weights are {weights}); {also}')
@@ -149,7 +149,7 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
     except Exception as e:  # weights not in the package nor reachable, a hub name that does not exist, ...
         raise ValueError(f'cannot load {model_name} with pretrained=True ({type(e).__name__}: {e}); '
                          f'Fashion-MNIST classifiers shipped: {", ".join(shipped)}') from e
-    cfg = model.pretrained_cfg
+    cfg: Dict[str, Any] = getattr(model, 'pretrained_cfg')  # (the dict timm sets on every model it creates)
     if model.num_classes != 10 or not _is_fashion_mnist_classifier(cfg):
         raise ValueError(f'{model_name} with pretrained=True is {cfg.get("architecture")}.{cfg.get("tag")}, not a '
                          f'Fashion-MNIST classifier; Fashion-MNIST classifiers shipped: {", ".join(shipped)}')
@@ -183,14 +183,14 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
                     f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {top1.count / batch_time.sum:>7.2f}/s)  '
                     f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
     total_s = time.perf_counter() - start
-    preds, targets = torch.cat(preds), dataset.targets
-    hits = torch.bincount(targets[preds == targets], minlength=len(labels))
+    predictions, targets = torch.cat(preds), dataset.targets
+    hits = torch.bincount(targets[predictions == targets], minlength=len(labels))
     counts = torch.bincount(targets, minlength=len(labels))
     return dict(
         model=f'{cfg["architecture"]}.{cfg["tag"]}', weights=cfg.get('file') or cfg.get('hf_hub_id'),
-        params=sum(p.numel() for p in model.parameters()), data=str(folder), images=len(preds),
-        top1=100. * float(hits.sum()) / len(preds), img_s=len(preds) / forward_s, img_s_total=len(preds) / total_s,
-        predictions=preds,
+        params=sum(p.numel() for p in model.parameters()), data=str(folder), images=len(predictions),
+        top1=100. * float(hits.sum()) / len(predictions), img_s=len(predictions) / forward_s,
+        img_s_total=len(predictions) / total_s, predictions=predictions,
         per_class={name: 100. * float(h) / int(c) for name, h, c in zip(labels, hits, counts) if c})
 
 

@@ -22,7 +22,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union, cast
 
 import numpy as np
 import safetensors
@@ -203,7 +203,8 @@ def _model_kwargs_from_state_dict(state_dict: Dict[str, torch.Tensor], recorded:
     if proj is None or pos_embed is None or proj.ndim != 4 or pos_embed.ndim != 3:
         raise CheckpointError(f'{source} is not an mLiT checkpoint (nor a Mobile V-MoE one): no '
                               'patch_embed.proj.weight / pos_embed')
-    reg_tokens = recorded.get('reg_tokens') if isinstance(recorded.get('reg_tokens'), int) else 0
+    reg_tokens = recorded.get('reg_tokens')
+    reg_tokens = reg_tokens if isinstance(reg_tokens, int) else 0
     prefix = 0 if recorded.get('no_embed_class') else int(recorded.get('class_token', True) is not False) + reg_tokens
     patches, size = pos_embed.shape[1] - prefix, recorded.get('img_size')
     if size is None:
@@ -294,7 +295,9 @@ def build_model(model_name: str, state_dict: Dict[str, torch.Tensor], meta: Dict
 
 def rng_state() -> Dict[str, Any]:
     """This process's torch, Python, NumPy (and CUDA) RNG states, in tensors and tuples torch.load reads back."""
-    np_state = np.random.get_state()
+    # (cast: numpy's stubs type the call without arguments as legacy=False's dict; the default, legacy=True, gives
+    # this tuple for the global RandomState, an MT19937)
+    np_state = cast(Tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = dict(
         torch=torch.get_rng_state(), python=random.getstate(),
         numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]))

@@ -8,7 +8,7 @@ of the images), so any other name (os.system, builtins.exec, ...) is refused.
 """
 import os
 import pickle
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def coarse_of_fine(root: str) -> Tuple[str, List[int], List[str], List[str]]:
         if bad is not None:
             raise ValueError(f'{train_path} has {what} label {bad}, but {meta_path} names {len(names)} {what} classes '
                              f'(0..{len(names) - 1})')
-    assignment = {}
+    assignment: Dict[int, int] = {}
     for f, c in zip(fine, coarse):
         if assignment.setdefault(f, c) != c:
             raise ValueError(f'{train_path}: fine class {f} appears under two coarse classes')

@@ -29,7 +29,7 @@ import random
 import struct
 import warnings
 import zlib
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -46,8 +46,8 @@ __all__ = [
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'  # apt-get install dataset-fashion-mnist
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
-               0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+_IDX_DTYPES: Dict[int, np.dtype] = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype('>i2'),
+                                    0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
 _IDX_MAX_DIMS = 64  # numpy's limit
 
 
@@ -93,7 +93,7 @@ def read_idx(path: str) -> torch.Tensor:
     shape = struct.unpack(f'>{ndim}i', data[4:offset])
     if min(shape, default=0) < 0:
         raise ValueError(f'{path}: impossible header: negative dimension in {shape}')
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    dtype = _IDX_DTYPES[data[2]]
     count = math.prod(shape)  # (exact: numpy's int64 product can wrap around to the file's length)
     if len(data) - offset != count * dtype.itemsize:
         what = 'truncated' if len(data) - offset < count * dtype.itemsize else 'longer than its header says'
@@ -110,6 +110,19 @@ class _IdxMixin:
     """
     default_root: Optional[str] = None
     _install_hint = ''
+    # What the torchvision MNIST-family class this mixes into sets (declared only, for the type checker):
+    root: str
+    train: bool
+    data: torch.Tensor
+    targets: torch.Tensor
+    classes: List[str]
+    transform: Optional[Callable]
+    target_transform: Optional[Callable]
+
+    if TYPE_CHECKING:
+        @property
+        def raw_folder(self) -> str:  # a property of each class below
+            ...
 
     def __init__(self, root: Optional[str] = None, train: bool = True, transform: Optional[Callable] = None,
                  target_transform: Optional[Callable] = None, download: bool = False, img_mode: str = 'RGB'):
@@ -125,8 +138,9 @@ class _IdxMixin:
         if not os.path.isdir(root) and not download:
             raise FileNotFoundError(f'{name}: data folder {root} does not exist')
         try:
-            super().__init__(root, train=train, transform=transform, target_transform=target_transform,
-                             download=download)
+            # (cast: the next class in the MRO is the torchvision dataset, not object as mypy sees a mixin's super())
+            cast(Any, super()).__init__(root, train=train, transform=transform, target_transform=target_transform,
+                                        download=download)
         except RuntimeError as e:
             if self._check_exists():
                 raise

@@ -25,10 +25,12 @@ import socket
 import tempfile
 from contextlib import suppress
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO, Callable, List, Optional, TextIO, Tuple, Union
 
 from timm.utils import get_outdir
 
+fcntl: Optional[ModuleType]  # None where there is none
 try:
     import fcntl
 except ImportError:  # Windows: folders are not locked
@@ -64,9 +66,10 @@ def temporary_name(path: str) -> str:
     return f'{path}.tmp.{os.getpid()}'
 
 
-def atomic_write(path: str, write_fn: Callable[[BinaryIO], None]) -> str:
+def atomic_write(path: str, write_fn: Callable[[BinaryIO], object]) -> str:
     """Write `path` through `write_fn(binary_file)`: to a temporary file, fsync, then rename over `path`; the
-    temporaries that killed writers of `path` left are removed first. WriteError where it cannot be written."""
+    temporaries that killed writers of `path` left are removed first. What `write_fn` returns (a count of bytes
+    written, say) is ignored. WriteError where it cannot be written."""
     remove_stale_temporaries(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     tmp = temporary_name(path)
     try:
@@ -99,7 +102,7 @@ def process_alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str, target: Optional[str] = None) -> List[str]:
     """Remove the `<name>.tmp.<pid>` files in `folder` (those of `<target>` only, where given) whose writing process
     is gone; return their paths. What cannot be listed or removed stays: it never stops a write."""
-    removed = []
+    removed: List[str] = []
     try:
         names = os.listdir(folder)
     except OSError:

@@ -102,7 +102,7 @@ def _load_model(path: Path, model_name: str, use_ema: bool = False) -> Tuple[tor
         model, kwargs = build_model(model_name, state_dict, meta, str(path))
     except CheckpointError as e:
         raise PublishError(str(e)) from e
-    model.publish_model_args = kwargs
+    setattr(model, 'publish_model_args', kwargs)  # (an nn.Module attribute is typed a Tensor or a Module)
     return model, meta
 
 
@@ -169,6 +169,12 @@ def _check_arguments(tag: str, dataset: str, metrics: Optional[Dict[str, float]]
     return model_card.hub_repo_id(base_model, '--base-model') if base_model else ''
 
 
+def _architecture(model: torch.nn.Module) -> str:
+    """The architecture name in the pretrained cfg timm gives every model it creates."""
+    cfg: Dict[str, Any] = getattr(model, 'pretrained_cfg')
+    return cfg['architecture']
+
+
 @contextmanager
 def _safetensors_os_errors():
     """A SafetensorError that names an OS error (a full disk) in its text, raised as that OSError."""
@@ -184,13 +190,12 @@ def _safetensors_os_errors():
 def _write_folder(folder: Path, model: torch.nn.Module, model_config: Dict[str, Any], args: Dict[str, Any],
                   card: Dict[str, Any]):
     """Fill the empty `folder` with what the Hub and timm read, readable by all, and check it loads back."""
+    model_args: Dict[str, Any] = getattr(model, 'publish_model_args')  # (set by _load_model)
     try:
         # model_args given explicitly: timm < 1.0.31 does not record a model's creation kwargs by itself
-        save_for_hf(model, folder, model_config=model_config, model_args=model.publish_model_args,
-                    safe_serialization=True)
+        save_for_hf(model, str(folder), model_config=model_config, model_args=model_args, safe_serialization=True)
     except ValueError as e:  # a recorded kwarg JSON cannot hold
-        raise PublishError(f'cannot write config.json for {model.pretrained_cfg["architecture"]} with '
-                           f'{model.publish_model_args}: {e}') from e
+        raise PublishError(f'cannot write config.json for {_architecture(model)} with {model_args}: {e}') from e
     if args:
         model_card.write_training_args(folder / TRAINING_ARGS_FILE, args)
     write_model_card(folder / 'README.md', model, **card)
@@ -240,7 +245,7 @@ def publish(
     _check_output(output_dir, checkpoint, overwrite)  # before the model is loaded: a wrong folder fails at once
     model, meta = _load_model(checkpoint, model_name, use_ema=use_ema)
     config = model_card.model_config(model, tag, dataset, label_names)
-    arch = model.pretrained_cfg['architecture']
+    arch = _architecture(model)
     title = f'{arch}.{tag}' if tag else arch
     args = recorded_args(meta.get('args')) if training_args else {}
     card = dict(

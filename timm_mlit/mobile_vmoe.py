@@ -81,7 +81,10 @@ class MobileVMoEBlock(Block):
             dim, num_experts, top_k, loss_coef=moe_loss_coef, loss_weight=moe_loss_weight, combine=router_combine,
             device=kwargs.get('device'), dtype=kwargs.get('dtype')) if depth == first_moe_block else None
 
-    def forward(self, x: torch.Tensor, routing: Optional[Routing] = None) -> Tuple[torch.Tensor, Optional[Routing]]:
+    # (ignore: the routing goes along with x, in and out, which timm's Block.forward does not; only MobileVMoE's own
+    # forwards call these blocks)
+    def forward(  # type: ignore[override]
+            self, x: torch.Tensor, routing: Optional[Routing] = None) -> Tuple[torch.Tensor, Optional[Routing]]:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         h = self.norm2(x)
         if self.router is not None:
@@ -151,7 +154,8 @@ class MobileVMoE(VisionTransformer):
         super().__init__(depth=depth, block_fn=block_fn, **kwargs)  # type: ignore[arg-type]  # (timm calls it)
         # a ModuleList, not timm's Sequential: the blocks pass (x, routing) along, which a Sequential cannot call
         # (TorchScript compiles every submodule's forward); the names stay blocks.<i>
-        self.blocks = nn.ModuleList(self.blocks)
+        # (ignore: timm's VisionTransformer types its blocks a Sequential)
+        self.blocks = nn.ModuleList(self.blocks)  # type: ignore[assignment]
         self.moe_layers = moe_layers
         self.num_experts = num_experts if moe_layers else 0
         self.top_k = top_k
@@ -165,7 +169,12 @@ class MobileVMoE(VisionTransformer):
             return self.patch_embed.proj.weight.new_zeros((), dtype=torch.float32)
         return stats.loss
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(
+            self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """`attn_mask` and `is_causal` (timm's VisionTransformer takes them) must be left out: the router reads
+        every image whole."""
+        if attn_mask is not None or is_causal:
+            raise ValueError('MobileVMoE takes no attention mask')
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -178,8 +187,9 @@ class MobileVMoE(VisionTransformer):
                 x, routing = blk(x, routing)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(
+            self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
 
     @torch.jit.ignore
     def forward_intermediates(

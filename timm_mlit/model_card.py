@@ -12,7 +12,7 @@ import json
 import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -59,9 +59,20 @@ class PublishError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ the input size
 
+# (The attributes of a timm model that the card reads. nn.Module's typing sees any attribute as a Tensor or a
+# Module; these are set by every timm ViT-family model, mLiT's and Mobile V-MoE's included.)
+
 def input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
     """(C, H, W) of the images the model was built for (timm's PatchEmbed records the size)."""
-    return (model.in_chans, *model.patch_embed.img_size)
+    in_chans: int = getattr(model, 'in_chans')
+    img_size: Tuple[int, int] = getattr(model, 'patch_embed').img_size
+    return (in_chans, *img_size)
+
+
+def _num_classes(model: torch.nn.Module) -> int:
+    """The classes of the model's head (0: none)."""
+    num_classes: int = getattr(model, 'num_classes')
+    return num_classes
 
 
 # ------------------------------------------------------------------------------------------------- the snippets
@@ -95,12 +106,12 @@ def _snippet_head(model: torch.nn.Module) -> str:
 
 def _head_snippet(model: torch.nn.Module, model_id: str, head: str, has_label_names: bool) -> Tuple[str, str]:
     """Image Classification for a model with a head, Fine-tuning for an encoder."""
-    if model.num_classes <= 0:
+    if _num_classes(model) <= 0:
         return (
             'Fine-tuning',
             head + f"model = timm.create_model('{model_id}', pretrained=True, num_classes=10)  # a new 10-class head\n"
             "output = model(torch.rand(2, *model.pretrained_cfg['input_size']))  # train it as any timm model\n")
-    k = min(5, model.num_classes)
+    k = min(5, _num_classes(model))
     labels = (
         "label_names = model.pretrained_cfg['label_names']\n"
         "print([label_names[i] for i in top5_class_indices[0].tolist()])\n") if has_label_names else ''
@@ -131,7 +142,7 @@ def _feature_map_snippet(model_id: str, head: str, maps: List[Tuple[int, ...]]) 
 
 
 def _embedding_snippet(model: torch.nn.Module, model_id: str, head: str, tokens: Tuple[int, ...]) -> Tuple[str, str]:
-    remove_head = "    num_classes=0,  # remove classifier nn.Linear\n" if model.num_classes > 0 else ''
+    remove_head = "    num_classes=0,  # remove classifier nn.Linear\n" if _num_classes(model) > 0 else ''
     return (
         'Image Embeddings',
         head + "model = timm.create_model(\n"
@@ -151,10 +162,13 @@ def _embedding_snippet(model: torch.nn.Module, model_id: str, head: str, tokens:
 def _usage_snippets(model: torch.nn.Module, model_id: str, has_label_names: bool) -> str:
     """The Model Usage section, in the form of timm's cards; every block runs as written once `model_id` exists."""
     x = torch.rand(1, *input_size(model))
+    forward_features: Callable[[torch.Tensor], torch.Tensor] = getattr(model, 'forward_features')
+    forward_intermediates: Callable[..., List[torch.Tensor]] = getattr(model, 'forward_intermediates')
+    depth = len(getattr(model, 'blocks'))
     with torch.no_grad():
-        tokens = tuple(model.forward_features(x).shape)
-        maps = [tuple(t.shape) for t in model.forward_intermediates(
-            x, indices=min(3, len(model.blocks)), intermediates_only=True)]  # features_only's default
+        tokens = tuple(forward_features(x).shape)
+        maps = [tuple(t.shape) for t in forward_intermediates(
+            x, indices=min(3, depth), intermediates_only=True)]  # features_only's default
     head = _snippet_head(model)
     sections = [_head_snippet(model, model_id, head, has_label_names), _feature_map_snippet(model_id, head, maps),
                 _embedding_snippet(model, model_id, head, tokens)]
@@ -219,7 +233,7 @@ def _details(model: torch.nn.Module, papers: List[Tuple[str, str]], dataset: str
              base_model: str, training_args_file: str, metrics: Optional[Dict[str, float]]) -> List[str]:
     """The Model Details list, as in timm's cards."""
     stats = model_stats(model, input_size(model))
-    classifier = model.num_classes > 0
+    classifier = _num_classes(model) > 0
     details = [
         f'- **Model Type:** {"Image classification / feature backbone" if classifier else "Feature backbone"}',
         '- **Model Stats:**',
@@ -278,7 +292,7 @@ def write_model_card(
         training_args_file: the file in the folder holding the training arguments, if any.
         commands: the shell commands that trained and evaluated the weights, in order (a "Training" section).
     """
-    classifier = model.num_classes > 0
+    classifier = _num_classes(model) > 0
     task = 'image-classification' if classifier else 'image-feature-extraction'
     family = _FAMILIES[type(model).__module__]
     card_data = _card_data(title, task, license, dataset, pretrain_dataset, metrics, base_model, family[3])
@@ -365,13 +379,14 @@ def model_config(model: torch.nn.Module, tag: str, dataset: str,
     """What config.json records beyond the model's own cfg: the label names, given or the dataset's."""
     # the tag and the input size go into the model's own pretrained_cfg: timm < 1.0.31 replaces a
     # model_config['pretrained_cfg'] wholesale instead of merging it, and does not read the size off the model
-    model.pretrained_cfg = dict(model.pretrained_cfg, tag=tag or None, input_size=input_size(model))
-    if label_names is None and dataset in LABEL_NAMES and len(LABEL_NAMES[dataset]) == model.num_classes:
+    cfg: Dict[str, Any] = getattr(model, 'pretrained_cfg')
+    setattr(model, 'pretrained_cfg', dict(cfg, tag=tag or None, input_size=input_size(model)))
+    if label_names is None and dataset in LABEL_NAMES and len(LABEL_NAMES[dataset]) == _num_classes(model):
         label_names = LABEL_NAMES[dataset]
     if label_names is None:
         return {}
-    if len(label_names) != model.num_classes:
-        raise PublishError(f'{len(label_names)} label names for a head of {model.num_classes} classes')
+    if len(label_names) != _num_classes(model):
+        raise PublishError(f'{len(label_names)} label names for a head of {_num_classes(model)} classes')
     return dict(label_names=list(label_names))
 
 

@@ -37,7 +37,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import timm
 import torch
@@ -122,7 +122,10 @@ def build_dataset(args, model: MaskedAutoencoderMLiT) -> MAEPretrainDataset:
     img_size = model.encoder.img_size
     transform = create_transform(  # Table 3: RandomResizedCrop scale [0.6, 1], horizontal flip, normalise 0.5/0.5
         img_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=0.,
-        color_jitter=None, interpolation=args.train_interpolation, mean=tuple(args.mean), std=tuple(args.std))
+        # (ignore: timm's annotation leaves out None, which create_transform takes as "no colour jitter"; 0. would
+        # still add a ColorJitter, which draws from the RNG)
+        color_jitter=None,  # type: ignore[arg-type]
+        interpolation=args.train_interpolation, mean=tuple(args.mean), std=tuple(args.std))
     return MAEPretrainDataset(ds, transform, model.num_patches, seed=args.seed)
 
 
@@ -161,7 +164,7 @@ def _load_resume(args, model: MaskedAutoencoderMLiT) -> Dict[str, Any]:
 
 def _build_loader(args, dataset, device: torch.device):
     """(sampler, loader): every rank gets its part of one permutation per epoch."""
-    sampler = torch.utils.data.DistributedSampler(
+    sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
         dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
@@ -205,7 +208,7 @@ def _setup(args) -> _Run:
     start_epoch = 0
     if ckpt is not None:
         start_epoch = resume_training(ckpt, args, optimizer, lr_scheduler, loss_scaler, updates_per_epoch, num_epochs)
-    model_ddp = model
+    model_ddp: torch.nn.Module = model
     if args.distributed:
         model_ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == 'cuda' else None)
@@ -213,7 +216,7 @@ def _setup(args) -> _Run:
                 device, start_epoch, num_epochs, global_batch)
 
 
-def _hold_output(args):
+def _hold_output(args) -> Tuple[str, TextIO]:
     """(the experiment folder, the lock holding it), on rank 0: never another run's (files.hold_folder)."""
     if args.resume and not (args.experiment or args.output):
         return hold_folder(os.path.dirname(os.path.abspath(args.resume)), resuming=args.resume)
@@ -244,13 +247,13 @@ def _gather_rng_states(args) -> list:
     """Every rank's RNG state, in rank order (on every rank)."""
     if not args.distributed:
         return [rng_state()]
-    states = [None] * args.world_size
+    states: List[Any] = [None] * args.world_size
     dist.all_gather_object(states, rng_state())
     return states
 
 
-def _run_epoch(args, run: _Run, epoch: int, output_dir: str):
-    """Train `epoch`; rank 0 logs it and writes its checkpoint."""
+def _run_epoch(args, run: _Run, epoch: int, output_dir: Optional[str]):
+    """Train `epoch`; rank 0 logs it and writes its checkpoint in `output_dir` (None on the other ranks)."""
     run.dataset.set_epoch(epoch)
     run.sampler.set_epoch(epoch)
     metrics, shares = train_one_epoch(epoch, run.model_ddp, run.loader, run.optimizer, args, run.device,
@@ -260,6 +263,7 @@ def _run_epoch(args, run: _Run, epoch: int, output_dir: str):
     rng = _gather_rng_states(args)
     if args.rank != 0:
         return
+    assert output_dir is not None  # (rank 0 holds the experiment folder)
     log_epoch(output_dir, epoch, metrics, shares, run.optimizer.param_groups[0]['lr'])
     state = dict(
         format=CHECKPOINT_FORMAT, epoch=epoch, arch=args.model, model_kwargs=dict(args.model_kwargs),
@@ -292,10 +296,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     with lock, exit_on_error('timm-mlit-pretrain', (WriteError,)):  # a full disk: one line, the last checkpoint kept
         if args.rank == 0:
+            assert output_dir is not None  # (rank 0 holds the experiment folder)
             _prepare_output(args, run, output_dir)
         for epoch in range(run.start_epoch, run.num_epochs):
             _run_epoch(args, run, epoch, output_dir)
         if args.rank == 0:
+            assert output_dir is not None
             export_path = args.export_path or os.path.join(output_dir, 'encoder.safetensors')
             path = export_encoder(run.model.state_dict(), export_path, arch=args.model, model_kwargs=args.model_kwargs)
             _logger.info(f'Done. Encoder exported to {path}; loss curve in {os.path.join(output_dir, "loss.png")}, '

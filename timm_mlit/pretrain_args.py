@@ -7,7 +7,7 @@ import math
 import os
 from typing import Optional, Sequence, Tuple
 
-import timm
+import timm.optim
 import torch
 import yaml
 from timm.scheduler import create_scheduler_v2

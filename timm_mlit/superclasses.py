@@ -123,9 +123,10 @@ def _index(value, what: str, n: int) -> int:
     not), bounded before anything is built from it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f'{what} must be an integer, got {value!r}')
-    if not 0 <= value < n:
+    index = int(value)
+    if not 0 <= index < n:
         raise ValueError(f'{what} is {value}, out of range 0..{n - 1}')
-    return int(value)
+    return index
 
 
 def _check_assignment(assignment: Sequence[int], where: str) -> List[int]:
