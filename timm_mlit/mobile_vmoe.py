@@ -169,12 +169,9 @@ class MobileVMoE(VisionTransformer):
             return self.patch_embed.proj.weight.new_zeros((), dtype=torch.float32)
         return stats.loss
 
-    def forward_features(
-            self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        """`attn_mask` and `is_causal` (timm's VisionTransformer takes them) must be left out: the router reads
-        every image whole."""
-        if attn_mask is not None or is_causal:
-            raise ValueError('MobileVMoE takes no attention mask')
+    # (ignore: no attn_mask/is_causal, which timm's VisionTransformer takes: the router reads every image whole, and
+    # torch.fx would trace the extra arguments as inputs)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -187,9 +184,9 @@ class MobileVMoE(VisionTransformer):
                 x, routing = blk(x, routing)
         return self.norm(x)
 
-    def forward(
-            self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
+    # (ignore: as forward_features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def forward_intermediates(
