@@ -83,3 +83,29 @@ def test_no_module_of_the_package_is_over_450_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob('*.py')
             if (n := len(p.read_text().splitlines())) > 450}
     assert not long, f'split these by job: {long}'
+
+
+def test_every_console_script_answers_version(capsys):
+    """Each tool of [project.scripts] (and the main job) prints its name and version for --version, whatever else it
+    requires, and ends with status 0."""
+    import importlib
+    import sys
+
+    import pytest
+
+    from timm_mlit import __version__
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        tomllib = pytest.importorskip('tomli')
+    scripts = tomllib.loads((PACKAGE.parent / 'pyproject.toml').read_text())['project']['scripts']
+    entry_points = dict(scripts, **{'timm-mlit': 'timm_mlit.__main__:main'})
+    for prog, target in entry_points.items():
+        module, func = target.split(':')
+        main = getattr(importlib.import_module(module), func)
+        try:
+            status = main(['--version'])
+        except SystemExit as e:
+            status = e.code
+        assert status in (0, None), prog
+        assert capsys.readouterr().out.strip().endswith(f'{prog} {__version__}'), prog

@@ -321,6 +321,9 @@ def test_main_job_lists_every_model(capsys):
         tag = 'mae_ft_fashion_mnist' if name in SHIPPED else 'untrained'
         assert re.search(rf"^{name}\s+default tag '{tag}'", out, flags=re.M), out
     assert re.search(r"^mlit_xxs\s+default tag 'mae_ft_fashion_mnist'\s+encoder params=\s+651,373", out, flags=re.M)
+    for name in timm.list_models('mobile_vmoe_*'):  # every family the package registers
+        line = rf"^{name}\s+default tag 'untrained'.*input=\(2, 3, (36, 36|224, 224)\)"
+        assert re.search(line, out, flags=re.M), name
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@
     python -m timm_mlit --model mlit_s        # the shipped mmLiT-S instead (mlit_xs: mmLiT-XS)
     python -m timm_mlit --limit 1000          # the first 1,000 test images only
     python -m timm_mlit --data-dir DIR        # Fashion-MNIST idx files in DIR (flat, or torchvision's layout)
-    python -m timm_mlit --list                # every mLiT model with its parameter count
+    python -m timm_mlit --list                # every model of the package with its parameter count
     python -m timm_mlit --log-freq 5          # a progress line (stderr) every 5 batches instead of 10
     python -m timm_mlit --results-file r.json # also write the figures printed (and the machine) as JSON
 
@@ -47,17 +47,20 @@ def cache_dir() -> Path:
 
 
 def list_models():
-    """Every mLiT arch: its default tag, encoder parameters and those with the default tag's head."""
-    x = torch.randn(2, 3, 36, 36)
-    for name in timm.list_models('mlit_*'):
+    """Every model the package registers (mLiT, then Mobile V-MoE): its default tag, encoder parameters and those
+    with the default tag's head, at its input size."""
+    names = timm.list_models('mlit_*') + timm.list_models('mobile_vmoe_*')
+    width = max(len(n) for n in names)
+    for name in names:
         model = timm.create_model(name).eval()
+        x = torch.randn(2, *getattr(model, 'pretrained_cfg')['input_size'])
         with torch.no_grad():
             out = model(x)
         params = sum(p.numel() for p in model.parameters())
         encoder = params - sum(p.numel() for p in model.get_classifier().parameters())
-        tag = model.pretrained_cfg['tag']
-        print(f'{name:10s} default tag {tag!r:24s} encoder params={encoder:>9,d}  with its {model.num_classes}-class '
-              f'head={params:>9,d}  input={tuple(x.shape)}  output={tuple(out.shape)}')
+        tag = getattr(model, 'pretrained_cfg')['tag']
+        print(f'{name:{width}s} default tag {tag!r:24s} encoder params={encoder:>10,d}  with its '
+              f'{model.num_classes}-class head={params:>10,d}  input={tuple(x.shape)}  output={tuple(out.shape)}')
 
 
 # what reading idx files that are missing, truncated, corrupt or unreadable raises (read_idx: ValueError)
@@ -144,6 +147,11 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
     logging the running accuracy every `log_freq` batches (never if 0)."""
     shipped = [n for n in timm.list_pretrained('mlit_*') if n.endswith('.mae_ft_fashion_mnist')]
     check_model_name(model_name, shipped)
+    dataset, folder = open_test_set(data_dir)  # the data first: a wrong --data-dir is told before any loading
+    if limit > 0:  # (not a Subset: create_loader sets the transform on the dataset it is given)
+        dataset.data, dataset.targets = dataset.data[:limit], dataset.targets[:limit]
+    if len(dataset) == 0:
+        raise ValueError(f'the Fashion-MNIST test set in {folder} has no images')
     try:
         model = timm.create_model(model_name, pretrained=True).eval()
     except Exception as e:  # weights not in the package nor reachable, a hub name that does not exist, ...
@@ -154,11 +162,6 @@ def evaluate(model_name: str = 'mlit_xxs', data_dir: Optional[str] = None, batch
         raise ValueError(f'{model_name} with pretrained=True is {cfg.get("architecture")}.{cfg.get("tag")}, not a '
                          f'Fashion-MNIST classifier; Fashion-MNIST classifiers shipped: {", ".join(shipped)}')
     labels = cfg['label_names']
-    dataset, folder = open_test_set(data_dir)
-    if limit > 0:  # (not a Subset: create_loader sets the transform on the dataset it is given)
-        dataset.data, dataset.targets = dataset.data[:limit], dataset.targets[:limit]
-    if len(dataset) == 0:
-        raise ValueError(f'the Fashion-MNIST test set in {folder} has no images')
     _logger.info(f'Fashion-MNIST test set: {len(dataset)} images from {folder}')
     loader = create_loader(dataset, batch_size=batch_size, is_training=False, num_workers=0, use_prefetcher=False,
                            device=torch.device('cpu'), **resolve_data_config({}, model=model))
@@ -208,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--results-file', default=None,
                         help='also write the results (top-1, images/s, per class; the command, machine, torch) to '
                              'this JSON file, atomically')
-    parser.add_argument('--list', action='store_true', help='list the mLiT models and their sizes, and exit')
+    parser.add_argument('--list', action='store_true',
+                        help='list every model of the package (mLiT, Mobile V-MoE) and its size, and exit')
     parser.add_argument('--version', action='version', version=f'timm-mlit {timm_mlit.__version__}',
                         help="print the package's version and exit")
     return parser

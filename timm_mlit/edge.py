@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from timm.utils import ParseKwargs
 
+from . import __version__
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, build_model, read_checkpoint
 from .cli import HelpFormatter, exit_on_error
 from .files import atomic_write, check_writable_path
@@ -151,6 +152,7 @@ def model_from_checkpoint(model_name: str, path: str, model_kwargs: Optional[dic
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__)
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     parser.add_argument('model', help='a timm model name (mlit_xxs, mlit_xxs.mae_ft_fashion_mnist, ...)')
     parser.add_argument('output', help='the ONNX file to write')
     weights = parser.add_mutually_exclusive_group()

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from timm.utils import ParseKwargs
 
+from . import __version__
 from .cifar100 import COARSE_CLASSES, coarse_of_fine
 from .cli import HelpFormatter, exit_on_error
 from .files import atomic_write, check_writable_path
@@ -389,6 +390,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split('\n\n')[1])
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     parser.add_argument('--output', '-o', required=True, help='the super-class JSON file to write')
     src = parser.add_argument_group('from a dense model\'s confusions')
     src.add_argument('--model', help='timm model name of the dense baseline')
