@@ -388,7 +388,7 @@ def test_bad_values_in_a_config_file_are_caught_too(tmp_path, image_folder):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
 def test_cuda_without_a_gpu_is_refused(tmp_path, image_folder):
-    with pytest.raises(SystemExit, match='--device cuda: no CUDA GPU is available here'):
+    with pytest.raises(SystemExit, match='--device cuda: CUDA is not available here'):
         main(['--data-dir', image_folder, '--output', str(tmp_path / 'out'), '--device', 'cuda'])
 
 

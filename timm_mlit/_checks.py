@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Tuple, cast
 import torch
 from timm.layers import register_notrace_function
 
-__all__ = ['check_int', 'check_ints', 'check_rate', 'check_input_image']
+__all__ = ['check_int', 'check_ints', 'check_rate', 'check_input_image', 'check_device']
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -40,6 +40,18 @@ def check_rate(name: str, value: Any, upper: float = 1.) -> float:
     if not 0. <= rate < upper:
         raise ValueError(f'{name} must be in [0, {upper:g}), got {value!r}')
     return rate
+
+
+def check_device(value: Any, flag: str = '--device') -> torch.device:
+    """`value` as a torch device this machine has; ValueError naming `flag` if it names no device (cpu, cuda,
+    cuda:N) or a CUDA one where CUDA is not available."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f'{flag} {value!r} is not a device: use cpu, cuda or cuda:N'.strip()) from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'{flag} {value}: CUDA is not available here; use cpu'.strip())
+    return device
 
 
 @torch.jit.unused  # (TorchScript can read no device's autocast state but CUDA's, and prints a dtype as a number)

@@ -14,6 +14,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
 
 from . import __version__
+from ._checks import check_device
 from .cli import HelpFormatter
 from .files import check_writable_path
 from .recipes import resolve_recipe
@@ -191,12 +192,7 @@ def check_args(args: argparse.Namespace):
         raise ValueError(f'--opt {args.opt!r} is not a timm optimizer (timm.optim.list_optimizers())')
     if args.amp is not False and args.amp_dtype is not None and args.amp_dtype not in ('float16', 'bfloat16'):
         raise ValueError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f'--device {args.device!r} is not a device: use cpu, cuda or cuda:N') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'--device {args.device}: no CUDA GPU is available here; use --device cpu')
+    device = check_device(args.device)
     if args.amp is not False and args.amp_dtype == 'float16' and device.type == 'cpu':
         raise ValueError('float16 autocast needs CUDA; on CPU use --amp-dtype bfloat16')
     for flag, path in (('--resume', args.resume), ('--export-only', args.export_only)):

@@ -365,13 +365,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
                              f'of --num-classes (each super-class needs a class of its own)')
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f'--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}')
-        import torch
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f'--device {args.device!r} is not a device: use cpu, cuda or cuda:N') from None
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f'--device {args.device} but CUDA is not available here; use --device cpu')
+        from ._checks import check_device  # (torch, imported only where a model is evaluated)
+        check_device(args.device)
         if not os.path.isfile(args.checkpoint):
             raise FileNotFoundError(f'checkpoint {args.checkpoint} does not exist or is not a file')
         if not os.path.isdir(args.data_dir):
