@@ -539,7 +539,7 @@ def portable(argv: Sequence[str], out: str) -> str:
 def run_precision(checkpoint: Optional[str], log: Optional[str] = None) -> str:
     """The training precision a checkpoint's recorded arguments say (timm's train.py and timm-mlit-pretrain both
     record `amp` / `amp_dtype`); else the one timm-mlit-pretrain / timm-mlit-run logged choosing in `log`."""
-    from timm_mlit.model_card import checkpoint_args
+    from timm_mlit.checkpoint import checkpoint_args
     args = checkpoint_args(checkpoint) or {}
     if args.get('amp') is True:
         return f'{args.get("amp_dtype") or "float16"} autocast'

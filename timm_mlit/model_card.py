@@ -19,7 +19,6 @@ import yaml
 from timm.models import model_entrypoint, split_model_name_tag
 
 from ._weights import LABEL_NAMES
-from .checkpoint import checkpoint_args  # noqa: F401  (run.py and the benchmarks import it from here)
 from .model_stats import model_stats
 
 __all__ = ['model_stats', 'input_size', 'write_model_card', 'write_training_args', 'read_label_names', 'model_config',

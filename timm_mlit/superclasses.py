@@ -46,7 +46,7 @@ FORMAT = 'timm-mlit-superclasses/1'
 
 class RouterTaskError(ValueError):
     """A model that the super-class router loss cannot train, or a super-class file that does not fit it (raised by
-    `timm_mlit.task`, defined here so that it can be caught without importing timm.task, timm >= 1.0.29)."""
+    `timm_mlit.task`, defined here so that it can be caught without importing timm.task)."""
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 "Mobile V-MoEs", Daxberger et al., arXiv 2309.04354, §2.2: L = L_C + λ·L_g, where L_g is the cross-entropy between
 the router's logits g(x) and the image's super-class, λ = 0.3. The labels that L_g needs never reach the model, so
-the loss lives in the training loop: `SuperClassRouterTask` is timm's `ClassificationTask` (timm >= 1.0.29 builds
-one in train.py and calls `task(input, target)` for the loss) plus λ·L_g. `timm-mlit-run train.py --superclasses
+the loss lives in the training loop: `SuperClassRouterTask` is timm's `ClassificationTask` (timm's train.py, 1.0.28 on,
+builds one and calls `task(input, target)` for the loss) plus λ·L_g. `timm-mlit-run train.py --superclasses
 FILE [--router-loss-weight 0.3]` puts it in train.py's hands, train.py's file unmodified (`timm_mlit.run`).
 
 Under mixup / cutmix the class targets are soft [B, C] and the super-class targets are the class targets times the
